@@ -1,0 +1,113 @@
+"""The stochastic forward process on label maps (DESIGN.md §5): the heart of SCDM.
+
+A pixel keeps its one-hot vector with probability gamma and otherwise falls into the absorbing
+all-zero state ([MASK]). Only the one-hot channels diffuse; the caller splits off the edge channel.
+"""
+import numpy as np
+import torch
+
+DISCRETE_UNIFORM = "discrete_zero_uniform"
+DISCRETE_CLASSWISE = "discrete_zero_classwise"
+GAUSSIAN = ""  # released flag value: cond_diffuse with an empty cond_opt means Gaussian diffusion
+COND_OPTS = (DISCRETE_UNIFORM, DISCRETE_CLASSWISE, GAUSSIAN)
+
+UNLABELED_LAMBDA = 0.5  # the unlabeled class always diffuses uniformly (released rule)
+
+
+def load_class_schedule(path, num_classes, unlabeled_id=None):
+    """Per-class lambda from a `.npy` file, with the unlabeled class forced to 0.5."""
+    if not path:
+        raise ValueError(
+            "cond_opt=discrete_zero_classwise needs a per-class lambda file: pass --class_schedule PATH.npy "
+            "(the file released with the model, or one made by `python -m scdm.class_schedule`)"
+        )
+    try:
+        lambdas = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise ValueError(f"--class_schedule {path}: file not found") from None
+    except Exception as e:  # corrupt or not an .npy file
+        raise ValueError(f"--class_schedule {path}: not a readable .npy array ({e})") from None
+    lambdas = np.asarray(lambdas, dtype=np.float64).reshape(-1)
+    if lambdas.shape[0] != num_classes:
+        raise ValueError(
+            f"--class_schedule {path} has {lambdas.shape[0]} values; expected one per class, "
+            f"num_classes={num_classes}"
+        )
+    if not np.all(np.isfinite(lambdas)) or np.any(lambdas < 0):
+        raise ValueError(f"--class_schedule {path}: lambdas must be finite and >= 0")
+    lambdas = lambdas.copy()
+    if unlabeled_id is not None:
+        if not 0 <= unlabeled_id < num_classes:
+            raise ValueError(f"unlabeled_id={unlabeled_id} is outside 0..{num_classes - 1}")
+        lambdas[unlabeled_id] = UNLABELED_LAMBDA
+    return lambdas
+
+
+def classwise_keep_prob(lambdas, tau):
+    """gamma_c(tau) = 1 - min(tau, (lambda_c^tau - 1) / (lambda_c - 1 + 1e-7)), shape (B, C).
+
+    lambda <= 1 gives uniform diffusion (gamma = 1 - tau); this is what the formula yields for
+    lambda < 1 and its limit at lambda = 1, where the +1e-7 alone would freeze the class.
+    """
+    lam = lambdas[None, :]
+    tau = tau[:, None]
+    slow = (torch.pow(lam, tau) - 1) / (lam - 1 + 1e-7)
+    return 1 - torch.where(lam <= 1, tau, torch.minimum(tau, slow))
+
+
+class LabelDiffusion:
+    """q(y_t | y_0) for the label map, on the same timestep indices as the image diffusion.
+
+    `num_steps` is the diffusion's own number of steps (after respacing), `timestep_map` maps its
+    indices back to the original 0..original_num_steps-1 timesteps.
+    """
+
+    def __init__(self, cond_diffuse, cond_opt, num_steps, timestep_map, original_num_steps,
+                 alphas_cumprod=None, class_lambdas=None):
+        if cond_opt not in COND_OPTS:
+            raise ValueError(f"unknown cond_opt {cond_opt!r}; expected one of {COND_OPTS}")
+        self.enabled = bool(cond_diffuse)
+        self.mode = cond_opt
+        self.num_steps = num_steps
+        self.timestep_map = torch.as_tensor(np.asarray(timestep_map), dtype=torch.float64)
+        self.original_num_steps = original_num_steps
+        self.alphas_cumprod = None if alphas_cumprod is None else torch.as_tensor(alphas_cumprod)
+        self.class_lambdas = None
+        if self.enabled and cond_opt == DISCRETE_CLASSWISE:
+            if class_lambdas is None:
+                raise ValueError("cond_opt=discrete_zero_classwise needs class lambdas (--class_schedule)")
+            self.class_lambdas = torch.as_tensor(np.asarray(class_lambdas), dtype=torch.float64)
+
+    def keep_prob(self, y, t):
+        """Per-pixel probability gamma of keeping the label, shape (B, 1, H, W), float64."""
+        t = t.long().cpu()
+        if self.mode == DISCRETE_UNIFORM:
+            gamma = 1 - (t.double() + 1) / self.num_steps
+            return gamma.view(-1, 1, 1, 1).to(y.device)
+        tau = self.timestep_map[t] / self.original_num_steps
+        if y.shape[1] != self.class_lambdas.shape[0]:
+            raise ValueError(
+                f"label map has {y.shape[1]} one-hot channels; the class schedule has "
+                f"{self.class_lambdas.shape[0]} classes"
+            )
+        gamma_c = classwise_keep_prob(self.class_lambdas, tau).to(y.device)  # (B, C)
+        # One-hot input: the pixel's gamma is its class's gamma; all-zero pixels get 0 and stay zero.
+        return torch.einsum("bc,bchw->bhw", gamma_c, y.double()).unsqueeze(1)
+
+    def q_sample(self, y, t, noise=None):
+        """Draw y_t. `noise`: uniform u of shape (B,1,H,W) for the discrete modes, a Gaussian of
+        y's shape for the Gaussian mode, or None to draw it."""
+        if not self.enabled:
+            return y
+        if self.mode == GAUSSIAN:
+            if noise is None:
+                noise = torch.randn_like(y)
+            abar = self.alphas_cumprod.to(y.device)[t.long()].view(-1, 1, 1, 1).to(y.dtype)
+            return abar.sqrt() * y + (1 - abar).sqrt() * noise
+        b, _, h, w = y.shape
+        if noise is None:
+            noise = torch.rand(b, 1, h, w, device=y.device)
+        elif noise.shape != (b, 1, h, w):
+            raise ValueError(f"label noise u has shape {tuple(noise.shape)}; expected {(b, 1, h, w)}")
+        mask = torch.floor(self.keep_prob(y, t) + noise.double())
+        return y * mask.to(y.dtype)

@@ -1,0 +1,134 @@
+"""Sampling: one guided reverse step, and the ancestral / DDIM loops built from it (DESIGN.md §6).
+
+Each reverse step draws a fresh y_t from the given (possibly noisy) label map, runs the model with
+classifier-free guidance, post-processes the x0 estimate (extrapolation, then dynamic thresholding
+or clipping) and returns the posterior. All randomness can be injected or drawn per image from
+per-image generators, so results do not depend on batch composition.
+"""
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .gaussian_diffusion import _extract
+
+
+@dataclass
+class StepOutput:
+    mean: torch.Tensor            # posterior mean of x_{t-1}
+    variance: torch.Tensor
+    log_variance: torch.Tensor
+    pred_xstart: torch.Tensor     # processed x0 estimate used for the posterior
+    prev_xstart: torch.Tensor     # extrapolation state to pass to the next step (extrapolated x0)
+
+
+def guided_model_output(model, diffusion, x, t, y_t, guidance_scale=1.0, batched=True):
+    """Model output with classifier-free guidance on the mean (eps / x0) channels:
+    out = out(x, 0) + s * (out(x, y_t) - out(x, 0)); variance channels come from the conditional pass.
+    The unconditional input is the all-zero map. With batched=True both passes run in one forward."""
+    tt = diffusion.model_timesteps(t)
+    if guidance_scale == 1.0:
+        return model(x, tt, y=y_t)
+    null = torch.zeros_like(y_t)
+    if batched:
+        out = model(torch.cat([x, x]), torch.cat([tt, tt]), y=torch.cat([y_t, null]))
+        cond, uncond = out.chunk(2)
+    else:
+        cond, uncond = model(x, tt, y=y_t), model(x, tt, y=null)
+    c = x.shape[1]
+    guided = uncond[:, :c] + guidance_scale * (cond[:, :c] - uncond[:, :c])
+    return torch.cat([guided, cond[:, c:]], dim=1)
+
+
+def dynamic_threshold(x0, percentile):
+    """Per sample: q = max(1, quantile_p |x0|); clip to [-q, q] and divide by q."""
+    q = torch.quantile(x0.abs().reshape(x0.shape[0], -1).float(), percentile, dim=1)
+    q = torch.clamp(q, min=1.0).to(x0.dtype).view(-1, *([1] * (x0.dim() - 1)))
+    return torch.maximum(torch.minimum(x0, q), -q) / q
+
+
+def process_xstart(x0, prev_xstart=None, extrapolation=0.0, threshold_percentile=None, clip_denoised=True):
+    """Extrapolation x0 + e (x0 - prev), then dynamic thresholding (or plain clipping).
+    Returns (processed x0, state): the state is the extrapolated x0, before thresholding."""
+    if extrapolation and prev_xstart is not None:
+        x0 = x0 + extrapolation * (x0 - prev_xstart)
+    state = x0
+    if threshold_percentile:
+        x0 = dynamic_threshold(x0, threshold_percentile)
+    elif clip_denoised:
+        x0 = x0.clamp(-1, 1)
+    return x0, state
+
+
+def reverse_step(model, diffusion, x, t, y, *, label_noise=None, guidance_scale=1.0, extrapolation=0.0,
+                 prev_xstart=None, dynamic_threshold=None, clip_denoised=True, batched_guidance=True):
+    """One reverse step at this diffusion's step indices t (B,), for the label map y
+    (one-hot channels + optional edge channel). `label_noise` is the uniform u (B,1,H,W) used to
+    draw y_t (None: drawn). `prev_xstart` is the previous step's StepOutput.prev_xstart."""
+    y_t = diffusion.diffuse_cond(y, t, noise=label_noise)
+    out = guided_model_output(model, diffusion, x, t, y_t, guidance_scale, batched=batched_guidance)
+    mean_values, var_values = diffusion.split_model_output(out, x)
+    variance, log_variance = diffusion.variance_from_output(var_values, x, t)
+    x0 = diffusion.pred_xstart_from_output(mean_values, x, t)
+    x0, state = process_xstart(x0, prev_xstart, extrapolation, dynamic_threshold, clip_denoised)
+    mean, _, _ = diffusion.q_posterior_mean_variance(x0, x, t)
+    return StepOutput(mean, variance, log_variance, x0, state)
+
+
+def ddim_update(diffusion, x, t, step: StepOutput, noise, eta=0.0):
+    """x_{t-1} by DDIM from the step's x0 estimate (eta=0: deterministic)."""
+    eps = diffusion._predict_eps_from_xstart(x, t, step.pred_xstart)
+    abar = _extract(diffusion.alphas_cumprod, t, x.shape)
+    abar_prev = _extract(diffusion.alphas_cumprod_prev, t, x.shape)
+    sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
+    mean_pred = step.pred_xstart * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma ** 2) * eps
+    nonzero = (t != 0).float().view(-1, *([1] * (x.dim() - 1)))
+    return mean_pred + nonzero * sigma * noise
+
+
+def ancestral_update(x, t, step: StepOutput, noise):
+    nonzero = (t != 0).float().view(-1, *([1] * (x.dim() - 1)))
+    return step.mean + nonzero * torch.exp(0.5 * step.log_variance) * noise
+
+
+def _draw(shape_per_item, batch, device, generators, kind="randn"):
+    """Random tensor of shape (batch, *shape_per_item); one generator per item when given."""
+    fn = torch.randn if kind == "randn" else torch.rand
+    if generators is None:
+        return fn(batch, *shape_per_item, device=device)
+    if len(generators) != batch:
+        raise ValueError(f"got {len(generators)} generators for a batch of {batch}")
+    return torch.stack([fn(*shape_per_item, generator=g, device=g.device) for g in generators]).to(device)
+
+
+def sample_loop(model, diffusion, shape, y, *, noise=None, guidance_scale=1.0, extrapolation=0.0,
+                dynamic_threshold=None, clip_denoised=True, use_ddim=False, eta=0.0,
+                generators: Optional[Sequence[torch.Generator]] = None, device=None, progress=False,
+                batched_guidance=True):
+    """Full reverse process from x_T ~ N(0, I) (or `noise`) to x_0, over all of this diffusion's
+    steps (respaced when the diffusion is respaced). Returns x_0 clamped to [-1, 1]."""
+    device = device or next(model.parameters()).device
+    b = shape[0]
+    if y.shape[0] != b:
+        raise ValueError(f"label map batch {y.shape[0]} != sample batch {b}")
+    y = y.to(device)
+    x = noise.to(device) if noise is not None else _draw(shape[1:], b, device, generators)
+    prev = None
+    steps = range(diffusion.num_timesteps - 1, -1, -1)
+    for i in tqdm(steps, desc="sampling", disable=not progress, leave=False):
+        t = torch.full((b,), i, device=device, dtype=torch.long)
+        u = None
+        if diffusion.label_diffusion.enabled and diffusion.label_diffusion.mode:
+            u = _draw((1, *y.shape[2:]), b, device, generators, kind="rand")
+        elif diffusion.label_diffusion.enabled:
+            u = _draw((diffusion.num_classes, *y.shape[2:]), b, device, generators)
+        with torch.no_grad():
+            step = reverse_step(model, diffusion, x, t, y, label_noise=u, guidance_scale=guidance_scale,
+                                extrapolation=extrapolation, prev_xstart=prev,
+                                dynamic_threshold=dynamic_threshold, clip_denoised=clip_denoised,
+                                batched_guidance=batched_guidance)
+            z = _draw(shape[1:], b, device, generators)
+            x = ddim_update(diffusion, x, t, step, z, eta) if use_ddim else ancestral_update(x, t, step, z)
+        prev = step.prev_xstart
+    return x.clamp(-1, 1)

@@ -1,0 +1,194 @@
+"""Defaults, model/diffusion construction and argparse helpers, under the released flag names."""
+import argparse
+
+from . import gaussian_diffusion as gd
+from .label_diffusion import COND_OPTS, DISCRETE_CLASSWISE, load_class_schedule
+from .respace import SpacedDiffusion, space_timesteps
+from .unet import UNetModel
+
+# Raw "unlabeled" class of each released dataset, after remapping (DESIGN.md §4).
+UNLABELED_ID = {"ade20k": 150, "coco": 183 - 1}
+DEFAULT_CHANNEL_MULT = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4),
+                        64: (1, 2, 3, 4), 32: (1, 2, 2, 2)}
+
+
+def diffusion_defaults():
+    return dict(
+        learn_sigma=False,
+        diffusion_steps=1000,
+        noise_schedule="linear",
+        timestep_respacing="",
+        use_kl=False,
+        predict_xstart=False,
+        rescale_timesteps=False,
+        rescale_learned_sigmas=False,
+        cond_diffuse=False,
+        cond_opt="",
+        class_schedule="",   # path to the per-class lambda .npy for discrete_zero_classwise
+        unlabeled_id=-1,     # -1: from dataset_mode (ade20k 150, coco 182, else none)
+    )
+
+
+def model_and_diffusion_defaults():
+    return dict(
+        image_size=64,
+        num_classes=151,
+        num_channels=128,
+        num_res_blocks=2,
+        channel_mult="",
+        num_heads=4,
+        num_head_channels=-1,
+        num_heads_upsample=-1,
+        attention_resolutions="16,8",
+        dropout=0.0,
+        class_cond=True,
+        use_checkpoint=False,
+        use_scale_shift_norm=True,
+        resblock_updown=False,
+        use_fp16=False,
+        use_new_attention_order=False,
+        no_instance=False,
+        dataset_mode="",
+        **diffusion_defaults(),
+    )
+
+
+def resolve_unlabeled_id(unlabeled_id, dataset_mode):
+    if unlabeled_id is not None and unlabeled_id >= 0:
+        return unlabeled_id
+    return UNLABELED_ID.get(dataset_mode)
+
+
+def create_model_and_diffusion(**kwargs):
+    """Build (model, diffusion) from flag values; unknown flags are an error, missing ones default."""
+    args = model_and_diffusion_defaults()
+    unknown = sorted(set(kwargs) - set(args))
+    if unknown:
+        raise ValueError(f"unknown model/diffusion flags: {unknown}")
+    args.update(kwargs)
+    model = create_model(
+        args["image_size"], args["num_classes"], args["num_channels"], args["num_res_blocks"],
+        channel_mult=args["channel_mult"], learn_sigma=args["learn_sigma"], class_cond=args["class_cond"],
+        use_checkpoint=args["use_checkpoint"], attention_resolutions=args["attention_resolutions"],
+        num_heads=args["num_heads"], num_head_channels=args["num_head_channels"],
+        num_heads_upsample=args["num_heads_upsample"], use_scale_shift_norm=args["use_scale_shift_norm"],
+        dropout=args["dropout"], resblock_updown=args["resblock_updown"], use_fp16=args["use_fp16"],
+        use_new_attention_order=args["use_new_attention_order"], no_instance=args["no_instance"],
+    )
+    diffusion = create_gaussian_diffusion(
+        steps=args["diffusion_steps"], learn_sigma=args["learn_sigma"], noise_schedule=args["noise_schedule"],
+        use_kl=args["use_kl"], predict_xstart=args["predict_xstart"], rescale_timesteps=args["rescale_timesteps"],
+        rescale_learned_sigmas=args["rescale_learned_sigmas"], timestep_respacing=args["timestep_respacing"],
+        num_classes=args["num_classes"], cond_diffuse=args["cond_diffuse"], cond_opt=args["cond_opt"],
+        class_schedule=args["class_schedule"],
+        unlabeled_id=resolve_unlabeled_id(args["unlabeled_id"], args["dataset_mode"]),
+    )
+    return model, diffusion
+
+
+def parse_channel_mult(channel_mult, image_size):
+    if not channel_mult:
+        if image_size not in DEFAULT_CHANNEL_MULT:
+            raise ValueError(f"no default channel_mult for image_size={image_size}; pass --channel_mult, e.g. 1,2,4")
+        return DEFAULT_CHANNEL_MULT[image_size]
+    if isinstance(channel_mult, (tuple, list)):
+        return tuple(channel_mult)
+    try:
+        return tuple(float(m) if "." in m else int(m) for m in channel_mult.split(","))
+    except ValueError:
+        raise ValueError(f"--channel_mult {channel_mult!r}: expected comma-separated numbers such as 1,2,4") from None
+
+
+def parse_attention_resolutions(attention_resolutions, image_size):
+    """Resolutions (e.g. "32,16,8") -> downsample rates at which attention is applied."""
+    try:
+        res = [int(r) for r in str(attention_resolutions).split(",") if r.strip()]
+    except ValueError:
+        raise ValueError(f"--attention_resolutions {attention_resolutions!r}: expected e.g. 32,16,8") from None
+    return tuple(image_size // r for r in res)
+
+
+def create_model(image_size, num_classes, num_channels, num_res_blocks, channel_mult="", learn_sigma=False,
+                 class_cond=True, use_checkpoint=False, attention_resolutions="16", num_heads=1,
+                 num_head_channels=-1, num_heads_upsample=-1, use_scale_shift_norm=False, dropout=0,
+                 resblock_updown=False, use_fp16=False, use_new_attention_order=False, no_instance=False):
+    if not class_cond:
+        raise ValueError("class_cond=False is not supported: SCDM models are conditioned on a label map")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    return UNetModel(
+        image_size=image_size,
+        in_channels=3,
+        model_channels=num_channels,
+        out_channels=6 if learn_sigma else 3,
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=parse_attention_resolutions(attention_resolutions, image_size),
+        dropout=dropout,
+        channel_mult=parse_channel_mult(channel_mult, image_size),
+        num_classes=num_classes if no_instance else num_classes + 1,
+        use_checkpoint=use_checkpoint,
+        use_fp16=use_fp16,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        resblock_updown=resblock_updown,
+        use_new_attention_order=use_new_attention_order,
+    )
+
+
+def create_gaussian_diffusion(*, steps=1000, learn_sigma=False, noise_schedule="linear", use_kl=False,
+                              predict_xstart=False, rescale_timesteps=False, rescale_learned_sigmas=False,
+                              timestep_respacing="", num_classes=None, cond_diffuse=False, cond_opt="",
+                              class_schedule="", unlabeled_id=None):
+    if cond_opt not in COND_OPTS:
+        raise ValueError(f"unknown --cond_opt {cond_opt!r}; expected one of {[o for o in COND_OPTS if o]} or ''")
+    betas = gd.get_named_beta_schedule(noise_schedule, steps)
+    if use_kl:
+        loss_type = gd.LossType.RESCALED_KL
+    elif rescale_learned_sigmas:
+        loss_type = gd.LossType.RESCALED_MSE
+    else:
+        loss_type = gd.LossType.MSE
+    class_lambdas = None
+    if cond_diffuse and cond_opt == DISCRETE_CLASSWISE:
+        class_lambdas = load_class_schedule(class_schedule, num_classes, unlabeled_id)
+    return SpacedDiffusion(
+        use_timesteps=space_timesteps(steps, timestep_respacing or [steps]),
+        betas=betas,
+        model_mean_type=gd.ModelMeanType.START_X if predict_xstart else gd.ModelMeanType.EPSILON,
+        # Released behaviour: the large fixed variance (beta_t) when sigma is not learned.
+        model_var_type=gd.ModelVarType.LEARNED_RANGE if learn_sigma else gd.ModelVarType.FIXED_LARGE,
+        loss_type=loss_type,
+        rescale_timesteps=rescale_timesteps,
+        num_classes=num_classes,
+        cond_diffuse=cond_diffuse,
+        cond_opt=cond_opt,
+        class_lambdas=class_lambdas,
+    )
+
+
+# ----- argparse helpers ---------------------------------------------------------------------------
+def str2bool(v):
+    if isinstance(v, bool):
+        return v
+    s = str(v).lower()
+    if s in ("yes", "true", "t", "y", "1"):
+        return True
+    if s in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected (True/False/1/0/yes/no), got {v!r}")
+
+
+def add_dict_to_argparser(parser, default_dict):
+    for k, v in default_dict.items():
+        v_type = type(v)
+        if v is None:
+            v_type = str
+        elif isinstance(v, bool):
+            v_type = str2bool
+        parser.add_argument(f"--{k}", default=v, type=v_type)
+
+
+def args_to_dict(args, keys):
+    return {k: getattr(args, k) for k in keys}

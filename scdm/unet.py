@@ -1,0 +1,394 @@
+"""SPADE-conditioned diffusion UNet with the parameter layout of the released SDM/SCDM checkpoints.
+
+The encoder sees only the noisy image; the label map enters through SPADE group norms in the middle
+and decoder blocks (DESIGN.md §3). Module and attribute names are load-bearing: they are the
+state-dict keys of the released checkpoints.
+"""
+from abc import abstractmethod
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .nn import (
+    avg_pool_nd,
+    checkpoint,
+    conv_nd,
+    convert_module_to_f16,
+    convert_module_to_f32,
+    normalization,
+    timestep_embedding,
+    zero_module,
+)
+
+# Switches for exact fast paths (all on by default; the benchmarks turn them off for the plain path).
+FAST_PATHS = {"sdpa_attention": True}
+
+
+class TimestepBlock(nn.Module):
+    """A block that takes the timestep embedding but not the label map (encoder ResBlock)."""
+
+    @abstractmethod
+    def forward(self, x, emb):
+        ...
+
+
+class CondTimestepBlock(nn.Module):
+    """A block that takes both the label map and the timestep embedding (SPADE ResBlock)."""
+
+    @abstractmethod
+    def forward(self, x, cond, emb):
+        ...
+
+
+class CondTimestepSequential(nn.Sequential):
+    """Sequential that hands each child the inputs it needs."""
+
+    def forward(self, x, cond, emb):
+        for layer in self:
+            if isinstance(layer, CondTimestepBlock):
+                x = layer(x, cond, emb)
+            elif isinstance(layer, TimestepBlock):
+                x = layer(x, emb)
+            else:
+                x = layer(x)
+        return x
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels, use_conv, dims=2, out_channels=None):
+        super().__init__()
+        self.channels = channels
+        self.out_channels = out_channels or channels
+        self.use_conv = use_conv
+        self.dims = dims
+        if use_conv:
+            self.conv = conv_nd(dims, self.channels, self.out_channels, 3, padding=1)
+
+    def forward(self, x):
+        if self.dims == 3:
+            x = F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
+        else:
+            x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return self.conv(x) if self.use_conv else x
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels, use_conv, dims=2, out_channels=None):
+        super().__init__()
+        self.channels = channels
+        self.out_channels = out_channels or channels
+        stride = 2 if dims != 3 else (1, 2, 2)
+        if use_conv:
+            self.op = conv_nd(dims, self.channels, self.out_channels, 3, stride=stride, padding=1)
+        else:
+            if self.channels != self.out_channels:
+                raise ValueError("Downsample without conv cannot change the channel count")
+            self.op = avg_pool_nd(dims, kernel_size=stride, stride=stride)
+
+    def forward(self, x):
+        return self.op(x)
+
+
+class SPADEGroupNorm(nn.Module):
+    """Parameter-free GroupNorm on x, modulated by gamma/beta computed from the label map.
+
+    gamma and beta depend on the label map only (not on x or t), which is what makes them cacheable.
+    """
+
+    def __init__(self, norm_nc, label_nc, eps=1e-5, nhidden=128):
+        super().__init__()
+        self.norm = nn.GroupNorm(32, norm_nc, affine=False, eps=eps)
+        self.mlp_shared = nn.Sequential(nn.Conv2d(label_nc, nhidden, kernel_size=3, padding=1), nn.ReLU())
+        self.mlp_gamma = nn.Conv2d(nhidden, norm_nc, kernel_size=3, padding=1)
+        self.mlp_beta = nn.Conv2d(nhidden, norm_nc, kernel_size=3, padding=1)
+
+    def modulation(self, segmap, size):
+        segmap = F.interpolate(segmap, size=size, mode="nearest")
+        actv = self.mlp_shared(segmap)
+        return self.mlp_gamma(actv), self.mlp_beta(actv)
+
+    def forward(self, x, segmap):
+        normed = self.norm(x.float()).type(x.dtype)
+        gamma, beta = self.modulation(segmap.type(self.mlp_gamma.weight.dtype), x.shape[2:])
+        return normed * (1 + gamma) + beta
+
+
+class ResBlock(TimestepBlock):
+    """Encoder residual block (no label map), optionally changing resolution."""
+
+    def __init__(self, channels, emb_channels, dropout, out_channels=None, use_conv=False,
+                 use_scale_shift_norm=False, dims=2, use_checkpoint=False, up=False, down=False):
+        super().__init__()
+        self.out_channels = out_channels or channels
+        self.use_checkpoint = use_checkpoint
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.in_layers = nn.Sequential(
+            normalization(channels), nn.SiLU(), conv_nd(dims, channels, self.out_channels, 3, padding=1)
+        )
+        self.updown = up or down
+        if up:
+            self.h_upd, self.x_upd = Upsample(channels, False, dims), Upsample(channels, False, dims)
+        elif down:
+            self.h_upd, self.x_upd = Downsample(channels, False, dims), Downsample(channels, False, dims)
+        else:
+            self.h_upd = self.x_upd = nn.Identity()
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(), nn.Linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels)
+        )
+        self.out_layers = nn.Sequential(
+            normalization(self.out_channels),
+            nn.SiLU(),
+            nn.Dropout(p=dropout),
+            zero_module(conv_nd(dims, self.out_channels, self.out_channels, 3, padding=1)),
+        )
+        if self.out_channels == channels:
+            self.skip_connection = nn.Identity()
+        elif use_conv:
+            self.skip_connection = conv_nd(dims, channels, self.out_channels, 3, padding=1)
+        else:
+            self.skip_connection = conv_nd(dims, channels, self.out_channels, 1)
+
+    def forward(self, x, emb):
+        return checkpoint(self._forward, (x, emb), self.use_checkpoint)
+
+    def _forward(self, x, emb):
+        if self.updown:
+            in_rest, in_conv = self.in_layers[:-1], self.in_layers[-1]
+            h = in_conv(self.h_upd(in_rest(x)))
+            x = self.x_upd(x)
+        else:
+            h = self.in_layers(x)
+        emb_out = self.emb_layers(emb).type(h.dtype)
+        while emb_out.dim() < h.dim():
+            emb_out = emb_out[..., None]
+        if self.use_scale_shift_norm:
+            out_norm, out_rest = self.out_layers[0], self.out_layers[1:]
+            scale, shift = torch.chunk(emb_out, 2, dim=1)
+            h = out_rest(out_norm(h) * (1 + scale) + shift)
+        else:
+            h = self.out_layers(h + emb_out)
+        return self.skip_connection(x) + h
+
+
+class SDMResBlock(CondTimestepBlock):
+    """Decoder residual block whose two norms are SPADE group norms driven by the label map."""
+
+    def __init__(self, channels, emb_channels, dropout, c_channels, out_channels=None, use_conv=False,
+                 use_scale_shift_norm=False, dims=2, use_checkpoint=False, up=False, down=False):
+        super().__init__()
+        self.out_channels = out_channels or channels
+        self.use_checkpoint = use_checkpoint
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.in_norm = SPADEGroupNorm(channels, c_channels)
+        self.in_layers = nn.Sequential(nn.SiLU(), conv_nd(dims, channels, self.out_channels, 3, padding=1))
+        self.updown = up or down
+        if up:
+            self.h_upd, self.x_upd = Upsample(channels, False, dims), Upsample(channels, False, dims)
+        elif down:
+            self.h_upd, self.x_upd = Downsample(channels, False, dims), Downsample(channels, False, dims)
+        else:
+            self.h_upd = self.x_upd = nn.Identity()
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(), nn.Linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels)
+        )
+        self.out_norm = SPADEGroupNorm(self.out_channels, c_channels)
+        self.out_layers = nn.Sequential(
+            nn.SiLU(),
+            nn.Dropout(p=dropout),
+            zero_module(conv_nd(dims, self.out_channels, self.out_channels, 3, padding=1)),
+        )
+        if self.out_channels == channels:
+            self.skip_connection = nn.Identity()
+        elif use_conv:
+            self.skip_connection = conv_nd(dims, channels, self.out_channels, 3, padding=1)
+        else:
+            self.skip_connection = conv_nd(dims, channels, self.out_channels, 1)
+
+    def forward(self, x, cond, emb):
+        return checkpoint(self._forward, (x, cond, emb), self.use_checkpoint)
+
+    def _forward(self, x, cond, emb):
+        h = self.in_norm(x, cond)
+        if self.updown:
+            in_rest, in_conv = self.in_layers[:-1], self.in_layers[-1]
+            h = in_conv(self.h_upd(in_rest(h)))
+            x = self.x_upd(x)
+        else:
+            h = self.in_layers(h)
+        emb_out = self.emb_layers(emb).type(h.dtype)
+        while emb_out.dim() < h.dim():
+            emb_out = emb_out[..., None]
+        if self.use_scale_shift_norm:
+            scale, shift = torch.chunk(emb_out, 2, dim=1)
+            h = self.out_norm(h, cond) * (1 + scale) + shift
+        else:
+            h = self.out_norm(h + emb_out, cond)
+        return self.skip_connection(x) + self.out_layers(h)
+
+
+class AttentionBlock(nn.Module):
+    """Spatial self-attention; `legacy` order splits heads before q/k/v (released default)."""
+
+    def __init__(self, channels, num_heads=1, num_head_channels=-1, use_checkpoint=False,
+                 use_new_attention_order=False):
+        super().__init__()
+        if num_head_channels == -1:
+            self.num_heads = num_heads
+        else:
+            if channels % num_head_channels:
+                raise ValueError(f"channels {channels} not divisible by num_head_channels {num_head_channels}")
+            self.num_heads = channels // num_head_channels
+        self.use_checkpoint = use_checkpoint
+        self.legacy_order = not use_new_attention_order
+        self.norm = normalization(channels)
+        self.qkv = conv_nd(1, channels, channels * 3, 1)
+        self.proj_out = zero_module(conv_nd(1, channels, channels, 1))
+
+    def forward(self, x):
+        return checkpoint(self._forward, (x,), self.use_checkpoint)
+
+    def _forward(self, x):
+        b, c, *spatial = x.shape
+        x = x.reshape(b, c, -1)
+        h = self.proj_out(qkv_attention(self.qkv(self.norm(x)), self.num_heads, self.legacy_order))
+        return (x + h).reshape(b, c, *spatial)
+
+
+def qkv_attention(qkv, num_heads, legacy_order=True):
+    """(B, 3*H*C, T) -> (B, H*C, T). Softmax(q k^T / sqrt(C)) v per head, softmax in fp32."""
+    bs, width, length = qkv.shape
+    ch = width // (3 * num_heads)
+    if legacy_order:
+        q, k, v = qkv.reshape(bs * num_heads, ch * 3, length).split(ch, dim=1)
+    else:
+        q, k, v = (t.reshape(bs * num_heads, ch, length) for t in qkv.chunk(3, dim=1))
+    if FAST_PATHS["sdpa_attention"]:
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2).reshape(bs, -1, length)
+    scale = ch ** -0.25
+    weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)
+    weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
+    return torch.einsum("bts,bcs->bct", weight, v).reshape(bs, -1, length)
+
+
+class UNetModel(nn.Module):
+    """The SDM/SCDM UNet. Call as `model(x, t, y=label_map)` with y of shape (B, num_classes, H, W)
+    where num_classes here is the number of label channels (classes, plus one edge channel)."""
+
+    def __init__(self, image_size, in_channels, model_channels, out_channels, num_res_blocks,
+                 attention_resolutions, dropout=0.0, channel_mult=(1, 2, 4, 8), conv_resample=True,
+                 dims=2, num_classes=None, use_checkpoint=False, use_fp16=False, num_heads=1,
+                 num_head_channels=-1, num_heads_upsample=-1, use_scale_shift_norm=False,
+                 resblock_updown=False, use_new_attention_order=False):
+        super().__init__()
+        if num_heads_upsample == -1:
+            num_heads_upsample = num_heads
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.model_channels = model_channels
+        self.out_channels = out_channels
+        self.num_res_blocks = num_res_blocks
+        self.attention_resolutions = attention_resolutions
+        self.channel_mult = channel_mult
+        self.label_nc = num_classes
+        self.use_checkpoint = use_checkpoint
+        self.dtype = torch.float16 if use_fp16 else torch.float32
+
+        time_embed_dim = model_channels * 4
+        self.time_embed = nn.Sequential(
+            nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
+        )
+        res_kw = dict(dropout=dropout, dims=dims, use_checkpoint=use_checkpoint,
+                      use_scale_shift_norm=use_scale_shift_norm)
+        attn_kw = dict(use_checkpoint=use_checkpoint, num_head_channels=num_head_channels,
+                       use_new_attention_order=use_new_attention_order)
+
+        ch = input_ch = int(channel_mult[0] * model_channels)
+        self.input_blocks = nn.ModuleList([CondTimestepSequential(conv_nd(dims, in_channels, ch, 3, padding=1))])
+        input_block_chans = [ch]
+        ds = 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers = [ResBlock(ch, time_embed_dim, out_channels=int(mult * model_channels), **res_kw)]
+                ch = int(mult * model_channels)
+                if ds in attention_resolutions:
+                    layers.append(AttentionBlock(ch, num_heads=num_heads, **attn_kw))
+                self.input_blocks.append(CondTimestepSequential(*layers))
+                input_block_chans.append(ch)
+            if level != len(channel_mult) - 1:
+                down = (ResBlock(ch, time_embed_dim, out_channels=ch, down=True, **res_kw) if resblock_updown
+                        else Downsample(ch, conv_resample, dims=dims, out_channels=ch))
+                self.input_blocks.append(CondTimestepSequential(down))
+                input_block_chans.append(ch)
+                ds *= 2
+
+        self.middle_block = CondTimestepSequential(
+            SDMResBlock(ch, time_embed_dim, c_channels=num_classes, **res_kw),
+            AttentionBlock(ch, num_heads=num_heads, **attn_kw),
+            SDMResBlock(ch, time_embed_dim, c_channels=num_classes, **res_kw),
+        )
+
+        self.output_blocks = nn.ModuleList([])
+        for level, mult in list(enumerate(channel_mult))[::-1]:
+            for i in range(num_res_blocks + 1):
+                ich = input_block_chans.pop()
+                layers = [SDMResBlock(ch + ich, time_embed_dim, c_channels=num_classes,
+                                      out_channels=int(model_channels * mult), **res_kw)]
+                ch = int(model_channels * mult)
+                if ds in attention_resolutions:
+                    layers.append(AttentionBlock(ch, num_heads=num_heads_upsample, **attn_kw))
+                if level and i == num_res_blocks:
+                    layers.append(
+                        SDMResBlock(ch, time_embed_dim, c_channels=num_classes, out_channels=ch, up=True, **res_kw)
+                        if resblock_updown else Upsample(ch, conv_resample, dims=dims, out_channels=ch)
+                    )
+                    ds //= 2
+                self.output_blocks.append(CondTimestepSequential(*layers))
+
+        self.out = nn.Sequential(
+            normalization(ch), nn.SiLU(), zero_module(conv_nd(dims, input_ch, out_channels, 3, padding=1))
+        )
+        if use_fp16:
+            self.convert_to_fp16()
+
+    def convert_to_fp16(self):
+        for part in (self.input_blocks, self.middle_block, self.output_blocks):
+            part.apply(convert_module_to_f16)
+        self.dtype = torch.float16
+
+    def convert_to_fp32(self):
+        for part in (self.input_blocks, self.middle_block, self.output_blocks):
+            part.apply(convert_module_to_f32)
+        self.dtype = torch.float32
+
+    def check_inputs(self, x, y):
+        if y is None:
+            raise ValueError(f"the model needs a label map y with {self.label_nc} channels")
+        if y.dim() != 4 or y.shape[1] != self.label_nc:
+            raise ValueError(
+                f"label map has shape {tuple(y.shape)}; the model expects (B, {self.label_nc}, H, W): "
+                f"{self.label_nc} label channels (num_classes, plus 1 edge channel unless no_instance)"
+            )
+        if y.shape[0] != x.shape[0] or y.shape[2:] != x.shape[2:]:
+            raise ValueError(
+                f"label map of shape {tuple(y.shape)} does not match the image batch {tuple(x.shape)}: "
+                "expected the same batch size and spatial size"
+            )
+        factor = 2 ** (len(self.channel_mult) - 1)
+        if x.shape[2] % factor or x.shape[3] % factor:
+            raise ValueError(f"image size {tuple(x.shape[2:])} must be divisible by {factor}")
+
+    def forward(self, x, timesteps, y=None):
+        self.check_inputs(x, y)
+        emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
+        cond = y.type(self.dtype)
+        h = x.type(self.dtype)
+        hs = []
+        for module in self.input_blocks:
+            h = module(h, cond, emb)
+            hs.append(h)
+        h = self.middle_block(h, cond, emb)
+        for module in self.output_blocks:
+            h = module(torch.cat([h, hs.pop()], dim=1), cond, emb)
+        return self.out(h.type(x.dtype))

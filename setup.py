@@ -1,0 +1,24 @@
+"""Packaging for scdm: `pip install -e .` (core), `pip install -e .[test]` (everything the tests use)."""
+from setuptools import find_packages, setup
+
+CORE = [
+    "torch>=2.1",
+    "torchvision>=0.16",
+    "numpy>=1.23",
+    "Pillow>=9.0",
+    "scipy>=1.9",
+    "tqdm>=4.64",
+]
+MPI = ["mpi4py>=4.0", "mpich>=4.1"]  # the mpich wheel gives mpiexec inside a venv
+EVAL = ["lpips>=0.1.4", "pytorch-fid>=0.3.0"]
+TEST = ["pytest>=7.0"] + MPI + EVAL
+
+setup(
+    name="scdm",
+    version="0.1.0",
+    description="Stochastic Conditional Diffusion Models for robust semantic image synthesis",
+    packages=find_packages(include=["scdm", "scdm.*", "image_process", "evaluations", "evaluations.*"]),
+    python_requires=">=3.9",
+    install_requires=CORE,
+    extras_require={"mpi": MPI, "eval": EVAL, "test": TEST, "all": TEST},
+)
