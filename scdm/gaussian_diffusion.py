@@ -18,6 +18,11 @@ NOISE_SCHEDULES = ("linear", "cosine")
 def get_named_beta_schedule(schedule_name, num_diffusion_timesteps):
     if schedule_name == "linear":
         scale = 1000 / num_diffusion_timesteps  # keeps the schedule comparable for any T
+        if scale * 0.02 >= 1:
+            raise ValueError(
+                f"noise_schedule linear needs diffusion_steps > 20 (got {num_diffusion_timesteps}): "
+                "its last beta would reach 1"
+            )
         return np.linspace(scale * 0.0001, scale * 0.02, num_diffusion_timesteps, dtype=np.float64)
     if schedule_name == "cosine":
         return betas_for_alpha_bar(

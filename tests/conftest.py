@@ -20,3 +20,26 @@ def compat_dir():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+TINY_FLAGS = dict(
+    image_size=16, num_classes=4, num_channels=32, num_res_blocks=1, channel_mult="1,2",
+    attention_resolutions="8", num_head_channels=16, learn_sigma=True, no_instance=False,
+    resblock_updown=True, use_scale_shift_norm=True, diffusion_steps=100, noise_schedule="linear",
+)
+
+
+@pytest.fixture
+def tiny_flags():
+    """Flags of a tiny SPADE UNet (4 classes + edge channel, 16x16) for fast CPU tests."""
+    return dict(TINY_FLAGS)
+
+
+def random_label_map(b, num_classes, h, w, with_edge=True, generator=None):
+    """A random one-hot label map (+ an edge channel) as the model takes it."""
+    ids = torch.randint(0, num_classes, (b, h, w), generator=generator)
+    onehot = torch.nn.functional.one_hot(ids, num_classes).permute(0, 3, 1, 2).float()
+    if not with_edge:
+        return onehot
+    edge = (torch.rand(b, 1, h, w, generator=generator) < 0.2).float()
+    return torch.cat([onehot, edge], dim=1)
