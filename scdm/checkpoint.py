@@ -1,0 +1,136 @@
+"""Checkpoint files: atomic writes, step parsing, and loading with a clear message on mismatch.
+
+File names follow the released code: model{step:06d}.pt, ema_{rate}_{step:06d}.pt, opt{step:06d}.pt
+(plain state dicts). The AMP grad scaler, when used, goes to scaler{step:06d}.pt.
+"""
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked (missing, corrupt, or not fitting the flags)."""
+
+
+def model_name(step):
+    return f"model{step:06d}.pt"
+
+
+def ema_name(rate, step):
+    return f"ema_{rate}_{step:06d}.pt"
+
+
+def opt_name(step):
+    return f"opt{step:06d}.pt"
+
+
+def scaler_name(step):
+    return f"scaler{step:06d}.pt"
+
+
+def parse_step(path):
+    """The step of `.../model012000.pt` or `.../ema_0.9999_012000.pt`."""
+    m = re.search(r"(\d+)\.pt$", os.path.basename(str(path)))
+    if not m:
+        raise CheckpointError(f"cannot read a step number from checkpoint name {path} (expected e.g. model012000.pt)")
+    return int(m.group(1))
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file in the same folder, fsync, then rename: a crash mid-write
+    never leaves a partial file under the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_file(path, what="checkpoint"):
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{what} {path} cannot be read (truncated or not a torch file): {e}") from None
+
+
+def load_model_state(path):
+    """A model (or EMA) state dict, refusing optimizer files and other objects."""
+    state = load_file(path, "model checkpoint")
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError(f"{path} is not a model state dict")
+    if "param_groups" in state and "state" in state:
+        raise CheckpointError(
+            f"{path} is an optimizer state (opt*.pt), not model weights: pass model*.pt or ema_*.pt as --model_path"
+        )
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} is not a model state dict (it holds non-tensor values)")
+    return state
+
+
+def _shape(state, key):
+    v = state.get(key)
+    return tuple(v.shape) if v is not None else None
+
+
+def describe_mismatch(state, model, flags):
+    """Name the flags that do not fit the checkpoint, from a few telltale shapes."""
+    own = model.state_dict()
+    msgs = []
+    key = "middle_block.0.in_norm.mlp_shared.0.weight"
+    if _shape(state, key) and _shape(own, key) and _shape(state, key)[1] != _shape(own, key)[1]:
+        ck = _shape(state, key)[1]
+        nc, ni = flags.get("num_classes"), flags.get("no_instance")
+        msgs.append(
+            f"checkpoint has {ck} label channels, flags give num_classes={nc}, no_instance={ni} "
+            f"({_shape(own, key)[1]} channels)"
+        )
+    key = "out.2.weight"
+    if _shape(state, key) and _shape(own, key) and _shape(state, key)[0] != _shape(own, key)[0]:
+        msgs.append(f"checkpoint outputs {_shape(state, key)[0]} channels, flags give learn_sigma="
+                    f"{flags.get('learn_sigma')} ({_shape(own, key)[0]} channels)")
+    key = "time_embed.0.weight"
+    if _shape(state, key) and _shape(own, key) and _shape(state, key)[1] != _shape(own, key)[1]:
+        msgs.append(f"checkpoint has num_channels={_shape(state, key)[1]}, flags give "
+                    f"num_channels={flags.get('num_channels')}")
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if not msgs and (missing or unexpected):
+        msgs.append(
+            "the block structure differs (check num_res_blocks, channel_mult, attention_resolutions, "
+            f"resblock_updown, image_size): {len(missing)} missing keys (e.g. {missing[:2]}), "
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:2]})"
+        )
+    if not msgs:
+        bad = [k for k in own if k in state and own[k].shape != state[k].shape]
+        if bad:
+            msgs.append(f"shapes differ for {len(bad)} tensors, e.g. {bad[0]}: checkpoint "
+                        f"{tuple(state[bad[0]].shape)} vs model {tuple(own[bad[0]].shape)} "
+                        "(check num_channels, channel_mult, num_head_channels)")
+    return "; ".join(msgs)
+
+
+def load_into_model(model, path, flags):
+    """Load weights strictly; on mismatch raise CheckpointError naming the flags that differ."""
+    state = load_model_state(path)
+    problem = describe_mismatch(state, model, flags)
+    if problem:
+        raise CheckpointError(f"{path} does not fit the flags: {problem}")
+    target_dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+    model.load_state_dict({k: v.to(target_dtypes.get(k, v.dtype)) for k, v in state.items()}, strict=True)
+    return model

@@ -1,0 +1,136 @@
+"""One launch path for `mpiexec -n N`, `torchrun --nproc_per_node N` and plain `python` (DESIGN.md §7).
+
+Every run gets a torch.distributed process group (of size 1 for a plain run), so training and
+sampling code has no special cases. NCCL on GPU, gloo on CPU; rank r uses local GPU r % visible GPUs.
+"""
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
+MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+
+_local_rank = 0
+
+
+class LaunchError(RuntimeError):
+    """The processes cannot be set up as launched (missing MPI, bad environment)."""
+
+
+def detect_launcher(environ=os.environ):
+    """'torchrun', 'mpi' or 'single', from the environment the launcher leaves."""
+    if "TORCHELASTIC_RUN_ID" in environ or ("RANK" in environ and "WORLD_SIZE" in environ and "MASTER_ADDR" in environ):
+        return "torchrun"
+    if any(v in environ for v in MPI_RANK_VARS):
+        return "mpi"
+    return "single"
+
+
+def _free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _mpi_comm():
+    try:
+        from mpi4py import MPI
+    except ImportError as e:
+        raise LaunchError(
+            "launched under mpiexec, but mpi4py cannot be imported "
+            f"({e}). Install it with an MPI runtime: `pip install mpi4py mpich` (or run with torchrun "
+            "--nproc_per_node N, or plain python for one process)"
+        ) from None
+    return MPI
+
+
+def setup_dist(backend=None, timeout_minutes=30):
+    """Create the process group for however this process was launched. Idempotent."""
+    global _local_rank
+    if dist.is_initialized():
+        return
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    launcher = detect_launcher()
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if launcher == "torchrun":
+        _local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        _set_device()
+        dist.init_process_group(backend, init_method="env://", timeout=timeout)
+        return
+    if launcher == "mpi":
+        MPI = _mpi_comm()
+        comm = MPI.COMM_WORLD
+        rank, size = comm.Get_rank(), comm.Get_size()
+        _local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+        hosts = comm.allgather(socket.gethostname())
+        if rank == 0:
+            addr = os.environ.get("MASTER_ADDR") or (
+                "127.0.0.1" if len(set(hosts)) == 1 else socket.gethostbyname(socket.getfqdn())
+            )
+            port = int(os.environ.get("MASTER_PORT") or _free_port())
+        else:
+            addr = port = None
+        addr, port = comm.bcast((addr, port) if rank == 0 else None, root=0)
+        _set_device()
+        dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=size,
+                                timeout=timeout)
+        return
+    _local_rank = 0
+    _set_device()
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                            timeout=timeout)
+
+
+def _set_device():
+    if torch.cuda.is_available():
+        torch.cuda.set_device(_local_rank % torch.cuda.device_count())
+
+
+def dev():
+    """The device this rank computes on."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", _local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def get_rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main():
+    return get_rank() == 0
+
+
+def barrier():
+    if dist.is_initialized() and get_world_size() > 1:
+        dist.barrier()
+
+
+def sync_params(params):
+    """Broadcast rank 0's parameters so that every replica starts identical."""
+    if get_world_size() == 1:
+        return
+    for p in params:
+        with torch.no_grad():
+            dist.broadcast(p, 0)
+
+
+def all_reduce_flag(flag: bool, op="any"):
+    """A boolean agreed on by all ranks (any or all)."""
+    if get_world_size() == 1:
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=dev() if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "any" else dist.ReduceOp.MIN)
+    return bool(t.item() > 0.5)
+
+
+def cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,248 @@
+"""TrainLoop: DDP, AMP with a grad scaler, EMA, microbatches, classifier-free dropout,
+checkpoints with resume, divergence guard, and logging (DESIGN.md §6-§7)."""
+import contextlib
+import copy
+import signal
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
+
+from . import dist_util
+from .checkpoint import (CheckpointError, ema_name, load_file, load_into_model, model_name, opt_name, parse_step,
+                         save_atomic, scaler_name)
+from .datasets import label_to_model_input
+from .logger import MetricLogger
+from .performance import precision_context
+from .resample import LossSecondMomentResampler, UniformSampler
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stayed non-finite for too many consecutive steps."""
+
+
+class TrainLoop:
+    def __init__(self, *, model, diffusion, data, num_classes, no_instance, batch_size, lr, log_dir,
+                 microbatch=-1, ema_rate="0.9999", drop_rate=0.0, log_interval=10, save_interval=10000,
+                 resume_checkpoint="", precision="fp32", fp16_scale_growth=1e-3, schedule_sampler=None,
+                 weight_decay=0.0, lr_anneal_steps=0, max_steps=0, max_bad_steps=50, flags=None):
+        self.model = model
+        self.diffusion = diffusion
+        self.data = data
+        self.num_classes = num_classes
+        self.no_instance = no_instance
+        self.batch_size = batch_size
+        self.microbatch = microbatch if microbatch > 0 else batch_size
+        self.lr = lr
+        self.ema_rate_names = [r.strip() for r in str(ema_rate).split(",") if r.strip()]
+        self.ema_rate = [float(r) for r in self.ema_rate_names]
+        self.drop_rate = drop_rate
+        self.log_interval = log_interval
+        self.save_interval = save_interval
+        self.precision = precision
+        self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
+        self.weight_decay = weight_decay
+        self.lr_anneal_steps = lr_anneal_steps
+        self.max_steps = max_steps
+        self.max_bad_steps = max_bad_steps
+        self.flags = flags or {}
+        self.log_dir = Path(log_dir)
+        self.device = dist_util.dev()
+        self.logger = MetricLogger(log_dir, enabled=dist_util.is_main())
+
+        self.step = 0
+        self.bad_steps = 0
+        self.last_saved_step = None
+        self._stop_requested = False
+
+        self.model.to(self.device)
+        if resume_checkpoint:
+            self.step = parse_step(resume_checkpoint)
+            load_into_model(self.model, resume_checkpoint, self.flags)
+        dist_util.sync_params(self.model.parameters())
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay)
+        self.scaler = None
+        if precision == "fp16" and self.device.type == "cuda":
+            growth_interval = max(1, round(1.0 / fp16_scale_growth)) if fp16_scale_growth > 0 else 2000
+            self.scaler = torch.amp.GradScaler("cuda", growth_interval=growth_interval)
+        self.ema_params = [self._initial_ema(resume_checkpoint, name) for name in self.ema_rate_names]
+        if resume_checkpoint:
+            self._load_optimizer_state(resume_checkpoint)
+        self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    # ----- resume --------------------------------------------------------------------------
+    def _sibling(self, resume_checkpoint, name):
+        return Path(resume_checkpoint).parent / name
+
+    def _initial_ema(self, resume_checkpoint, rate_name):
+        params = [p.detach().clone().float() for p in self.model.parameters()]
+        if not resume_checkpoint:
+            return params
+        path = self._sibling(resume_checkpoint, ema_name(rate_name, self.step))
+        if not path.exists():
+            self.logger.text(f"warning: {path} not found; EMA {rate_name} restarts from the model weights")
+            return params
+        ema_model = copy.deepcopy(self.model)
+        load_into_model(ema_model, path, self.flags)
+        return [p.detach().clone().float().to(self.device) for p in ema_model.parameters()]
+
+    def _load_optimizer_state(self, resume_checkpoint):
+        path = self._sibling(resume_checkpoint, opt_name(self.step))
+        if not path.exists():
+            self.logger.text(f"warning: {path} not found; the optimizer restarts from scratch")
+        else:
+            state = load_file(path, "optimizer checkpoint")
+            try:
+                self.opt.load_state_dict(state)
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"{path} does not fit this model's optimizer: {e}") from None
+        spath = self._sibling(resume_checkpoint, scaler_name(self.step))
+        if self.scaler is not None and spath.exists():
+            self.scaler.load_state_dict(load_file(spath, "grad scaler checkpoint"))
+
+    # ----- the loop ------------------------------------------------------------------------
+    def _handle_signal(self, signum, frame):
+        self._stop_requested = True
+        self.logger.text(f"received signal {signum}: saving a checkpoint and stopping")
+
+    def done(self):
+        return (self.max_steps and self.step >= self.max_steps) or (
+            self.lr_anneal_steps and self.step >= self.lr_anneal_steps)
+
+    def run_loop(self):
+        old = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        total = self.max_steps or self.lr_anneal_steps or None
+        bar = tqdm(total=total, initial=self.step, desc="training", disable=not dist_util.is_main(),
+                   dynamic_ncols=True)
+        try:
+            while not self.done():
+                images, cond = next(self.data)
+                self.run_step(images, cond)
+                self.step += 1
+                bar.update(1)
+                if self.step % self.log_interval == 0:
+                    means = self.logger.dump(self.step)
+                    bar.set_postfix({k: f"{means[k]:.4f}" for k in ("loss", "mse") if k in means})
+                if self.step % self.save_interval == 0:
+                    self.save()
+                if dist_util.all_reduce_flag(self._stop_requested):
+                    break
+            if self.last_saved_step != self.step:
+                self.save()
+        finally:
+            bar.close()
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def _drop_condition(self, y):
+        """Classifier-free training: zero the whole conditioning (labels and edge) per sample."""
+        if self.drop_rate <= 0:
+            return y
+        keep = (torch.rand(y.shape[0], device=y.device) >= self.drop_rate).to(y.dtype)
+        return y * keep.view(-1, 1, 1, 1)
+
+    def run_step(self, images, cond):
+        images = images.to(self.device)
+        y = label_to_model_input(cond, self.num_classes, self.no_instance).to(self.device)
+        y = self._drop_condition(y)
+        self.opt.zero_grad(set_to_none=True)
+        n = images.shape[0]
+        for i in range(0, n, self.microbatch):
+            mb, my = images[i:i + self.microbatch], y[i:i + self.microbatch]
+            t, weights = self.schedule_sampler.sample(mb.shape[0], self.device)
+            last = i + self.microbatch >= n
+            sync = contextlib.nullcontext() if last else self.ddp.no_sync()
+            with sync:
+                with precision_context(self.device, self.precision):
+                    losses = self.diffusion.training_losses(self.ddp, mb, t, model_kwargs={"y": my})
+                if isinstance(self.schedule_sampler, LossSecondMomentResampler):
+                    self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
+                loss = (losses["loss"].float() * weights).mean() * (mb.shape[0] / n)
+                self.logger.log_loss_dict(self.diffusion, t, {k: v * weights for k, v in losses.items()})
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+        self._optimize()
+
+    def _grads_finite(self):
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return bool(torch.stack([g.isfinite().all() for g in grads]).all()) if grads else True
+
+    def _optimize(self):
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
+        # Gradients are all-reduced, so every rank reaches the same verdict.
+        finite = self._grads_finite()
+        if finite:
+            self._anneal_lr()
+            if self.scaler is not None:
+                self.scaler.step(self.opt)
+            else:
+                self.opt.step()
+            self._update_ema()
+            self.bad_steps = 0
+        else:
+            self.bad_steps += 1
+            self.logger.log("skipped_steps", 1)
+        if self.scaler is not None:
+            self.scaler.update()
+            self.logger.log("grad_scale", self.scaler.get_scale())
+        self.logger.log("lr", self.opt.param_groups[0]["lr"])
+        if self.bad_steps >= self.max_bad_steps:
+            last = self.last_saved_step
+            where = (f"the last good checkpoint is {self.log_dir / model_name(last)}" if last is not None
+                     else "no checkpoint was written in this run")
+            raise TrainingDiverged(
+                f"non-finite loss or gradients for {self.bad_steps} consecutive steps (up to step {self.step + 1}); "
+                f"stopping without saving the diverged weights: {where}"
+            )
+
+    def _anneal_lr(self):
+        if not self.lr_anneal_steps:
+            return
+        lr = self.lr * (1 - self.step / self.lr_anneal_steps)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+
+    @torch.no_grad()
+    def _update_ema(self):
+        params = [p.detach() for p in self.model.parameters()]
+        for rate, ema in zip(self.ema_rate, self.ema_params):
+            torch._foreach_mul_(ema, rate)
+            torch._foreach_add_(ema, [p.float() for p in params], alpha=1 - rate)
+
+    # ----- checkpoints -----------------------------------------------------------------------
+    def _state_dict_from(self, params):
+        state = self.model.state_dict()
+        for (name, _), p in zip(self.model.named_parameters(), params):
+            state[name] = p.detach().to(state[name].dtype).cpu()
+        return state
+
+    def save(self):
+        self.check_replicas_in_sync()
+        if dist_util.is_main():
+            for rate_name, params in zip(self.ema_rate_names, self.ema_params):
+                save_atomic(self._state_dict_from(params), self.log_dir / ema_name(rate_name, self.step))
+            save_atomic(self.opt.state_dict(), self.log_dir / opt_name(self.step))
+            if self.scaler is not None:
+                save_atomic(self.scaler.state_dict(), self.log_dir / scaler_name(self.step))
+            # The model file goes last: its presence marks a complete checkpoint set.
+            save_atomic({k: v.cpu() for k, v in self.model.state_dict().items()},
+                        self.log_dir / model_name(self.step))
+            self.logger.text(f"saved checkpoint {model_name(self.step)}")
+        self.last_saved_step = self.step
+        dist_util.barrier()
+
+    def check_replicas_in_sync(self):
+        """Every rank must hold the same weights (cheap checksum, gathered at save time)."""
+        if dist_util.get_world_size() == 1:
+            return
+        with torch.no_grad():
+            flat = torch.cat([p.detach().double().flatten() for p in self.model.parameters()])
+            idx = torch.arange(flat.numel(), dtype=torch.float64, device=flat.device) % 9973 + 1
+            checksum = torch.stack([flat.sum(), (flat * idx).sum()])
+        gathered = [torch.zeros_like(checksum) for _ in range(dist_util.get_world_size())]
+        dist.all_gather(gathered, checksum)
+        if any(not torch.equal(g, gathered[0]) for g in gathered):
+            raise RuntimeError(f"replicas diverged at step {self.step}: checksums {[g.tolist() for g in gathered]}")
+        self.logger.text(f"replicas in sync at step {self.step} (world size {dist_util.get_world_size()})")
