@@ -1,0 +1,174 @@
+"""Training and sampling entry points on toy data: launchers, replicas, resume, atomic checkpoints,
+rank-independent sampling, and user errors (exit code 2, one message)."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from scdm.checkpoint import save_atomic
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ARCH = ("--dataset_mode folder --image_size 32 --num_channels 32 --num_res_blocks 1 --channel_mult 1,2 "
+        "--attention_resolutions 16 --num_head_channels 16 --learn_sigma True --resblock_updown True "
+        "--use_scale_shift_norm True --cond_diffuse True --cond_opt discrete_zero_uniform").split()
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def run(args, timeout=240, check=True):
+    p = subprocess.run([str(a) for a in args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def train_cmd(data, log_dir, *extra, launcher=()):
+    return [*launcher, sys.executable, "-m", "scdm.image_train", *ARCH, "--data_dir", data, "--log_dir", log_dir,
+            "--batch_size", "2", "--num_workers", "0", "--log_interval", "1", *extra]
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy")
+    run([sys.executable, "-m", "scdm.toy", "--out", out, "--num_train", 8, "--num_test", 5, "--size", 32])
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained(toy, tmp_path_factory):
+    log_dir = tmp_path_factory.mktemp("run")
+    run(train_cmd(toy, log_dir, "--max_steps", 2, "--save_interval", 1, "--drop_rate", 0.2))
+    return log_dir
+
+
+def test_single_process_training_writes_complete_checkpoints(trained):
+    names = sorted(p.name for p in trained.iterdir())
+    for step in (1, 2):
+        assert {f"model{step:06d}.pt", f"ema_0.9999_{step:06d}.pt", f"opt{step:06d}.pt"} <= set(names)
+    assert not [n for n in names if n.endswith(".tmp")]
+    header = (trained / "progress.csv").read_text().splitlines()[0].split(",")
+    assert {"step", "loss", "mse", "vb"} <= set(header) and any(c.startswith("loss_q") for c in header)
+    state = torch.load(trained / "model000002.pt")
+    assert "middle_block.0.in_norm.mlp_shared.0.weight" in state
+
+
+@pytest.mark.parametrize("launcher", ["mpiexec", "torchrun"])
+def test_two_process_replicas_identical(toy, tmp_path, launcher):
+    if launcher == "mpiexec":
+        pytest.importorskip("mpi4py")
+        launch = [shutil.which("mpiexec", path=str(BIN)) or "mpiexec", "-n", "2"]
+    else:
+        launch = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2"]
+        cmd = train_cmd(toy, tmp_path, "--max_steps", 2, "--save_interval", 2)
+        cmd = launch + cmd[1:]  # torchrun takes `-m module` itself
+        run(cmd)
+        launch = None
+    if launch:
+        run(train_cmd(toy, tmp_path, "--max_steps", 2, "--save_interval", 2, launcher=launch))
+    log = (tmp_path / "log.txt").read_text()
+    assert "replicas in sync at step 2 (world size 2)" in log
+    assert (tmp_path / "model000002.pt").exists()
+
+
+def test_sigterm_saves_and_resume_continues(toy, tmp_path):
+    proc = subprocess.Popen([str(a) for a in train_cmd(toy, tmp_path, "--max_steps", 10000, "--save_interval", 10000)],
+                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (tmp_path / "progress.csv").exists():
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-2000:]
+    models = sorted(tmp_path.glob("model*.pt"))
+    assert len(models) == 1
+    step = int(models[0].stem[5:])
+    assert step >= 1
+    opt_saved = torch.load(tmp_path / f"opt{step:06d}.pt")
+
+    run(train_cmd(toy, tmp_path, "--max_steps", step + 1, "--save_interval", 1000,
+                  "--resume_checkpoint", models[0]))
+    assert (tmp_path / f"model{step + 1:06d}.pt").exists()
+    opt_new = torch.load(tmp_path / f"opt{step + 1:06d}.pt")
+    # AdamW's step counter continued from the saved state instead of restarting at 1.
+    first = next(iter(opt_saved["state"]))
+    assert float(opt_new["state"][first]["step"]) == float(opt_saved["state"][first]["step"]) + 1
+
+
+def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "model000001.pt"
+    save_atomic({"w": torch.ones(3)}, target)
+    real_save = torch.save
+
+    def crash(obj, f, *a, **k):
+        f.write(b"partial bytes")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_atomic({"w": torch.zeros(3)}, target)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.equal(torch.load(target)["w"], torch.ones(3))  # the old complete file is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["model000001.pt"]
+
+
+def sample_cmd(toy, model, results, *extra, launcher=()):
+    return [*launcher, sys.executable, "-m", "scdm.image_sample", *ARCH, "--data_dir", toy, "--model_path", model,
+            "--results_path", results, "--timestep_respacing", "ddim4", "--s", 1.5, "--extrapolation", 0.8,
+            "--dynamic_threshold", 0.95, *extra]
+
+
+def test_sampling_same_with_one_and_two_processes(toy, trained, tmp_path):
+    pytest.importorskip("mpi4py")
+    model = trained / "ema_0.9999_000002.pt"
+    run(sample_cmd(toy, model, tmp_path / "one", "--batch_size", 3, "--num_sets", 2))
+    mpiexec = shutil.which("mpiexec", path=str(BIN)) or "mpiexec"
+    run(sample_cmd(toy, model, tmp_path / "two", "--batch_size", 2, "--num_sets", 2, launcher=[mpiexec, "-n", "2"]))
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.png") if p.name != "overview.png")
+    assert len(files) == 5 * 6  # images, labels, labels_color, samples, samples_0, samples_1
+    for rel in files:
+        a = np.asarray(Image.open(tmp_path / "one" / rel)).astype(int)
+        b = np.asarray(Image.open(tmp_path / "two" / rel)).astype(int)
+        assert np.abs(a - b).max() <= 1, rel
+    assert (tmp_path / "one" / "overview.png").exists()
+    # a rerun skips finished images and leaves them untouched
+    before = {f: (tmp_path / "one" / f).stat().st_mtime_ns for f in files}
+    out = run(sample_cmd(toy, model, tmp_path / "one", "--batch_size", 3, "--num_sets", 2))
+    assert all((tmp_path / "one" / f).stat().st_mtime_ns == before[f] for f in files), out.stderr[-500:]
+
+
+def test_user_errors_exit_2_with_one_message(toy, trained, tmp_path):
+    p = run(sample_cmd(toy, trained / "model000002.pt", tmp_path / "r", "--num_classes", 12), check=False)
+    assert p.returncode == 2
+    assert "checkpoint has 9 label channels, flags give num_classes=12, no_instance=False (13 channels)" in p.stderr
+    assert "Traceback" not in p.stderr
+    p = run(sample_cmd(toy, trained / "opt000002.pt", tmp_path / "r"), check=False)
+    assert p.returncode == 2 and "is an optimizer state" in p.stderr
+    p = run(sample_cmd(toy, trained / "model000002.pt", tmp_path / "r", "--cond_opt", "discrete_zero_classwise"),
+            check=False)
+    assert p.returncode == 2 and "--class_schedule" in p.stderr
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    p = run(sample_cmd(toy, trained / "model000002.pt", blocker / "sub"), check=False)
+    assert p.returncode == 2 and "--results_path" in p.stderr and "not writable" in p.stderr
+    # a resume that does not fit the flags names the flag and writes nothing
+    before = sorted(trained.iterdir())
+    p = run(train_cmd(toy, trained, "--max_steps", 3, "--learn_sigma", "False",
+                      "--resume_checkpoint", trained / "model000002.pt"), check=False)
+    assert p.returncode == 2 and "learn_sigma=False" in p.stderr and "Traceback" not in p.stderr
+    assert sorted(trained.iterdir()) == before
+
+
+@pytest.mark.parametrize("script", ["train.sh", "sample.sh"])
+def test_presets_help_and_unknown(script):
+    ok = run(["sh", ROOT / "scripts" / script, "--help"])
+    assert "ade20k" in ok.stdout and "toy" in ok.stdout
+    bad = run(["sh", ROOT / "scripts" / script, "imagenet"], check=False)
+    assert bad.returncode == 2 and "unknown preset 'imagenet'" in bad.stderr and "ade20k coco celeba toy" in bad.stderr
