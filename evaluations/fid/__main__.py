@@ -1,0 +1,40 @@
+"""python -m evaluations.fid --path SAMPLES GT [-b 50] [--device cpu|cuda] [--weights PATH] ..."""
+import argparse
+import os
+
+from evaluations.common import run_cli
+from evaluations.fid import DIMS, INCEPTION_FILE, compute_fid
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m evaluations.fid", description=(
+        "FID between a folder of samples and the ground truth (pytorch-fid Inception, pool3). "
+        "Either path may be an .npz of statistics (mu, sigma)."))
+    p.add_argument("--path", nargs=2, required=True, metavar=("SAMPLES", "GT"))
+    p.add_argument("-b", "--batch-size", "--batch_size", type=int, default=50)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--weights", default=None, help=(
+        f"the pytorch-fid Inception state dict '{INCEPTION_FILE}' (default: $TORCH_HOME/hub/checkpoints/); "
+        "'random' = random network, for tests only"))
+    p.add_argument("--save-stats", "--save_stats", metavar="GT.npz", default=None,
+                   help="cache of the ground-truth statistics; reused while the folder and weights are unchanged")
+    p.add_argument("--dims", type=int, default=2048, choices=DIMS)
+    p.add_argument("--num-workers", "--num_workers", type=int, default=None,
+                   help="data-loading processes (default: min(8, CPUs))")
+    p.add_argument("--unpaired", action="store_true",
+                   help="allow different file names in the two folders (not the released protocol)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    workers = args.num_workers if args.num_workers is not None else min(8, len(os.sched_getaffinity(0)))
+    fid = compute_fid(args.path[0], args.path[1], weights=args.weights, dims=args.dims,
+                      batch_size=args.batch_size, device=args.device, num_workers=workers,
+                      save_stats_path=args.save_stats, paired=not args.unpaired)
+    print(f"FID: {fid:.6f}")
+    return fid
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,40 @@
+"""python -m evaluations.lpips --results RESULTS_DIR [--num_sets K] [-b 50] [--device] [--net alex] [--weights PATH]"""
+import argparse
+import json
+
+from evaluations.common import atomic_write, run_cli
+from evaluations.lpips import NETS, backbone_file, find_sample_sets, lpips_diversity
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m evaluations.lpips", description=(
+        "Diversity: LPIPS averaged over all pairs of the K samples of each label map, then over "
+        "label maps. Sets: RESULTS_DIR/samples_0 .. samples_{K-1} (set 0 may be samples/)."))
+    p.add_argument("--results", required=True, metavar="RESULTS_DIR")
+    p.add_argument("--num_sets", "--num-sets", type=int, default=None,
+                   help="K (default: every consecutive samples_<k> folder)")
+    p.add_argument("-b", "--batch-size", "--batch_size", type=int, default=50, help="image pairs per network call")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--net", default="alex", choices=NETS)
+    p.add_argument("--weights", default=None, help=(
+        f"torchvision backbone state dict (alex: '{backbone_file('alex')}'; default: "
+        "$TORCH_HOME/hub/checkpoints/); 'random' = random backbone, for tests only"))
+    p.add_argument("--num-workers", "--num_workers", type=int, default=0)
+    p.add_argument("--out", default=None, metavar="JSON", help="also write the result (with per-name values)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    sets = find_sample_sets(args.results, args.num_sets)
+    res = lpips_diversity(sets, weights=args.weights, net=args.net, batch_size=args.batch_size,
+                          device=args.device, num_workers=args.num_workers)
+    print(f"LPIPS diversity: {res['lpips']:.6f} ({res['num_sets']} sets, {res['num_names']} label maps, "
+          f"{res['num_pairs']} pairs each)")
+    if args.out:
+        atomic_write(args.out, json.dumps(dict(res, net=args.net), indent=2) + "\n")
+    return res
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,173 @@
+"""mIoU: how well samples follow their label maps, via a segmenter's predictions on the samples.
+
+Ground-truth files hold raw dataset ids (as the sampler writes them to `labels/`); a dataset
+preset maps them to the segmenter's classes 0..N-1 and names the id that is not scored:
+  ade20k: raw 0 = unlabeled (ignored), raw k -> class k-1, N = 150
+  coco:   raw 255 ignored, N = 182        celeba: nothing ignored, N = 19
+  toy:    the built-in dataset (scdm.toy)  folder: --num_classes N [--ignore_index I]
+The confusion matrix is accumulated over all pixels of all images; IoU_c = TP / (TP + FP + FN);
+mIoU is the mean over the classes present in the ground truth (a class only predicted, never in
+the ground truth, is not averaged). Predictions are resized to the label size with nearest.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Tuple
+
+import numpy as np
+from PIL import Image
+
+from evaluations.common import (
+    EvalError, atomic_write, image_size, list_images, load_label, load_rgb, match_names, note_resized,
+)
+
+DATASETS = ("ade20k", "coco", "celeba", "toy", "folder")
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    """How raw ground-truth ids become classes: `ignore_index` (raw) is not scored, then `shift` is subtracted."""
+    num_classes: int
+    ignore_index: Optional[int] = None
+    shift: int = 0
+
+
+def label_spec(dataset: str = "folder", num_classes: Optional[int] = None,
+               ignore_index: Optional[int] = None) -> LabelSpec:
+    """The preset of `dataset`; explicit num_classes / ignore_index override it."""
+    if dataset == "toy":
+        from scdm.toy import TOY_NUM_CLASSES, TOY_UNLABELED_ID
+        presets = {"toy": (TOY_NUM_CLASSES, TOY_UNLABELED_ID, 0)}
+    else:
+        presets = {"ade20k": (150, 0, 1), "coco": (182, 255, 0), "celeba": (19, None, 0), "folder": (None, None, 0)}
+    if dataset not in DATASETS:
+        raise EvalError(f"--dataset {dataset}: choose one of {', '.join(DATASETS)}")
+    n, ignore, shift = presets[dataset]
+    n = num_classes if num_classes is not None else n
+    if n is None or n < 1:
+        raise EvalError(f"--num_classes is required (and >= 1) for --dataset {dataset}")
+    return LabelSpec(n, ignore_index if ignore_index is not None else ignore, shift)
+
+
+def gt_to_classes(raw: np.ndarray, spec: LabelSpec, path="ground truth") -> np.ndarray:
+    """Class ids of a raw ground-truth map, -1 where not scored; ids outside the classes are an error."""
+    gt = raw - spec.shift
+    if spec.ignore_index is not None:
+        gt = np.where(raw == spec.ignore_index, -1, gt)
+    _check_range(gt[gt != -1], spec.num_classes, path, "ground-truth label", raw_offset=spec.shift)
+    return gt
+
+
+def _check_range(ids: np.ndarray, n: int, path, what: str, raw_offset: int = 0) -> None:
+    bad = np.unique(ids[(ids < 0) | (ids >= n)])
+    if bad.size:
+        shown = ", ".join(str(int(v) + raw_offset) for v in bad[:10]) + (" ..." if bad.size > 10 else "")
+        raw = f" (raw; class = id - {raw_offset})" if raw_offset else ""
+        raise EvalError(f"{path}: {what} ids {shown}{raw} are outside the class range 0..{n - 1} "
+                        f"(check --num_classes / --dataset / --ignore_index)")
+
+
+def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int,
+                     ignore_index: Optional[int] = None) -> np.ndarray:
+    """(N, N) int64 counts, rows = ground-truth class, columns = predicted class, by one bincount.
+    Pixels whose ground truth is `ignore_index` or negative are skipped."""
+    pred, gt = np.asarray(pred, np.int64).ravel(), np.asarray(gt, np.int64).ravel()
+    if pred.shape != gt.shape:
+        raise EvalError(f"prediction and ground truth differ in size: {pred.size} vs {gt.size} pixels")
+    keep = gt >= 0 if ignore_index is None else (gt >= 0) & (gt != ignore_index)
+    pred, gt = pred[keep], gt[keep]
+    _check_range(gt, num_classes, "ground truth", "label")
+    _check_range(pred, num_classes, "prediction", "predicted")
+    return np.bincount(gt * num_classes + pred, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def scores(cm: np.ndarray) -> dict:
+    """Per-class IoU (None for classes absent from the ground truth), mIoU over present classes,
+    pixel accuracy."""
+    cm = np.asarray(cm, dtype=np.float64)
+    tp, gt_count, pred_count = np.diag(cm), cm.sum(1), cm.sum(0)
+    union = gt_count + pred_count - tp
+    present = gt_count > 0
+    iou = np.divide(tp, union, out=np.zeros_like(tp), where=union > 0)
+    total = cm.sum()
+    return {
+        "miou": float(iou[present].mean()) if present.any() else None,
+        "pixel_accuracy": float(tp.sum() / total) if total else None,
+        "num_classes": int(cm.shape[0]),
+        "classes_present": [int(c) for c in np.flatnonzero(present)],
+        "per_class_iou": [float(v) if p else None for v, p in zip(iou, present)],
+        "num_pixels": int(total),
+    }
+
+
+def _score(pairs: Iterable[Tuple[str, np.ndarray, Path]], spec: LabelSpec, num: int) -> dict:
+    """Accumulate the confusion matrix of (pred_source, pred classes, gt path) triples."""
+    from tqdm import tqdm
+    n = spec.num_classes
+    cm = np.zeros(n * n, np.int64)
+    for source, pred, gt_path in tqdm(pairs, total=num, desc="miou", leave=False, file=sys.stderr,
+                                      disable=not sys.stderr.isatty()):
+        raw, _ = load_label(gt_path)
+        gt = gt_to_classes(raw, spec, gt_path)
+        if pred.shape != gt.shape:
+            raise EvalError(f"{source}: prediction is {pred.shape[1]}x{pred.shape[0]}, "
+                            f"ground truth {gt_path} is {gt.shape[1]}x{gt.shape[0]}")
+        _check_range(pred, n, source, "predicted")
+        keep = gt >= 0
+        cm += np.bincount(gt[keep] * n + pred[keep], minlength=n * n)
+    out = scores(cm.reshape(n, n))
+    out.update(num_images=num, ignore_index=spec.ignore_index, gt_shift=spec.shift)
+    return out
+
+
+def miou_of_folders(pred_dir, gt_dir, num_classes: Optional[int] = None, dataset: str = "folder",
+                    ignore_index: Optional[int] = None) -> dict:
+    """mIoU of the segmenter predictions in `pred_dir` (class ids 0..N-1, one PNG per name)
+    against the raw ground-truth labels in `gt_dir` (see the module doc for the presets)."""
+    spec = label_spec(dataset, num_classes, ignore_index)
+    preds, gts = list_images(pred_dir, "prediction folder"), list_images(gt_dir, "ground-truth label folder")
+    names = match_names([(Path(pred_dir), preds), (Path(gt_dir), gts)])
+    resized = [0]
+
+    def pairs() -> Iterator:
+        for name in names:
+            pred, r = load_label(preds[name], image_size(gts[name]))
+            resized[0] += r
+            yield preds[name], pred, gts[name]
+    out = _score(pairs(), spec, len(names))
+    note_resized(resized[0], len(names), "predictions")
+    return dict(out, dataset=dataset, segmenter="external")
+
+
+def segment_toy_folder(samples_dir, gt_dir=None, save_pred=None) -> Iterator[Tuple[str, np.ndarray, Path]]:
+    """Run the exact toy segmenter (scdm.toy) on each image; yields (name, classes, image path).
+    With `gt_dir`, images are first brought to the label size (bicubic, the size policy)."""
+    from scdm.toy import segment_toy_image
+    images = list_images(samples_dir, "sample folder")
+    gts = list_images(gt_dir, "ground-truth label folder") if gt_dir is not None else None
+    names = match_names([(Path(samples_dir), images), (Path(gt_dir), gts)]) if gts else sorted(images)
+    for name in names:
+        size = image_size(gts[name]) if gts else None
+        img, _ = load_rgb(images[name], size)
+        pred = np.asarray(segment_toy_image((img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)),
+                          dtype=np.int64)
+        if save_pred is not None:
+            save_label(Path(save_pred) / f"{name}.png", pred)
+        yield name, pred, images[name]
+
+
+def miou_of_toy_samples(samples_dir, gt_dir, save_pred=None) -> dict:
+    """Segment toy samples with the exact toy segmenter and score them against the toy labels."""
+    spec = label_spec("toy")
+    gts = list_images(gt_dir, "ground-truth label folder")
+    pairs = ((path, pred, gts[name]) for name, pred, path in segment_toy_folder(samples_dir, gt_dir, save_pred))
+    return dict(_score(pairs, spec, len(gts)), dataset="toy", segmenter="toy (exact, scdm.toy)")
+
+
+def save_label(path: Path, ids: np.ndarray) -> None:
+    """An id map as a PNG: 8-bit when ids fit, else 16-bit."""
+    ids = np.asarray(ids)
+    img = Image.fromarray(ids.astype(np.uint8) if ids.max(initial=0) < 256 else ids.astype(np.uint16))
+    atomic_write(path, lambda f: img.save(f, format="PNG"), "wb")

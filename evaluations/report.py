@@ -1,0 +1,185 @@
+"""One command that scores a results folder written by the sampler and writes a JSON + markdown report.
+
+    python -m evaluations.report --results RESULTS_DIR [--gt GT_DIR] [--dataset ade20k] ...
+
+Layout read: <results>/{images,labels,samples}/<name>.png, optional samples_0..samples_{K-1}/
+and pred/ (segmenter predictions). Each metric runs when it applies and is otherwise reported as
+"skipped: <why>"; a metric whose input is broken is reported as "failed: <why>" and the command
+exits with code 2 after writing the report.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+from evaluations.common import EvalError, atomic_write, list_images, run_cli
+
+SIZE_POLICY = ("the ground truth defines the size: differing images are resized to it "
+               "(images bicubic, label maps nearest)")
+
+
+def _status(fn):
+    """Run one metric: (result dict, 'ok') or (None, 'failed: ...')."""
+    try:
+        return fn(), "ok"
+    except EvalError as e:
+        return None, f"failed: {e}"
+
+
+def sample_dir(results: Path) -> Path:
+    """The set scored by FID: samples/ (or samples_0/ when there is no samples/)."""
+    for name in ("samples", "samples_0"):
+        if (results / name).is_dir():
+            return results / name
+    raise EvalError(f"{results} has neither samples/ nor samples_0/ (is it a sampler results folder?)")
+
+
+def evaluate(results, gt=None, dataset: Optional[str] = None, num_classes: Optional[int] = None,
+             ignore_index: Optional[int] = None, fid_weights: Optional[str] = None,
+             lpips_weights: Optional[str] = None, num_sets: Optional[int] = None, batch_size: int = 50,
+             device=None, dims: int = 2048, num_workers: int = 0) -> dict:
+    """Every applicable metric of a results folder, as one JSON-ready dict."""
+    from evaluations import fid as fid_mod, lpips as lpips_mod, miou as miou_mod
+    results = Path(results)
+    if not results.is_dir():
+        raise EvalError(f"results folder not found: {results}")
+    samples = sample_dir(results)
+    gt_images = Path(gt) if gt is not None else results / "images"
+    report = {"results": str(results.resolve()), "num_images": len(list_images(samples, "sample folder")),
+              "settings": {"samples": str(samples), "gt_images": str(gt_images), "device": str(device or "auto"),
+                           "batch_size": batch_size, "fid_dims": dims, "num_sets": num_sets or "auto",
+                           "dataset": dataset, "num_classes": num_classes, "ignore_index": ignore_index,
+                           "size_policy": SIZE_POLICY}}
+
+    # FID: needs the Inception weights; the ground-truth statistics are cached in the results folder.
+    entry = {"value": None, "dims": dims}
+    try:
+        weights = fid_mod.inception_weights(fid_weights, flag="--fid-weights")
+    except EvalError as e:
+        entry["status"] = f"skipped: {e}"
+    else:
+        entry["weights"] = weights
+        value, entry["status"] = _status(lambda: fid_mod.compute_fid(
+            samples, gt_images, weights=weights, dims=dims, batch_size=batch_size, device=device,
+            num_workers=num_workers, save_stats_path=results / "fid_gt_stats.npz"))
+        entry["value"] = value
+    report["fid"] = entry
+
+    # LPIPS diversity: needs at least two sample sets.
+    entry = {"value": None, "net": "alex"}
+    try:
+        sets = lpips_mod.find_sample_sets(results, num_sets)
+    except EvalError as e:
+        sets, entry["status"] = [], f"failed: {e}"
+    if "status" not in entry and len(sets) < 2:
+        entry["status"] = f"skipped: needs at least 2 sample sets (samples_0..samples_K-1), found {len(sets)}"
+    elif "status" not in entry:
+        try:
+            w = lpips_mod.backbone_weights(lpips_weights, flag="--lpips-weights")
+        except EvalError as e:
+            entry["status"] = f"skipped: {e}"
+        else:
+            entry["weights"] = w
+            res, entry["status"] = _status(lambda: lpips_mod.lpips_diversity(
+                sets, weights=w, batch_size=batch_size, device=device, num_workers=num_workers))
+            if res:
+                entry.update(value=res["lpips"], num_sets=res["num_sets"], num_names=res["num_names"])
+    report["lpips"] = entry
+
+    # mIoU: segmenter predictions in pred/, or the exact toy segmenter for the toy dataset.
+    labels, pred = results / "labels", results / "pred"
+    entry = {"value": None, "dataset": dataset}
+    if not labels.is_dir():
+        entry["status"] = f"skipped: no ground-truth labels at {labels}"
+    elif pred.is_dir():
+        if dataset is None and num_classes is None:
+            entry["status"] = f"skipped: predictions found at {pred}, but neither --dataset nor --num_classes was given"
+        else:
+            res, entry["status"] = _status(lambda: miou_mod.miou_of_folders(
+                pred, labels, num_classes, dataset or "folder", ignore_index))
+            entry["segmenter"] = "external (pred/)"
+    elif dataset == "toy":
+        res, entry["status"] = _status(lambda: miou_mod.miou_of_toy_samples(samples, labels))
+        entry["segmenter"] = "toy (exact)"
+    else:
+        entry["status"] = (f"skipped: no predictions at {pred} (run a segmenter, see evaluations/README.md; "
+                           "--dataset toy uses the built-in toy segmenter)")
+    if entry["status"] == "ok":
+        entry.update(value=res["miou"], pixel_accuracy=res["pixel_accuracy"], num_classes=res["num_classes"],
+                     ignore_index=res["ignore_index"], classes_present=len(res["classes_present"]),
+                     per_class_iou=res["per_class_iou"])
+    report["miou"] = entry
+    return report
+
+
+def markdown(report: dict) -> str:
+    """The report as a markdown table."""
+    def cell(entry, fmt):
+        return fmt(entry["value"]) if entry["status"] == "ok" and entry["value"] is not None else entry["status"]
+
+    def notes(entry, text):
+        return text if entry["status"] == "ok" else ""
+
+    f, l, m = report["fid"], report["lpips"], report["miou"]
+    rows = [
+        ("FID (lower is better)", cell(f, lambda v: f"{v:.4f}"),
+         notes(f, f"Inception, {f['dims']} features, weights {f.get('weights')}")),
+        ("LPIPS diversity (higher is better)", cell(l, lambda v: f"{v:.4f}"),
+         notes(l, f"AlexNet, {l.get('num_sets')} sets x {l.get('num_names')} label maps")),
+        ("mIoU % (higher is better)", cell(m, lambda v: f"{100 * v:.2f}"),
+         notes(m, f"{m.get('segmenter')}, {m.get('num_classes')} classes, "
+                  f"{m.get('classes_present')} present, dataset {m.get('dataset') or 'folder'}")),
+        ("images", str(report["num_images"]), report["settings"]["samples"]),
+    ]
+    lines = [f"# Evaluation of {report['results']}", "", "| metric | value | notes |", "|---|---|---|"]
+    lines += [f"| {a} | {b.replace('|', '/')} | {c} |" for a, b, c in rows]
+    lines += ["", "Settings:", ""] + [f"- {k}: {v}" for k, v in report["settings"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m evaluations.report", description=(
+        "Score a sampler results folder (FID, LPIPS diversity, mIoU, whatever applies) and write "
+        "<prefix>.json and <prefix>.md"))
+    p.add_argument("--results", required=True, metavar="RESULTS_DIR")
+    p.add_argument("--gt", default=None, metavar="GT_DIR", help="ground-truth images for FID (default RESULTS_DIR/images)")
+    p.add_argument("--dataset", default=None, choices=["ade20k", "coco", "celeba", "toy", "folder"])
+    p.add_argument("--num_classes", "--num-classes", type=int, default=None)
+    p.add_argument("--ignore_index", "--ignore-index", type=int, default=None)
+    p.add_argument("--num_sets", "--num-sets", type=int, default=None)
+    p.add_argument("--fid-weights", "--fid_weights", default=None, help="pytorch-fid Inception weights ('random': tests)")
+    p.add_argument("--lpips-weights", "--lpips_weights", default=None, help="torchvision AlexNet weights ('random': tests)")
+    p.add_argument("--dims", type=int, default=2048, choices=(64, 192, 768, 2048))
+    p.add_argument("-b", "--batch-size", "--batch_size", type=int, default=50)
+    p.add_argument("--device", default=None)
+    p.add_argument("--num-workers", "--num_workers", type=int, default=0)
+    p.add_argument("--out-prefix", "--out_prefix", default="report",
+                   help="output path prefix; a relative one is inside RESULTS_DIR (default: report)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    report = evaluate(args.results, args.gt, args.dataset, args.num_classes, args.ignore_index,
+                      args.fid_weights, args.lpips_weights, args.num_sets, args.batch_size, args.device,
+                      args.dims, args.num_workers)
+    prefix = Path(args.out_prefix)
+    if not prefix.is_absolute():
+        prefix = Path(args.results) / prefix
+    md = markdown(report)
+    atomic_write(prefix.with_name(prefix.name + ".json"), json.dumps(report, indent=2) + "\n")
+    atomic_write(prefix.with_name(prefix.name + ".md"), md)
+    print(md, end="")
+    print(f"wrote {prefix}.json and {prefix}.md", file=sys.stderr)
+    failed = [k for k in ("fid", "lpips", "miou") if report[k]["status"].startswith("failed")]
+    if failed:
+        print(f"error: {', '.join(failed)} failed (see the report)", file=sys.stderr)
+        sys.exit(2)
+    return report
+
+
+if __name__ == "__main__":
+    run_cli(main)

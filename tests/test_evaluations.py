@@ -1,0 +1,414 @@
+"""evaluations/: FID, LPIPS diversity, mIoU and the report, on tiny folders with random-weight networks."""
+import json
+import os
+import re
+import subprocess
+import sys
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy import linalg
+
+from evaluations import fid as fid_mod
+from evaluations import lpips as lpips_mod
+from evaluations import miou as miou_mod
+from evaluations import report as report_mod
+from evaluations.common import EvalError, list_images, load_rgb, match_names, run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_images(folder, n, size=16, seed=0, names=None, ext="png"):
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name in names or [f"{i:03d}" for i in range(n)]:
+        w, h = (size, size) if isinstance(size, int) else size
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(folder / f"{name}.{ext}")
+    return folder
+
+
+def pooled(x):
+    """A tiny deterministic feature extractor: 2x2 average colours -> 12 features."""
+    return F.adaptive_avg_pool2d(x, 2).flatten(1)
+
+
+def run_module(*args):
+    e = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=e, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture
+def no_hub(tmp_path, monkeypatch):
+    """An empty torch hub cache, so that no pretrained weights are found."""
+    home = tmp_path / "torch_home"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    return home
+
+
+# ------------------------------------------------------------------------------------ FID
+def test_frechet_distance_closed_form_diagonal():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
+    s1, s2 = rng.uniform(0.1, 3, 6), rng.uniform(0.1, 3, 6)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
+    assert fid_mod.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_against_scipy_symmetric_form():
+    rng = np.random.default_rng(1)
+    d = 8
+    a, b = rng.normal(size=(d, d)), rng.normal(size=(d, d))
+    s1, s2 = a @ a.T + 0.1 * np.eye(d), b @ b.T + 0.1 * np.eye(d)
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    r1 = linalg.sqrtm(s1).real  # Tr sqrt(s1 s2) = Tr sqrt(r1 s2 r1), the latter symmetric PSD
+    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)).sum()
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
+    assert fid_mod.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-7)
+
+
+def test_fid_of_folder_with_itself_is_zero(tmp_path):
+    a = write_images(tmp_path / "a", 24)
+    feats = pooled(torch.stack([load_rgb(p)[0] for p in list_images(a).values()])).double().numpy()
+    value = fid_mod.compute_fid(a, a, feature_fn=pooled, device="cpu")
+    assert abs(value) <= 1e-6 * np.trace(np.cov(feats, rowvar=False))
+
+
+def test_compute_fid_equals_statistics_by_hand(tmp_path):
+    a, b = write_images(tmp_path / "a", 20, seed=1), write_images(tmp_path / "b", 20, seed=2)
+
+    def stats(folder):
+        x = torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1).float() / 255
+                         for p in sorted(folder.iterdir())])
+        f = pooled(x).double().numpy()
+        return f.mean(0), np.cov(f, rowvar=False)
+
+    expected = fid_mod.frechet_distance(*stats(a), *stats(b))
+    assert expected > 0
+    assert fid_mod.compute_fid(a, b, feature_fn=pooled, batch_size=7) == pytest.approx(expected, rel=1e-9)
+
+
+def test_fid_size_policy_resizes_samples_to_gt_size_bicubic(tmp_path, capsys):
+    gt = write_images(tmp_path / "gt", 16, size=24, seed=3)
+    small = write_images(tmp_path / "small", 16, size=(12, 20), seed=4)
+    resized = tmp_path / "resized"
+    resized.mkdir()
+    for p in small.iterdir():
+        Image.open(p).resize((24, 24), Image.BICUBIC).save(resized / p.name)
+    value = fid_mod.compute_fid(small, gt, feature_fn=pooled)
+    assert "16 of 16 images" in capsys.readouterr().err
+    assert value == pytest.approx(fid_mod.compute_fid(resized, gt, feature_fn=pooled), rel=1e-12)
+
+
+class CountingFeatures:
+    identity = "pooled-v1"
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, x):
+        self.calls += 1
+        return pooled(x)
+
+
+def test_fid_ground_truth_cache_is_reused_and_invalidated(tmp_path, capsys):
+    a, gt = write_images(tmp_path / "a", 12, seed=5), write_images(tmp_path / "gt", 12, seed=6)
+    cache = tmp_path / "gt.npz"
+    f = CountingFeatures()
+    first = fid_mod.compute_fid(a, gt, feature_fn=f, batch_size=50, save_stats_path=cache)
+    assert f.calls == 2 and cache.is_file()
+    assert fid_mod.compute_fid(a, gt, feature_fn=f, save_stats_path=cache) == pytest.approx(first, rel=1e-12)
+    assert f.calls == 3  # only the samples were run
+    # the cache is itself a statistics file usable as GT
+    assert fid_mod.compute_fid(a, cache, feature_fn=f) == pytest.approx(first, rel=1e-12)
+    write_images(gt, 0, seed=7, names=["000"])  # a changed file -> stale
+    capsys.readouterr()
+    fid_mod.compute_fid(a, gt, feature_fn=f, save_stats_path=cache)
+    assert "stale" in capsys.readouterr().err and f.calls == 6
+    other = CountingFeatures()
+    other.identity = "pooled-v2"  # other weights -> stale too
+    fid_mod.compute_fid(a, gt, feature_fn=other, save_stats_path=cache)
+    assert other.calls == 2
+    with pytest.raises(EvalError, match="computed with features 'pooled-v2'"):
+        fid_mod.compute_fid(a, cache, feature_fn=f)
+
+
+def test_fid_bad_inputs(tmp_path, no_hub):
+    a = write_images(tmp_path / "a", 4, names=["x", "y", "z", "w"])
+    b = write_images(tmp_path / "b", 4, names=["x", "y", "q", "r"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EvalError, match="holds no images"):
+        fid_mod.compute_fid(tmp_path / "empty", a, feature_fn=pooled)
+    with pytest.raises(EvalError, match=r"a lacks 2: q, r; .*b lacks 2: w, z"):
+        fid_mod.compute_fid(a, b, feature_fn=pooled)
+    with pytest.raises(EvalError, match="not found"):
+        fid_mod.compute_fid(tmp_path / "nope", a, feature_fn=pooled)
+    msg = str(pytest.raises(EvalError, fid_mod.compute_fid, a, a).value)
+    assert fid_mod.INCEPTION_FILE in msg and str(no_hub / "hub" / "checkpoints") in msg and "--weights" in msg
+
+
+def test_inception_weights_from_hub_cache_and_wrong_file(tmp_path, no_hub):
+    ckpt = no_hub / "hub" / "checkpoints" / fid_mod.INCEPTION_FILE
+    ckpt.parent.mkdir(parents=True)
+    state = fid_mod._random_inception_state()
+    torch.save(state, ckpt)
+    net = fid_mod.InceptionFeatures(fid_mod.inception_weights(), dims=64)
+    assert torch.equal(net.net.blocks[0][0].conv.weight, state["Conv2d_1a_3x3.conv.weight"])
+    assert net.identity.startswith("inception-sha256:")
+    bad = tmp_path / "bad.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, bad)
+    with pytest.raises(EvalError, match="is not the pytorch-fid Inception state dict"):
+        fid_mod.InceptionFeatures(str(bad), dims=64)
+
+
+def test_fid_cli_random_inception(tmp_path, no_hub):
+    a, b = write_images(tmp_path / "a", 5, seed=8), write_images(tmp_path / "b", 5, seed=9)
+    cache = tmp_path / "gt.npz"
+    common = ["--weights", "random", "--dims", "64", "--device", "cpu", "--num-workers", "0", "-b", "3"]
+    assert abs(fid_mod.compute_fid(a, a, weights="random", dims=64, device="cpu")) < 1e-3
+    cli = run_module("evaluations.fid", "--path", str(b), str(a), "--save-stats", str(cache), *common)
+    assert cli.returncode == 0, cli.stderr
+    expected = fid_mod.compute_fid(b, a, weights="random", dims=64, device="cpu", batch_size=5)
+    assert float(re.search(r"FID: (\S+)", cli.stdout).group(1)) == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert cache.is_file()
+
+
+def test_fid_cli_missing_weights_one_message(tmp_path, no_hub, capsys):
+    from evaluations.fid.__main__ import main
+    a = write_images(tmp_path / "a", 3)
+    with pytest.raises(SystemExit) as e:
+        run_cli(main, ["--path", str(a), str(a), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: missing pytorch-fid")
+    assert f"put '{fid_mod.INCEPTION_FILE}' in {no_hub / 'hub' / 'checkpoints'}/" in err
+
+
+# ---------------------------------------------------------------------------------- LPIPS
+def make_sets(results, k, names, size=32, seed=10):
+    return [write_images(Path(results) / f"samples_{i}", 0, size=size, seed=seed + i, names=names) for i in range(k)]
+
+
+def test_lpips_diversity_equals_hand_computed_mean_over_pairs(tmp_path):
+    names = ["a", "b"]
+    sets = make_sets(tmp_path / "res", 3, names)
+    got = lpips_mod.lpips_diversity(lpips_mod.find_sample_sets(tmp_path / "res"), weights="random",
+                                    batch_size=2, device="cpu")
+    model = lpips_mod.lpips_model("random")
+    per_name = []
+    with torch.no_grad():
+        for n in names:
+            imgs = [load_rgb(s / f"{n}.png")[0][None] * 2 - 1 for s in sets]
+            per_name.append(np.mean([model(imgs[i], imgs[j]).item() for i, j in combinations(range(3), 2)]))
+    assert got["num_sets"] == 3 and got["num_pairs"] == 3 and got["num_names"] == 2
+    assert got["per_name"]["a"] == pytest.approx(per_name[0], rel=1e-5)
+    assert got["lpips"] == pytest.approx(np.mean(per_name), rel=1e-5)
+    assert got["lpips"] > 0
+
+
+def test_lpips_size_policy_and_mixed_sizes(tmp_path, capsys):
+    """Label maps of different sizes are batched apart; sets 1.. are resized to set 0 (bicubic)."""
+    res = tmp_path / "res"
+    write_images(res / "samples_0", 0, size=8, seed=1, names=["a"])
+    write_images(res / "samples_0", 0, size=12, seed=2, names=["b"])
+    write_images(res / "samples_1", 0, size=6, seed=3, names=["a", "b"])
+    l1 = lambda a, b: (a - b).abs().mean((1, 2, 3))  # noqa: E731
+    got = lpips_mod.lpips_diversity(lpips_mod.find_sample_sets(res), distance_fn=l1, batch_size=8)
+    assert "2 of 2 samples of sets 1..K-1 resized" in capsys.readouterr().err
+    for name, side in (("a", 8), ("b", 12)):
+        a = load_rgb(res / "samples_0" / f"{name}.png")[0]
+        b = torch.from_numpy(np.array(Image.open(res / "samples_1" / f"{name}.png").resize((side, side), Image.BICUBIC)))
+        b = b.permute(2, 0, 1).float() / 255
+        assert got["per_name"][name] == pytest.approx(float(l1(a[None] * 2 - 1, b[None] * 2 - 1)), rel=1e-6)
+
+
+def test_lpips_backbone_from_torchvision_state_dict(tmp_path, no_hub):
+    import torchvision
+    tv = torchvision.models.alexnet(weights=None)
+    ckpt = no_hub / "hub" / "checkpoints" / lpips_mod.backbone_file("alex")
+    ckpt.parent.mkdir(parents=True)
+    torch.save({k: v for k, v in tv.state_dict().items() if k.startswith("features.")}, ckpt)
+    assert ckpt.name == "alexnet-owt-7be5be79.pth"
+    model = lpips_mod.lpips_model(lpips_mod.backbone_weights())
+    assert torch.equal(model.net.slice1[0].weight, tv.features[0].weight)
+    assert torch.equal(model.net.slice5._modules["10"].weight, tv.features[10].weight)
+
+
+def test_lpips_bad_inputs(tmp_path, no_hub):
+    res = tmp_path / "res"
+    write_images(res / "samples", 2, size=8)
+    assert lpips_mod.find_sample_sets(res) == [res / "samples"]
+    with pytest.raises(EvalError, match="at least 2 sample sets"):
+        lpips_mod.lpips_diversity(lpips_mod.find_sample_sets(res), distance_fn=lambda a, b: a.mean((1, 2, 3)))
+    make_sets(res, 2, ["a", "b"], size=8)
+    with pytest.raises(EvalError, match="lacks samples_2, samples_3"):
+        lpips_mod.find_sample_sets(res, 4)
+    with pytest.raises(EvalError, match="image pairs of 8x8: .*at least 32x32"):
+        lpips_mod.lpips_diversity(lpips_mod.find_sample_sets(res), weights="random")
+    write_images(res / "samples_1", 0, size=8, names=["c"])
+    with pytest.raises(EvalError, match="samples_0 lacks 1: c"):
+        lpips_mod.lpips_diversity(lpips_mod.find_sample_sets(res), distance_fn=lambda a, b: a.mean((1, 2, 3)))
+    msg = str(pytest.raises(EvalError, lpips_mod.backbone_weights).value)
+    assert "alexnet-owt-7be5be79.pth" in msg and str(no_hub / "hub" / "checkpoints") in msg
+
+
+def test_lpips_cli_random_backbone(tmp_path, capsys):
+    make_sets(tmp_path / "res", 2, ["a", "b", "c"], size=32)
+    out = tmp_path / "lpips.json"
+    from evaluations.lpips.__main__ import main
+    main(["--results", str(tmp_path / "res"), "--weights", "random", "--device", "cpu", "-b", "2", "--out", str(out)])
+    expected = lpips_mod.lpips_diversity(lpips_mod.find_sample_sets(tmp_path / "res"), weights="random")
+    assert json.loads(out.read_text())["lpips"] == pytest.approx(expected["lpips"], rel=1e-5)
+    assert "2 sets, 3 label maps" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------- mIoU
+def test_confusion_matrix_and_iou_by_hand():
+    gt = np.array([[0, 0, 1, 1], [2, 2, 9, 1]])
+    pred = np.array([[0, 1, 1, 1], [2, 0, 2, 3]])
+    cm = miou_mod.confusion_matrix(pred, gt, num_classes=4, ignore_index=9)
+    hand = np.zeros((4, 4), int)
+    for g, p in zip(gt.ravel(), pred.ravel()):
+        if g != 9:
+            hand[g, p] += 1
+    np.testing.assert_array_equal(cm, hand)
+    s = miou_mod.scores(cm)
+    # class 0: TP 1, FN 1, FP 1 -> 1/3; class 1: TP 2, FN 1, FP 1 -> 2/4; class 2: TP 1, FN 1 -> 1/2
+    # class 3 is only predicted (absent from the ground truth): not averaged
+    assert s["per_class_iou"][:3] == pytest.approx([1 / 3, 1 / 2, 1 / 2]) and s["per_class_iou"][3] is None
+    assert s["miou"] == pytest.approx((1 / 3 + 1 / 2 + 1 / 2) / 3)
+    assert s["pixel_accuracy"] == pytest.approx(4 / 7) and s["classes_present"] == [0, 1, 2]
+
+
+def save_ids(folder, name, ids):
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(ids, np.uint8)).save(folder / f"{name}.png")
+
+
+def test_miou_ade20k_mapping_and_folders(tmp_path):
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    raw = np.array([[0, 1, 1, 150], [2, 2, 3, 0]])  # raw 0 unlabeled, raw k -> class k-1
+    save_ids(gt, "x", raw)
+    save_ids(pred, "x", np.array([[7, 0, 0, 150 - 1], [1, 0, 2, 5]]))
+    res = miou_mod.miou_of_folders(pred, gt, dataset="ade20k")
+    # class 0: TP 2, FP 1 -> 2/3; class 1: TP 1, FN 1 -> 1/2; class 2: 1/1; class 149: 1/1
+    assert res["num_classes"] == 150 and res["classes_present"] == [0, 1, 2, 149]
+    assert res["miou"] == pytest.approx((2 / 3 + 1 / 2 + 1 + 1) / 4)
+    assert res["num_pixels"] == 6
+
+
+def test_miou_bad_inputs(tmp_path):
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    save_ids(gt, "x", np.zeros((4, 4)))
+    save_ids(pred, "x", np.full((4, 4), 200))
+    with pytest.raises(EvalError, match=r"pred/x.png: predicted ids 200 are outside the class range 0..149"):
+        miou_mod.miou_of_folders(pred, gt, dataset="coco", num_classes=150)
+    save_ids(pred, "y", np.zeros((4, 4)))
+    with pytest.raises(EvalError, match="gt lacks 1: y"):
+        miou_mod.miou_of_folders(pred, gt, num_classes=3)
+    (tmp_path / "rgb").mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 3, (4, 4, 3), dtype=np.uint8)).save(tmp_path / "rgb" / "x.png")
+    with pytest.raises(EvalError, match="colour .RGB. image"):
+        miou_mod.miou_of_folders(tmp_path / "rgb", gt, num_classes=3)
+    with pytest.raises(EvalError, match="--num_classes is required"):
+        miou_mod.miou_of_folders(pred, gt)
+
+
+def test_miou_prediction_resized_to_label_size_nearest(tmp_path, capsys):
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    save_ids(gt, "x", np.kron(np.array([[0, 1], [2, 0]]), np.ones((4, 4))))
+    save_ids(pred, "x", np.array([[0, 1], [2, 0]]))
+    assert miou_mod.miou_of_folders(pred, gt, num_classes=3)["miou"] == 1.0
+    assert "1 of 1 predictions resized" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    from scdm.toy import make_toy_dataset
+    return Path(make_toy_dataset(tmp_path_factory.mktemp("toy") / "toy", 1, 6, 32, 0))
+
+
+def test_toy_segmenter_recovers_labels_exactly(toy, tmp_path):
+    from scdm.toy import segment_toy_image
+    for name in sorted((toy / "test" / "images").iterdir()):
+        image = np.asarray(Image.open(name).convert("RGB"))
+        label = np.asarray(Image.open(toy / "test" / "labels" / name.name)).astype(np.int64)
+        np.testing.assert_array_equal(segment_toy_image(image), label)
+    out = tmp_path / "m.json"
+    from evaluations.miou.__main__ import main
+    res = main(["--segmenter", "toy", "--samples", str(toy / "test" / "images"), "--gt", str(toy / "test" / "labels"),
+                "--out", str(out), "--save_pred", str(tmp_path / "pred")])
+    assert res["miou"] == 1.0 and res["pixel_accuracy"] == 1.0 and json.loads(out.read_text())["miou"] == 1.0
+    # the saved predictions score the same through the folder path
+    assert miou_mod.miou_of_folders(tmp_path / "pred", toy / "test" / "labels", dataset="toy")["miou"] == 1.0
+
+
+# --------------------------------------------------------------------------------- report
+def results_folder(toy, root, num_sets=2):
+    """A sampler-like results folder on the toy test split, samples = noisy ground truth."""
+    import shutil
+    rng = np.random.default_rng(0)
+    for sub in ("images", "labels"):
+        shutil.copytree(toy / "test" / sub, root / sub)
+    for k in range(num_sets):
+        (root / f"samples_{k}").mkdir()
+        for p in sorted((toy / "test" / "images").iterdir()):
+            img = np.asarray(Image.open(p)).astype(int) + rng.integers(-15, 16, (32, 32, 3))
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / f"samples_{k}" / p.name)
+    return root
+
+
+def test_report_runs_what_applies(toy, tmp_path, no_hub):
+    res = results_folder(toy, tmp_path / "res")
+    rep = report_mod.main(["--results", str(res), "--dataset", "toy", "--fid-weights", "random",
+                           "--lpips-weights", "random", "--dims", "64", "--device", "cpu"])
+    written = json.loads((res / "report.json").read_text())
+    assert written["num_images"] == 6 == rep["num_images"]
+    assert written["fid"]["status"] == "ok" and written["fid"]["value"] > 0
+    assert written["lpips"]["status"] == "ok" and written["lpips"]["num_sets"] == 2
+    assert written["miou"]["status"] == "ok" and written["miou"]["value"] == 1.0
+    md = (res / "report.md").read_text()
+    assert "| mIoU % (higher is better) | 100.00 |" in md and "| images | 6 |" in md
+    assert (res / "fid_gt_stats.npz").is_file()
+
+
+def test_report_skips_without_weights_or_predictions(toy, tmp_path, no_hub):
+    res = results_folder(toy, tmp_path / "res", num_sets=1)
+    rep = report_mod.main(["--results", str(res), "--out-prefix", "r2"])
+    assert rep["fid"]["status"].startswith("skipped: missing pytorch-fid Inception weights")
+    assert fid_mod.INCEPTION_FILE in rep["fid"]["status"] and "--fid-weights" in rep["fid"]["status"]
+    assert rep["lpips"]["status"].startswith("skipped: needs at least 2 sample sets")
+    assert rep["miou"]["status"].startswith("skipped: no predictions")
+    assert (res / "r2.json").is_file() and (res / "r2.md").is_file()
+
+
+def test_report_failed_metric_exits_2_after_writing(tmp_path, no_hub):
+    res = tmp_path / "res"
+    write_images(res / "images", 3, size=8)
+    write_images(res / "samples", 3, size=8)
+    save_ids(res / "labels", "000", np.zeros((8, 8)))
+    for n in ("000", "001", "002"):
+        save_ids(res / "pred", n, np.full((8, 8), 9))
+    save_ids(res / "labels", "001", np.zeros((8, 8)))
+    save_ids(res / "labels", "002", np.zeros((8, 8)))
+    with pytest.raises(SystemExit) as e:
+        report_mod.main(["--results", str(res), "--num_classes", "3"])
+    assert e.value.code == 2
+    status = json.loads((res / "report.json").read_text())["miou"]["status"]
+    assert status.startswith("failed:") and "predicted ids 9" in status
+
+
+def test_match_names_lists_both_sides(tmp_path):
+    a = write_images(tmp_path / "a", 0, names=["1", "2"], size=4)
+    b = write_images(tmp_path / "b", 0, names=["2", "3"], size=4, ext="jpg")
+    with pytest.raises(EvalError) as e:
+        match_names([(a, list_images(a)), (b, list_images(b))])
+    assert "b lacks 1: 1" in str(e.value) and "a lacks 1: 3" in str(e.value)
+    write_images(tmp_path / "b", 0, names=["1"], size=4)
+    write_images(tmp_path / "a", 0, names=["3"], size=4)
+    assert match_names([(a, list_images(a)), (b, list_images(b))]) == ["1", "2", "3"]  # stems match across .png/.jpg
