@@ -1,0 +1,74 @@
+"""Loader throughput: training batches per second through `scdm.datasets.load_data`, with the
+plain in-process path (0 workers) and worker processes (2 by default), in the same run.
+
+Runs on a toy tree it generates (stored at --source_size, loaded at --image_size with the train
+transform, so resizing and cropping are part of the cost) unless --data_dir points at a dataset.
+
+    python benchmarks/bench_loader.py                       # toy, 512 px -> 256 px, 0 and 2 workers
+    python benchmarks/bench_loader.py --dataset_mode ade20k --data_dir /data/ADEChallengeData2016
+Prints one JSON object; never used by the tests.
+"""
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+
+import torch
+
+from scdm.datasets import load_data
+from scdm.toy import make_toy_dataset
+
+
+def machine():
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def measure(args, data_dir, num_workers):
+    it = load_data(dataset_mode=args.dataset_mode, data_dir=data_dir, batch_size=args.batch_size,
+                   image_size=args.image_size, num_workers=num_workers)
+    next(it)  # start-up (worker spawn, first decode) is not throughput
+    start = time.perf_counter()
+    for _ in range(args.batches):
+        next(it)
+    seconds = time.perf_counter() - start
+    images = args.batches * args.batch_size
+    return {"num_workers": num_workers, "images": images, "seconds": round(seconds, 4),
+            "images_per_s": round(images / seconds, 2)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dataset_mode", default="folder")
+    p.add_argument("--data_dir", default="", help="an existing dataset; default: a generated toy tree")
+    p.add_argument("--image_size", type=int, default=256)
+    p.add_argument("--source_size", type=int, default=512, help="toy image side on disk")
+    p.add_argument("--num_images", type=int, default=32, help="toy training images to generate")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--batches", type=int, default=8, help="timed batches per setting")
+    p.add_argument("--workers", default="0,2", help="comma-separated num_workers values")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in the main process")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = args.data_dir
+        if not data_dir:
+            data_dir = make_toy_dataset(os.path.join(tmp, "toy"), num_train=args.num_images, num_test=0,
+                                        size=args.source_size, seed=0)
+        results = [measure(args, data_dir, int(w)) for w in args.workers.split(",")]
+    config = {k: v for k, v in vars(args).items()}
+    config["data_dir"] = args.data_dir or f"<generated toy tree, {args.source_size} px>"
+    print(json.dumps({"benchmark": "loader_throughput", "machine": machine(), "config": config,
+                      "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
