@@ -411,7 +411,7 @@ class SemanticDataset(Dataset):
         if self.label_resize:
             return _resize_ids(arr, size)
         raise DatasetError(f"{what} {path} is {arr.shape[1]}x{arr.shape[0]} but its image {record.image} is "
-                           f"{size[0]}x{size[1]} (width x height); they must match (or pass label_resize=True "
+                           f"{size[0]}x{size[1]} (width x height); they must match (or pass --label_resize True to image_sample "
                            "for maps stored at another size on purpose, e.g. the DS benchmark)")
 
     def _read_instance(self, record, size):

@@ -42,6 +42,7 @@ def create_argparser():
         dynamic_threshold=0.0,   # percentile p; 0 disables; released 25-step setting 0.95
         seed=0,
         unlabeled_to_zero=False,  # the unlabeled class becomes the all-zero [MASK] vector
+        label_resize=False,       # accept label maps smaller than their images (the DS benchmark)
         # additions
         use_ddim=False,
         eta=0.0,
@@ -161,19 +162,17 @@ def main(argv=None):
         model = maybe_compile(model, True)
 
     dataset = build_dataset(args.dataset_mode, args.data_dir, args.image_size, is_train=args.is_train,
-                            num_classes=args.num_classes, unlabeled_id=args.unlabeled_id, shard=0, num_shards=1)
-    names = [Path(p).stem for p in dataset.paths] if hasattr(dataset, "paths") else None
+                            num_classes=args.num_classes, unlabeled_id=args.unlabeled_id,
+                            label_resize=args.label_resize, shard=0, num_shards=1)
     total = len(dataset) if args.num_samples < 0 else min(args.num_samples, len(dataset))
     mine = list(range(rank, total, world))  # fixed order; shards never overlap, uneven counts are fine
     loader = DataLoader(Subset(dataset, mine), batch_size=args.batch_size, shuffle=False,
                         num_workers=args.num_workers)
     colors = palette(args.num_classes + 1)
     out_dirs = sample_dirs(args.num_sets)
-    done_names = []
     bar = tqdm(total=len(mine), desc=f"sampling (rank {rank})", disable=rank != 0 and world > 1, dynamic_ncols=True)
     for images, cond in loader:
         batch_names = [Path(p).stem for p in cond["path"]]
-        done_names += batch_names
         todo = [i for i, n in enumerate(batch_names)
                 if not all((root / d / f"{n}.png").exists() for d in ["images", "labels", *out_dirs])]
         if not todo:
