@@ -1,0 +1,29 @@
+"""Edge benchmark: at --image_size, pixels within L1 distance --radius of a boundary set to unlabeled.
+
+Boundaries come from the instance maps (coco, cityscapes) or the label map (ade20k).
+
+    python -m image_process.edge --data_dir ADEChallengeData2016 --out_dir ade_edge [--radius 2]
+"""
+import sys
+
+from image_process.common import Noise, main as _main, require
+
+
+def _add_args(p):
+    p.add_argument("--radius", type=int, default=2, help="diamond radius |dx|+|dy| <= r (paper: 2)")
+
+
+def _params(args):
+    require(args.radius >= 0, f"--radius must be >= 0, got {args.radius}")
+    return {"radius": args.radius}
+
+
+NOISE = Noise("edge", __doc__.splitlines()[0], _add_args, _params)
+
+
+def main(argv=None) -> int:
+    return _main(NOISE, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""image_process CLIs on fake dataset trees: full tree, determinism, refusals, bad input."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from image_process import downsample, edge, painter, random as random_cli
+from image_process.synthetic import write_tree
+from scdm import corruptions as C
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIS = {"downsample": downsample, "edge": edge, "random": random_cli, "painter": painter}
+ADE = ("images/validation", "annotations/validation")
+
+
+def run(cli, data, out, *flags, workers=1):
+    return CLIS[cli].main(["--data_dir", str(data), "--out_dir", str(out), "--quiet",
+                           "--workers", str(workers), *map(str, flags)])
+
+
+def tree_bytes(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def ids(path):
+    return np.asarray(Image.open(path))
+
+
+@pytest.fixture
+def ade(tmp_path):
+    return write_tree(tmp_path / "ADEChallengeData2016", "ade20k", num=5, height=24, width=32)
+
+
+@pytest.mark.parametrize("cli", sorted(CLIS))
+def test_writes_complete_ade20k_tree(cli, ade, tmp_path):
+    out = tmp_path / "out"
+    size_flag = ["--size", 8] if cli == "downsample" else []
+    assert run(cli, ade, out, "--num", 4, "--image_size", 16, *size_flag) == 0
+    names = sorted(p.stem for p in (ade / ADE[0]).iterdir())[:4]
+    assert sorted(p.stem for p in (out / ADE[0]).iterdir()) == names
+    assert sorted(p.stem for p in (out / ADE[1]).iterdir()) == names
+    assert (out / "corruption.json").is_file() and not list(out.rglob(".*"))
+    side = 8 if cli == "downsample" else 16
+    for name in names:
+        assert os.path.samefile(out / ADE[0] / f"{name}.jpg", ade / ADE[0] / f"{name}.jpg")
+        src, noisy = ids(ade / ADE[1] / f"{name}.png"), ids(out / ADE[1] / f"{name}.png")
+        assert noisy.shape == (side, side) and noisy.dtype == np.uint8
+        assert set(np.unique(noisy)) <= set(np.unique(src)) | {0}
+        rng = C.derive_rng(0, name)
+        expected = {"downsample": lambda: C.downsample(src, 8),
+                    "edge": lambda: C.edge_noise(C.resize_nearest(src, 16), radius=2),
+                    "random": lambda: C.random_noise(C.resize_nearest(src, 16), 0.1, rng=rng),
+                    "painter": lambda: C.painter_noise(C.resize_nearest(src, 16), rng=rng)}[cli]()
+        np.testing.assert_array_equal(noisy, expected)
+
+
+@pytest.mark.parametrize("cli", ["random", "painter"])
+def test_same_seed_same_bytes_for_any_worker_count(cli, ade, tmp_path):
+    assert run(cli, ade, tmp_path / "a", "--seed", 3, workers=1) == 0
+    assert run(cli, ade, tmp_path / "b", "--seed", 3, workers=2) == 0
+    assert run(cli, ade, tmp_path / "c", "--seed", 4, workers=2) == 0
+    a, b, c = (tree_bytes(tmp_path / k) for k in "abc")
+    assert a == b
+    assert {k: v for k, v in a.items() if "annotations" in k} != {k: v for k, v in c.items() if "annotations" in k}
+
+
+def test_refuses_non_empty_out_dir_without_overwrite(ade, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert run("edge", ade, out) == 2
+    assert "--out_dir" in capsys.readouterr().err and not (out / "images").exists()
+    assert run("edge", ade, out, "--num", 5, "--overwrite") == 0
+    assert run("edge", ade, out, "--num", 2, "--overwrite") == 0  # a smaller rerun leaves no stale maps
+    assert len(list((out / ADE[1]).iterdir())) == 2 and (out / "keep.txt").exists()
+
+
+def test_coco_edges_come_from_instance_maps(tmp_path):
+    data = write_tree(tmp_path / "coco", "coco", num=3, height=20, width=20)
+    out = tmp_path / "out"
+    assert run("edge", data, out, "--dataset_mode", "coco", "--image_size", 20, "--radius", 1) == 0
+    for path in sorted((data / "val_label").iterdir()):
+        label, inst = ids(path), ids(data / "val_inst" / path.name)
+        blank = C.boundary_mask(inst, 1)
+        np.testing.assert_array_equal(ids(out / "val_label" / path.name), np.where(blank, 255, label))
+        np.testing.assert_array_equal(ids(out / "val_inst" / path.name), np.where(blank, 255, inst))
+        assert (out / "val_img" / f"{path.stem}.jpg").is_file()
+
+
+def test_cityscapes_painter_keeps_16_bit_instance_maps(tmp_path):
+    data = write_tree(tmp_path / "cityscapes", "cityscapes", num=2, height=16, width=32)
+    out = tmp_path / "out"
+    assert run("painter", data, out, "--dataset_mode", "cityscapes", "--image_size", 16, "--max_shift", 2) == 0
+    labels = sorted(out.glob("gtFine/val/*/*_gtFine_labelIds.png"))
+    insts = sorted(out.glob("gtFine/val/*/*_gtFine_instanceIds.png"))
+    assert len(labels) == len(insts) == 2 and len(list(out.glob("leftImg8bit/val/*/*_leftImg8bit.png"))) == 2
+    for path in insts:
+        inst = ids(path)
+        assert inst.dtype == np.uint16 and inst.shape == (16, 16) and inst.max() > 1000
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def expect_error(capsys, code, *needles):
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith("error: ") and "Traceback" not in err
+    for needle in needles:
+        assert str(needle) in err, err
+
+
+def test_colour_label_map(ade, tmp_path, capsys):
+    bad = ade / ADE[1] / "ADE_val_00000002.png"
+    Image.open(bad).convert("RGB").save(bad)
+    expect_error(capsys, run("edge", ade, tmp_path / "out"), bad, "mode RGB")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_annotations_folder(ade, tmp_path, capsys):
+    (ade / ADE[1]).rename(ade / "annotations" / "val")
+    expect_error(capsys, run("random", ade, tmp_path / "out"), ade / ADE[1], "--data_dir")
+
+
+def test_map_size_differs_from_image(ade, tmp_path, capsys):
+    bad = ade / ADE[1] / "ADE_val_00000003.png"
+    Image.fromarray(ids(bad)[:, :20]).save(bad)
+    expect_error(capsys, run("downsample", ade, tmp_path / "out"), bad, "20x24", "32x24")
+
+
+def test_out_dir_inside_data_dir(ade, capsys):
+    expect_error(capsys, run("painter", ade, ade / "noisy"), "--out_dir", "inside --data_dir")
+
+
+def test_bad_flag_values(ade, tmp_path, capsys):
+    expect_error(capsys, run("random", ade, tmp_path / "o", "--p", 2), "--p")
+    expect_error(capsys, run("edge", ade, tmp_path / "o", "--radius", -1), "--radius")
+    expect_error(capsys, run("edge", ade, tmp_path / "o", "--fill", 300), "--fill 300")
+
+
+def test_unreadable_map_stops_cleanly_without_partial_files(ade, tmp_path, capsys):
+    bad = ade / ADE[1] / "ADE_val_00000004.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # header intact, pixel data cut
+    out = tmp_path / "out"
+    expect_error(capsys, run("edge", ade, out, workers=2), bad)
+    assert not list(out.rglob(".*"))
+    for path in (out / ADE[1]).iterdir():
+        Image.open(path).load()  # every file that was written is whole
+
+
+def test_module_entry_point_exit_code(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "image_process.edge", "--data_dir", str(tmp_path / "none"),
+                           "--out_dir", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--data_dir" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- loader
+
+@pytest.mark.parametrize("layout", ["ade20k", "coco", "cityscapes"])
+def test_scdm_loader_reads_the_tree(layout, tmp_path):
+    datasets = pytest.importorskip("scdm.datasets")
+    data = write_tree(tmp_path / layout, layout, num=3, height=32, width=32)
+    out = tmp_path / "out"
+    assert run("painter", data, out, "--image_size", 32, "--dataset_mode", layout) == 0
+    ds = datasets.build_dataset(layout, str(out), image_size=32, is_train=False)
+    assert len(ds) == 3
+    written = {"ade20k": "annotations/validation/ADE_val_00000001.png", "coco": "val_label/000000000001.png",
+               "cityscapes": "gtFine/val/frankfurt/frankfurt_000000_000019_gtFine_labelIds.png"}[layout]
+    _, cond = ds[0]
+    np.testing.assert_array_equal(cond["label_ori"][0].numpy(), ids(out / written))
+    assert ("instance" in cond) == (layout != "ade20k")
+
+
+@pytest.mark.xfail(raises=ValueError, reason="scdm.datasets requires label size == image size; DS stores 64x64 "
+                          "maps next to full-size images and relies on the loader's nearest resize")
+def test_scdm_loader_reads_downsampled_maps(tmp_path):
+    datasets = pytest.importorskip("scdm.datasets")
+    data = write_tree(tmp_path / "ade", "ade20k", num=2, height=32, width=32)
+    assert run("downsample", data, tmp_path / "out", "--size", 8) == 0
+    ds = datasets.build_dataset("ade20k", str(tmp_path / "out"), image_size=32, is_train=False)
+    _, cond = ds[0]
+    assert cond["label_ori"].shape[-2:] == (32, 32)
