@@ -409,7 +409,9 @@ class SemanticDataset(Dataset):
         if arr.shape[::-1] == size:
             return arr
         if self.label_resize:
-            return _resize_ids(arr, size)
+            # Test transform: each map goes straight to SxS with nearest, so a 256x256 Edge/Random map
+            # stays exact and a 64x64 DS map is upsampled once. Train: fit to the image before cropping.
+            return arr if not self.is_train else _resize_ids(arr, size)
         raise DatasetError(f"{what} {path} is {arr.shape[1]}x{arr.shape[0]} but its image {record.image} is "
                            f"{size[0]}x{size[1]} (width x height); they must match (or pass --label_resize True to image_sample "
                            "for maps stored at another size on purpose, e.g. the DS benchmark)")

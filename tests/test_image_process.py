@@ -175,12 +175,29 @@ def test_scdm_loader_reads_the_tree(layout, tmp_path):
     assert ("instance" in cond) == (layout != "ade20k")
 
 
-@pytest.mark.xfail(raises=ValueError, reason="scdm.datasets requires label size == image size; DS stores 64x64 "
-                          "maps next to full-size images and relies on the loader's nearest resize")
 def test_scdm_loader_reads_downsampled_maps(tmp_path):
+    """DS stores 64x64 (here 8x8) maps beside full-size images; with label_resize the test transform
+    brings them to SxS with one nearest resize."""
     datasets = pytest.importorskip("scdm.datasets")
     data = write_tree(tmp_path / "ade", "ade20k", num=2, height=32, width=32)
     assert run("downsample", data, tmp_path / "out", "--size", 8) == 0
-    ds = datasets.build_dataset("ade20k", str(tmp_path / "out"), image_size=32, is_train=False)
+    with pytest.raises(ValueError, match="--label_resize True"):
+        datasets.build_dataset("ade20k", str(tmp_path / "out"), image_size=32, is_train=False)[0]
+    ds = datasets.build_dataset("ade20k", str(tmp_path / "out"), image_size=32, is_train=False, label_resize=True)
     _, cond = ds[0]
-    assert cond["label_ori"].shape[-2:] == (32, 32)
+    stored = np.asarray(Image.open(sorted((tmp_path / "out").rglob("*.png"))[0]))
+    assert stored.shape == (8, 8)
+    expected = np.asarray(Image.fromarray(stored).resize((32, 32), Image.NEAREST))
+    np.testing.assert_array_equal(cond["label_ori"][0].numpy(), expected)
+
+
+def test_scdm_loader_keeps_image_size_maps_exact(tmp_path):
+    """Edge maps are written at --image_size beside larger images: loading them at that size is exact."""
+    datasets = pytest.importorskip("scdm.datasets")
+    data = write_tree(tmp_path / "ade", "ade20k", num=2, height=48, width=64)
+    assert run("edge", data, tmp_path / "out", "--image_size", 32) == 0
+    ds = datasets.build_dataset("ade20k", str(tmp_path / "out"), image_size=32, is_train=False, label_resize=True)
+    _, cond = ds[0]
+    stored = np.asarray(Image.open(sorted((tmp_path / "out").rglob("*.png"))[0]))
+    assert stored.shape == (32, 32)
+    np.testing.assert_array_equal(cond["label_ori"][0].numpy(), stored)
