@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from . import dist_util
 from .checkpoint import CheckpointError, ema_name, load_into_model, parse_step
-from .cli import HelpFormatter, resolve_dataset_flags, run_cli
+from .cli import HelpFormatter, resolve_dataset_flags, resolve_precision, run_cli
 from .datasets import build_dataset, label_to_model_input
 from .performance import maybe_compile, precision_context
 from .sampling import sample_loop
@@ -50,7 +50,7 @@ def create_argparser():
         use_ema=False,
         ema_rate="0.9999",
         num_workers=0,
-        precision="fp32",
+        precision="",            # fp32 | fp16 | bf16; empty: fp16 with --use_fp16 True, else fp32
         compile=False,
     )
     defaults.update(model_and_diffusion_defaults())
@@ -141,7 +141,8 @@ def write_overview(root, names, num_classes, max_rows=8):
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
-    info = resolve_dataset_flags(args)
+    resolve_dataset_flags(args)
+    precision = resolve_precision(args)
     if args.num_sets < 1:
         raise ValueError(f"--num_sets {args.num_sets}: expected >= 1")
     if args.s < 0:
@@ -183,7 +184,7 @@ def main(argv=None):
             y[:, args.unlabeled_id] = 0
         for k in range(args.num_sets):
             gens = [torch.Generator().manual_seed(image_seed(args.seed, batch_names[i], k)) for i in todo]
-            with precision_context(device, args.precision):
+            with precision_context(device, precision):
                 x = sample_loop(model, diffusion, (len(todo), 3, args.image_size, args.image_size), y,
                                 guidance_scale=args.s, extrapolation=args.extrapolation,
                                 dynamic_threshold=args.dynamic_threshold or None, clip_denoised=args.clip_denoised,

@@ -11,15 +11,12 @@ import numpy as np
 import torch
 
 from . import dist_util
-from .cli import HelpFormatter, resolve_dataset_flags, run_cli
+from .cli import HelpFormatter, resolve_dataset_flags, resolve_precision, run_cli
 from .datasets import load_data
 from .performance import maybe_compile
 from .resample import create_named_schedule_sampler
 from .script_util import add_dict_to_argparser, args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
 from .train_util import TrainingDiverged, TrainLoop
-
-PRECISIONS = ("fp32", "fp16", "bf16")
-
 
 def create_argparser():
     defaults = dict(
@@ -52,15 +49,6 @@ def create_argparser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_dict_to_argparser(parser, defaults)
     return parser
-
-
-def resolve_precision(args):
-    precision = args.precision or ("fp16" if args.use_fp16 else "fp32")
-    if precision not in PRECISIONS:
-        raise ValueError(f"--precision {precision!r}: expected one of {PRECISIONS}")
-    if args.use_fp16 and args.precision and args.precision != "fp16":
-        raise ValueError(f"--use_fp16 True contradicts --precision {args.precision}")
-    return precision
 
 
 def main(argv=None):
