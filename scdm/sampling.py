@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .gaussian_diffusion import _extract
+from .unet import FAST_PATHS, UNetModel
 
 
 @dataclass
@@ -26,19 +27,32 @@ class StepOutput:
 def guided_model_output(model, diffusion, x, t, y_t, guidance_scale=1.0, batched=True):
     """Model output with classifier-free guidance on the mean (eps / x0) channels:
     out = out(x, 0) + s * (out(x, y_t) - out(x, 0)); variance channels come from the conditional pass.
-    The unconditional input is the all-zero map. With batched=True both passes run in one forward."""
+    The unconditional input is the all-zero map. With batched=True both passes run in one forward
+    (for our UNet through `with_unconditional`, which shares the label-free encoder); batched=False
+    runs two separate passes (the released computation)."""
     tt = diffusion.model_timesteps(t)
     if guidance_scale == 1.0:
         return model(x, tt, y=y_t)
-    null = torch.zeros_like(y_t)
-    if batched:
+    if batched and FAST_PATHS["shared_encoder"] and _is_unet(model):
+        cond, uncond = model(x, tt, y=y_t, with_unconditional=True).chunk(2)
+    elif batched:
+        null = torch.zeros_like(y_t)
         out = model(torch.cat([x, x]), torch.cat([tt, tt]), y=torch.cat([y_t, null]))
         cond, uncond = out.chunk(2)
     else:
-        cond, uncond = model(x, tt, y=y_t), model(x, tt, y=null)
+        cond, uncond = model(x, tt, y=y_t), model(x, tt, y=torch.zeros_like(y_t))
     c = x.shape[1]
     guided = uncond[:, :c] + guidance_scale * (cond[:, :c] - uncond[:, :c])
     return torch.cat([guided, cond[:, c:]], dim=1)
+
+
+def _is_unet(model):
+    """Our UNet, possibly wrapped by DDP (`.module`) or torch.compile (`._orig_mod`)."""
+    for _ in range(3):
+        if isinstance(model, UNetModel):
+            return True
+        model = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+    return False
 
 
 def dynamic_threshold(x0, percentile):

@@ -1,0 +1,369 @@
+"""Plain path vs fast path of the SCDM UNet, in one run. Prints JSON with the machine and the config.
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_model.py                 # CPU part (issue 7)
+    python benchmarks/bench_model.py --part gpu                         # GPU part, on a GPU machine
+    python benchmarks/bench_model.py --smoke                            # every code path, tiny, seconds
+
+CPU part, at the issue's configuration (ADE20K class count 151, no edge channel, 64x64, num_channels 64,
+2 res blocks, learned sigma, the released ADE20K flags otherwise, batch 4, fp32, 2 threads):
+- a guided reverse step (s=1.5, extrapolation 0.8, dynamic threshold 0.95, class-wise label diffusion,
+  ddim25) at several steps of the 25, since the cost of the label-dependent part depends on how much
+  of the map the label diffusion has masked;
+- a training step: forward + backward + AdamW step on the hybrid loss, with label diffusion and one of
+  the four maps zeroed (classifier-free dropout).
+Targets: guided step >= 4x, training step >= 1.5x; outputs equal within 1e-4 relative (reported).
+
+GPU part: 25-step guided sampling at the released 256x256 ADE20K configuration (random weights),
+images/s per batch size in fp32 and bf16, plain vs fast, model FLOP utilisation against the GPU's bf16
+peak; training images/s and peak memory at batch 10 with and without gradient checkpointing.
+
+The plain path is the released computation: every fast path off, two separate passes for guidance.
+Times are wall clock after warm-up, plain and fast interleaved; we report the median and the best
+of the repeats (the best is the robust figure on a machine shared with other jobs).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scdm.performance import describe_machine, fast_paths, maybe_compile, precision_context  # noqa: E402
+from scdm.sampling import reverse_step, sample_loop  # noqa: E402
+from scdm.script_util import create_model_and_diffusion  # noqa: E402
+from scdm.unet import FAST_PATHS  # noqa: E402
+
+COMPAT = Path(__file__).resolve().parents[2] / "shared" / "compat"
+GUIDANCE = dict(guidance_scale=1.5, extrapolation=0.8, dynamic_threshold=0.95)
+# bf16 dense peak (TFLOP/s) by GPU name, for model FLOP utilisation; --peak_tflops overrides.
+BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0,
+                    "H100 NVL": 835.0, "H100": 756.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
+
+
+# ----- configuration --------------------------------------------------------------------------
+def released_ade20k_flags():
+    path = COMPAT / "layout_ade20k.json"
+    if path.exists():
+        flags = dict(json.loads(path.read_text())["config"])
+    else:  # the same values, for machines without ../shared/compat
+        flags = dict(attention_resolutions="32,16,8", diffusion_steps=1000, image_size=256, learn_sigma=True,
+                     noise_schedule="linear", num_channels=256, num_head_channels=64, num_res_blocks=2,
+                     resblock_updown=True, use_fp16=False, use_scale_shift_norm=True, class_cond=True,
+                     cond_diffuse=True, cond_opt="discrete_zero_classwise", num_classes=151, no_instance=True,
+                     dataset_mode="ade20k")
+    schedule = COMPAT / "ade20k_psiphi.npy"
+    if flags.get("cond_opt") == "discrete_zero_classwise":
+        if schedule.exists():
+            flags["class_schedule"] = str(schedule)
+        else:
+            flags["cond_opt"] = "discrete_zero_uniform"
+    flags["use_fp16"] = False
+    return flags
+
+
+def cpu_flags(smoke=False):
+    flags = dict(released_ade20k_flags(), image_size=64, num_channels=64, num_res_blocks=2)
+    if smoke:
+        flags.update(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2",
+                     attention_resolutions="16,8", num_head_channels=32)
+    return flags
+
+
+def build(flags, respacing="", device="cpu", seed=0):
+    """Model with random weights: the released init, plus the zero-initialised output layers drawn
+    small, so that outputs and gradients are non-trivial and comparisons mean something."""
+    torch.manual_seed(seed)
+    model, diffusion = create_model_and_diffusion(**dict(flags, timestep_respacing=respacing))
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.02)
+    return model.to(device), diffusion
+
+
+def region_label_maps(batch, num_classes, size, regions=10, seed=0, device="cpu"):
+    """One-hot maps (B, num_classes, S, S) made of `regions` smooth irregular regions per map (argmax of
+    upsampled noise), classes drawn from all num_classes: the structure of a real segmentation map."""
+    g = torch.Generator().manual_seed(seed)
+    logits = F.interpolate(torch.randn(batch, regions, 5, 5, generator=g), size=(size, size), mode="bicubic",
+                           align_corners=False)
+    classes = torch.stack([torch.randperm(num_classes, generator=g)[:regions] for _ in range(batch)])
+    ids = torch.gather(classes, 1, logits.argmax(1).flatten(1)).view(batch, size, size)
+    return F.one_hot(ids, num_classes).permute(0, 3, 1, 2).float().to(device)
+
+
+# ----- timing ---------------------------------------------------------------------------------
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved(fns, device, warmup, repeats):
+    """Run every fn `warmup` times, then `repeats` rounds of each in turn; seconds per fn."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[k].append(time.perf_counter() - t0)
+    return {k: {"best_s": round(min(v), 4), "median_s": round(statistics.median(v), 4)} for k, v in times.items()}
+
+
+def rel_diff(a, b):
+    """max |a - b| / max |b| (how far the fast result is from the plain one)."""
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
+
+
+def ratio(times, key="best_s"):
+    return round(times["plain"][key] / times["fast"][key], 2)
+
+
+# ----- CPU: guided reverse step ---------------------------------------------------------------
+def cpu_guided_step(flags, batch, steps, warmup, repeats):
+    model, diffusion = build(flags, respacing="ddim25")
+    model.eval()
+    size, num_classes = flags["image_size"], flags["num_classes"]
+    y = region_label_maps(batch, num_classes, size)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, size, size, generator=g)
+    prev = torch.randn(batch, 3, size, size, generator=g) * 0.5
+    results = []
+    for step in steps:
+        t = torch.full((batch,), step, dtype=torch.long)
+        u = torch.rand(batch, 1, size, size, generator=g)
+
+        def run(fast):
+            with fast_paths(fast), torch.no_grad():
+                return reverse_step(model, diffusion, x, t, y, label_noise=u, prev_xstart=prev,
+                                    batched_guidance=fast, **GUIDANCE)
+
+        plain, fast = run(False), run(True)
+        y_t = diffusion.diffuse_cond(y, t, noise=u)
+        times = interleaved({"plain": lambda: run(False), "fast": lambda: run(True)}, "cpu", warmup, repeats)
+        results.append({
+            "step": step, "of": diffusion.num_timesteps, "model_timestep": int(diffusion.model_timesteps(t)[0]),
+            "labelled_pixel_fraction": round(float(y_t.sum() / y.sum()), 3),
+            **times, "speedup_best": ratio(times), "speedup_median": ratio(times, "median_s"),
+            "max_rel_diff": {"mean": rel_diff(fast.mean, plain.mean),
+                             "pred_xstart": rel_diff(fast.pred_xstart, plain.pred_xstart)},
+        })
+    total = {k: sum(r[k]["best_s"] for r in results) for k in ("plain", "fast")}
+    return {"per_step": results, "speedup_over_steps_best": round(total["plain"] / total["fast"], 2),
+            "max_rel_diff": max(max(r["max_rel_diff"].values()) for r in results)}
+
+
+# ----- CPU: training step ---------------------------------------------------------------------
+def cpu_train_step(flags, batch, warmup, repeats, dropped=1):
+    model, diffusion = build(flags)
+    size, num_classes = flags["image_size"], flags["num_classes"]
+    y = region_label_maps(batch, num_classes, size, seed=2)
+    y[batch - dropped:] = 0  # classifier-free dropout of the last map(s)
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.rand(batch, 3, size, size, generator=g) * 2 - 1
+    t = torch.linspace(50, diffusion.num_timesteps - 50, batch).long()
+    noise = torch.randn(x0.shape, generator=g)
+    u = torch.rand(batch, 1, size, size, generator=g)
+    models = {"plain": model, "fast": copy.deepcopy(model)}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
+
+    def run(key):
+        m, opt = models[key], opts[key]
+        with fast_paths(key == "fast"):
+            opt.zero_grad(set_to_none=True)
+            loss = diffusion.training_losses(m, x0, t, model_kwargs={"y": y}, noise=noise, label_noise=u)["loss"].mean()
+            loss.backward()
+            opt.step()
+        return loss.detach()
+
+    # Correctness on the first step, from identical weights: loss and gradients. (Weights after the
+    # step are not compared: Adam's first update is lr * sign(grad), which turns rounding noise in
+    # gradients that are zero in exact arithmetic into full-size differences, whatever the path.)
+    losses = {k: run(k) for k in models}
+    grads = {k: [p.grad for p in m.parameters()] for k, m in models.items()}
+    scale = max(float(gr.abs().max()) for gr in grads["plain"])
+    grad_diff = max(float((a - b).abs().max()) for a, b in zip(grads["fast"], grads["plain"])) / scale
+    times = interleaved({k: (lambda k=k: run(k)) for k in models}, "cpu", warmup, repeats)
+    return {**times, "speedup_best": ratio(times), "speedup_median": ratio(times, "median_s"),
+            "dropped_maps": dropped, "timesteps": t.tolist(),
+            "max_rel_diff": {"loss": rel_diff(losses["fast"], losses["plain"]),
+                             "grads_vs_largest_grad": grad_diff}}
+
+
+def run_cpu(args):
+    flags = cpu_flags(args.smoke)
+    steps = [int(s) for s in args.steps.split(",")]
+    out = {"config": {**flags, "batch": args.batch, "precision": "fp32", "guidance": GUIDANCE,
+                      "timestep_respacing": "ddim25", "label_maps": "10 smooth regions per map",
+                      "fast_paths": sorted(FAST_PATHS), "warmup": args.warmup, "repeats": args.repeats}}
+    out["guided_reverse_step"] = cpu_guided_step(flags, args.batch, steps, args.warmup, args.repeats)
+    out["training_step"] = cpu_train_step(flags, args.batch, args.warmup, args.repeats)
+    return out
+
+
+# ----- GPU: sampling and training at 256x256 --------------------------------------------------
+def model_flops_per_image(model, flags, device):
+    """FLOPs of one plain forward per image (the model FLOPs MFU is measured against)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    size = flags["image_size"]
+    x = torch.randn(1, 3, size, size, device=device)
+    y = region_label_maps(1, flags["num_classes"], size, device=device)
+    with fast_paths(False), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, torch.tensor([500], device=device), y=y)
+    return counter.get_total_flops()
+
+
+def bf16_peak(args):
+    if args.peak_tflops:
+        return args.peak_tflops
+    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
+    for key, value in BF16_PEAK_TFLOPS.items():
+        if key in name:
+            return value
+    return None
+
+
+def gpu_sampling(args, flags, device):
+    model, diffusion = build(flags, respacing="ddim25", device=device)
+    model.eval()
+    fast_model = maybe_compile(copy.deepcopy(model), args.compile) if args.compile else model
+    flops = model_flops_per_image(model, flags, device)
+    forwards = 2 * diffusion.num_timesteps  # guidance: two forwards per step
+    peak = bf16_peak(args)
+    rows = []
+    for precision in ("fp32", "bf16"):
+        for batch in [int(b) for b in args.gpu_batches.split(",")]:
+            y = region_label_maps(batch, flags["num_classes"], flags["image_size"], device=device)
+            shape = (batch, 3, flags["image_size"], flags["image_size"])
+
+            def run(fast, batch=batch, y=y, shape=shape):
+                net = fast_model if fast else model
+                gens = [torch.Generator(device).manual_seed(i) for i in range(batch)]
+                with fast_paths(fast), precision_context(device, precision):
+                    if args.smoke:  # one step is enough to check the code
+                        x = torch.randn(shape, generator=gens[0], device=device)
+                        t = torch.full((batch,), 12, device=device)
+                        return reverse_step(net, diffusion, x, t, y, batched_guidance=fast, **GUIDANCE).mean
+                    return sample_loop(net, diffusion, shape, y, generators=gens, device=device,
+                                       batched_guidance=fast, **GUIDANCE)
+
+            try:
+                _reset_memory(device)
+                plain_out, fast_out = run(False), run(True)
+                times = interleaved({"plain": lambda: run(False), "fast": lambda: run(True)}, device, 1,
+                                    args.gpu_repeats)
+            except torch.cuda.OutOfMemoryError:
+                rows.append({"precision": precision, "batch": batch, "error": "out of memory"})
+                torch.cuda.empty_cache()
+                break
+            row = {"precision": precision, "batch": batch, **times, "speedup_best": ratio(times),
+                   "peak_memory_gib": _peak_memory_gib(device),
+                   "max_abs_diff_images": float((fast_out - plain_out).abs().max())}
+            for k in ("plain", "fast"):
+                row[f"{k}_images_per_s"] = round(batch / times[k]["best_s"], 3)
+                if peak:
+                    row[f"{k}_mfu_vs_bf16_peak"] = round(flops * forwards * batch / times[k]["best_s"] / (peak * 1e12), 3)
+            rows.append(row)
+    return {"model_tflops_per_image_forward": round(flops / 1e12, 3), "forwards_per_image": forwards,
+            "bf16_peak_tflops": peak, "rows": rows}
+
+
+def gpu_training(args, flags, device):
+    rows = []
+    for checkpointing in (False, True):
+        model, diffusion = build(dict(flags, use_checkpoint=checkpointing), device=device)
+        batch = args.gpu_train_batch
+        y = region_label_maps(batch, flags["num_classes"], flags["image_size"], device=device)
+        x0 = torch.rand(batch, 3, flags["image_size"], flags["image_size"], device=device) * 2 - 1
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        for precision in ("bf16", "fp32"):
+            for fast in (False, True):
+                def run():
+                    with fast_paths(fast):
+                        opt.zero_grad(set_to_none=True)
+                        t = torch.randint(0, diffusion.num_timesteps, (batch,), device=device)
+                        with precision_context(device, precision):
+                            loss = diffusion.training_losses(model, x0, t, model_kwargs={"y": y})["loss"].mean()
+                        loss.backward()
+                        opt.step()
+                try:
+                    _reset_memory(device)
+                    times = interleaved({"step": run}, device, 2, args.gpu_repeats)["step"]
+                    rows.append({"checkpointing": checkpointing, "precision": precision, "fast": fast,
+                                 "batch": batch, **times, "images_per_s": round(batch / times["best_s"], 3),
+                                 "peak_memory_gib": _peak_memory_gib(device)})
+                except torch.cuda.OutOfMemoryError:
+                    rows.append({"checkpointing": checkpointing, "precision": precision, "fast": fast,
+                                 "batch": batch, "error": "out of memory"})
+                    torch.cuda.empty_cache()
+        del model, opt
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _reset_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_memory_gib(device):
+    return round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if device.type == "cuda" else None
+
+
+def run_gpu(args):
+    if not torch.cuda.is_available() and not args.smoke:
+        return {"skipped": "no GPU on this machine"}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # smoke: the code paths on CPU
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 for the plain/fast comparison
+    torch.backends.cudnn.allow_tf32 = False
+    flags = released_ade20k_flags()
+    if args.smoke:
+        flags = cpu_flags(smoke=True)
+        args.gpu_batches, args.gpu_train_batch, args.gpu_repeats = "2", 2, 1
+    out = {"config": {**flags, "guidance": GUIDANCE, "timestep_respacing": "ddim25", "compile": args.compile}}
+    out["sampling"] = gpu_sampling(args, flags, device)
+    out["training"] = gpu_training(args, flags, device)
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["cpu", "gpu", "all"], default="cpu")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (the issue's figures: 2)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", default="22,16,12,8,2", help="respaced steps (of 25) to time the guided step at")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gpu_batches", default="1,2,4,8,16")
+    parser.add_argument("--gpu_train_batch", type=int, default=10)
+    parser.add_argument("--gpu_repeats", type=int, default=3)
+    parser.add_argument("--peak_tflops", type=float, default=0.0, help="bf16 peak of the GPU, for MFU")
+    parser.add_argument("--compile", action="store_true", help="GPU fast path: also torch.compile the model")
+    parser.add_argument("--smoke", action="store_true", help="tiny configuration, one repeat: checks the code")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.smoke:
+        args.repeats, args.warmup, args.steps = 1, 0, "12"
+    result = {"machine": describe_machine()}
+    if args.part in ("cpu", "all"):
+        result["cpu"] = run_cpu(args)
+    if args.part in ("gpu", "all"):
+        result["gpu"] = run_gpu(args)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

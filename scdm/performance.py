@@ -1,0 +1,214 @@
+"""Speed knobs shared by the training and sampling entry points and the benchmarks.
+
+- `set_fast_paths` / `fast_paths`: switch the model's exact fast paths (scdm.unet.FAST_PATHS) on or off,
+  for debugging and for the benchmarks' plain path.
+- `precision_context`: autocast to bf16/fp16 where the device can do it; otherwise one clear warning
+  and fp32, so asking for a precision never crashes a job.
+- `maybe_compile`: torch.compile where it is available and works; otherwise one clear warning and the
+  eager model.
+- `describe_machine`: the facts a benchmark result needs next to it.
+"""
+import contextlib
+import functools
+import importlib.util
+import os
+import platform
+import shutil
+import warnings
+
+import torch
+
+from .unet import FAST_PATHS
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+_AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+_warned = set()
+
+
+def _warn_once(key, message):
+    """Warn once per process and key: these are called every step and must not flood the log."""
+    if key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+# ----- fast paths -----------------------------------------------------------------------------
+def set_fast_paths(enabled: bool):
+    """Turn every exact fast path on or off. Returns the previous switches (a dict) for restoring."""
+    previous = dict(FAST_PATHS)
+    for name in FAST_PATHS:
+        FAST_PATHS[name] = bool(enabled)
+    return previous
+
+
+@contextlib.contextmanager
+def fast_paths(enabled: bool = True, **overrides):
+    """Context manager: all fast paths `enabled`, then the named `overrides` (e.g. channels_last=False)."""
+    unknown = sorted(set(overrides) - set(FAST_PATHS))
+    if unknown:
+        raise ValueError(f"unknown fast paths {unknown}; known: {sorted(FAST_PATHS)}")
+    previous = set_fast_paths(enabled)
+    FAST_PATHS.update({k: bool(v) for k, v in overrides.items()})
+    try:
+        yield
+    finally:
+        FAST_PATHS.update(previous)
+
+
+# ----- precision ------------------------------------------------------------------------------
+def autocast_dtype(device, precision):
+    """The dtype autocast will use for `precision` on `device`, or None for fp32. Warns once (and
+    returns None) when the device cannot do the requested precision."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {PRECISIONS}")
+    if precision == "fp32":
+        return None
+    device = torch.device(device)
+    dtype = _AUTOCAST_DTYPES[precision]
+    reason = _autocast_unsupported(device, dtype)
+    if reason:
+        _warn_once(("precision", device.type, precision),
+                   f"precision {precision} is not available on {device.type} ({reason}); running in fp32")
+        return None
+    return dtype
+
+
+def _autocast_unsupported(device, dtype):
+    """Why autocast to `dtype` cannot run on `device`, or '' when it can."""
+    if not torch.amp.is_autocast_available(device.type):
+        return f"no autocast for device type {device.type!r}"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+        if dtype == torch.bfloat16 and not _cuda_bf16_supported(device):
+            return f"{torch.cuda.get_device_name(device)} has no native bfloat16 (needs compute capability 8.0+)"
+    # Autocast itself rejects dtypes a backend does not support: it warns and disables itself.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ctx = torch.autocast(device.type, dtype=dtype)
+    if not getattr(ctx, "_enabled", True) or caught:
+        return str(caught[0].message).splitlines()[0] if caught else "autocast disabled itself"
+    return ""
+
+
+def _cuda_bf16_supported(device):
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # older torch without the argument
+        return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def precision_context(device, precision):
+    """Context manager running the enclosed forward passes in `precision` ("fp32", "fp16", "bf16")
+    through torch.autocast; fp32 (a no-op) when the device cannot do it, with one warning.
+    fp16 training also needs a gradient scaler; that is the training loop's job."""
+    dtype = autocast_dtype(device, precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+# ----- torch.compile --------------------------------------------------------------------------
+def _compile_unavailable(model):
+    """Why torch.compile cannot be used for `model` here, or ''."""
+    if not hasattr(torch, "compile"):
+        return f"torch {torch.__version__} has no torch.compile"
+    try:
+        import torch._dynamo as dynamo
+        if not dynamo.is_dynamo_supported():
+            return f"TorchDynamo does not support Python {platform.python_version()}"
+    except Exception as e:  # noqa: BLE001 - any import problem means "not available"
+        return f"TorchDynamo cannot be imported ({type(e).__name__}: {e})"
+    param = next(iter(model.parameters()), None)
+    device = param.device.type if param is not None else "cpu"
+    if device == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "clang++", "c++") if c):
+        return "no C++ compiler found (the CPU backend of torch.compile needs one; set CXX)"
+    if device == "cuda" and importlib.util.find_spec("triton") is None:
+        return "triton is not installed (the GPU backend of torch.compile needs it)"
+    return ""
+
+
+def maybe_compile(model, enabled=True, **compile_kwargs):
+    """torch.compile the model's forward in place when `enabled`, available and working.
+
+    Returns the same module (state-dict keys and attributes unchanged) whose forward is compiled. If
+    torch.compile is unavailable, or compiling fails on the first call, a warning is issued and the
+    eager forward is used from then on. Errors that the eager model raises too (bad inputs) propagate.
+    """
+    if not enabled:
+        return model
+    reason = _compile_unavailable(model)
+    if reason:
+        _warn_once(("compile", reason), f"torch.compile is not available: {reason}; running the eager model")
+        return model
+    eager_forward = model.forward
+    try:
+        compiled_forward = torch.compile(eager_forward, **compile_kwargs)
+    except Exception as e:  # noqa: BLE001
+        _warn_once(("compile", "setup"), f"torch.compile failed ({type(e).__name__}: {e}); running the eager model")
+        return model
+    failed = False
+
+    @functools.wraps(eager_forward)
+    def forward(*args, **kwargs):
+        nonlocal failed
+        if failed:
+            return eager_forward(*args, **kwargs)
+        try:
+            return compiled_forward(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            out = eager_forward(*args, **kwargs)  # raises the eager error if the inputs are at fault
+            failed = True
+            first_line = (str(e).strip().splitlines() or [""])[0][:300]
+            _warn_once(("compile", "run"), f"torch.compile failed ({type(e).__name__}: {first_line}); "
+                                           "running the eager model")
+            return out
+
+    model.forward = forward
+    return model
+
+
+# ----- machine --------------------------------------------------------------------------------
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_machine():
+    """Machine facts for benchmark JSON: platform, CPU, cores, torch and its threads, GPU if any."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": usable,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkldnn": torch.backends.mkldnn.is_available(),
+        "gpu": None,
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = {
+            "name": props.name,
+            "count": torch.cuda.device_count(),
+            "capability": f"{props.major}.{props.minor}",
+            "memory_gib": round(props.total_memory / 2 ** 30, 1),
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version(),
+        }
+    return info
