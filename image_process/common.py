@@ -3,6 +3,11 @@
 Each CLI (downsample, edge, random, painter) only declares its own flags; ``build_tree`` turns
 a dataset's validation split into a complete dataset tree with noisy annotations that the
 loader reads as it is (same layout, images hard-linked, annotations as PNG of raw ids).
+
+Layouts: ade20k, coco, cityscapes (their validation splits) and ``folder`` (the generic layout of
+``scdm.datasets``: ``<root>/{train,test}/{images,labels[,instances]}/``, split ``test``; the
+unlabeled id written into the noisy maps comes from ``<root>/dataset.json``, which is copied into
+the output tree so that ``--dataset_mode folder`` reads it as it is, e.g. the built-in toy data).
 """
 from __future__ import annotations
 
@@ -79,17 +84,49 @@ def _find_cityscapes(root: Path, split: str) -> List[Item]:
     return items
 
 
+def _find_folder(root: Path, split: str) -> List[Item]:
+    img_dir, lbl_dir, inst_dir = (root / split / k for k in ("images", "labels", "instances"))
+    _need_dir(img_dir, "images", "the folder layout (<root>/{train,test}/{images,labels[,instances]}/)")
+    _need_dir(lbl_dir, "labels", "the folder layout (<root>/{train,test}/{images,labels[,instances]}/)")
+    has_inst = inst_dir.is_dir()
+    return [Item(p.stem, p, lbl_dir / f"{p.stem}.png", inst_dir / f"{p.stem}.png" if has_inst else None)
+            for p in _images(img_dir)]
+
+
+DATASET_JSON = "dataset.json"
+
+
+def _folder_fill(root: Path) -> int:
+    """The unlabeled id of a folder-layout dataset, from ``<root>/dataset.json``."""
+    path = root / DATASET_JSON
+    if not path.is_file():
+        raise InputError(f"--dataset_mode folder: {path} not found, so the unlabeled id is unknown; "
+                         f"pass --fill ID (the id written for unlabeled pixels)")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path} is not readable JSON ({e})") from None
+    fill = meta.get("unlabeled_id") if isinstance(meta, dict) else None
+    if isinstance(fill, bool) or not isinstance(fill, int) or fill < 0:
+        raise InputError(f"{path} has no unlabeled_id (got {fill!r}); pass --fill ID "
+                         f"(the id written for unlabeled pixels)")
+    return fill
+
+
 @dataclass(frozen=True)
 class Layout:
     find: Callable[[Path, str], List[Item]]
     split: str  # default split
-    fill: int  # raw id of unlabeled pixels
+    fill: Optional[int]  # raw id of unlabeled pixels; None: ask `default_fill`
+    default_fill: Optional[Callable[[Path], int]] = None  # fill from the dataset root
+    copy_files: tuple = ()  # files at the dataset root copied into the output tree when present
 
 
 LAYOUTS: Dict[str, Layout] = {
     "ade20k": Layout(_find_ade20k, "validation", 0),
     "coco": Layout(_find_coco, "val", 255),
     "cityscapes": Layout(_find_cityscapes, "val", 0),
+    "folder": Layout(_find_folder, "test", None, _folder_fill, (DATASET_JSON,)),
 }
 
 
@@ -107,6 +144,17 @@ def link_or_copy(src: Path, dst: Path) -> None:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` (a real copy: the output tree must not change with the source)."""
+    tmp = _tmp(dst)
+    try:
+        shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
     finally:
         if tmp.exists():
@@ -268,7 +316,6 @@ def build_tree(noise: str, data_dir, out_dir, params: Optional[dict] = None, *,
 
     layout = LAYOUTS[dataset_mode]
     split = split or layout.split
-    fill = layout.fill if fill is None else fill
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     if num < 1:
         raise InputError(f"--num must be >= 1, got {num}")
@@ -279,6 +326,8 @@ def build_tree(noise: str, data_dir, out_dir, params: Optional[dict] = None, *,
     if image_size is not None and image_size < 1:
         raise InputError(f"--image_size must be >= 1, got {image_size}")
     check_dirs(data_dir, out_dir, overwrite)
+    if fill is None:
+        fill = layout.fill if layout.fill is not None else layout.default_fill(data_dir)
     found = layout.find(data_dir, split)
     if not found:
         raise InputError(f"no images found for --dataset_mode {dataset_mode} --split {split} in {data_dir}")
@@ -309,12 +358,17 @@ def build_tree(noise: str, data_dir, out_dir, params: Optional[dict] = None, *,
                 for key, paths in pool.imap_unordered(_process_in_worker, items, chunksize=chunk):
                     written.update(dict.fromkeys(paths, key))
                     bar.update()
-    except KeyboardInterrupt:
+    except BaseException:
+        # Ctrl-C, or a bad file in one worker: the pool is terminated (and joined) by now, and a
+        # killed worker may have left a half-written temporary file behind.
         _sweep_tmp(folders)
         raise
     finally:
         bar.close()
 
+    for name in layout.copy_files:
+        if (data_dir / name).is_file():
+            copy_file(data_dir / name, out_dir / name)
     if overwrite:
         stale = remove_stale(written)
         if stale and progress:
@@ -346,11 +400,12 @@ def parser(noise: Noise) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m image_process.{noise.name}", description=noise.description,
                                 epilog=noise.epilog)
     p.add_argument("--data_dir", required=True, type=Path,
-                   help="dataset root (e.g. ADEChallengeData2016)")
+                   help="dataset root (e.g. ADEChallengeData2016, or a folder-layout root such as the toy data)")
     p.add_argument("--out_dir", required=True, type=Path,
                    help="root of the noisy copy (same layout; must be empty unless --overwrite)")
     p.add_argument("--dataset_mode", choices=sorted(LAYOUTS), default="ade20k")
-    p.add_argument("--split", default=None, help="default: validation (ade20k), val (coco, cityscapes)")
+    p.add_argument("--split", default=None,
+                   help="default: validation (ade20k), val (coco, cityscapes), test (folder)")
     p.add_argument("--num", type=int, default=2000, help="first N samples in sorted name order")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image_size", type=int, default=256,
@@ -358,7 +413,8 @@ def parser(noise: Noise) -> argparse.ArgumentParser:
                    + ("" if noise.resize else " (not used by this noise)"))
     p.add_argument("--fill", type=int, default=None,
                    help="raw id written for unlabeled pixels (label and instance maps); "
-                        "default the layout's: ade20k 0, coco 255, cityscapes 0")
+                        "default the layout's: ade20k 0, coco 255, cityscapes 0, folder the "
+                        "unlabeled_id of <data_dir>/dataset.json")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty --out_dir, replacing an earlier tree there")

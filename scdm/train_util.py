@@ -70,6 +70,7 @@ class TrainLoop:
         self.ema_params = [self._initial_ema(resume_checkpoint, name) for name in self.ema_rate_names]
         if resume_checkpoint:
             self._load_optimizer_state(resume_checkpoint)
+            self.logger.text(f"resumed from {resume_checkpoint} at step {self.step}")
         self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     # ----- resume --------------------------------------------------------------------------

@@ -201,3 +201,65 @@ def test_scdm_loader_keeps_image_size_maps_exact(tmp_path):
     stored = np.asarray(Image.open(sorted((tmp_path / "out").rglob("*.png"))[0]))
     assert stored.shape == (32, 32)
     np.testing.assert_array_equal(cond["label_ori"][0].numpy(), stored)
+
+
+# ----------------------------------------------------------------------------- folder layout
+
+@pytest.fixture
+def toy_folder(tmp_path):
+    from scdm.toy import make_toy_dataset
+    return Path(make_toy_dataset(str(tmp_path / "toy"), num_train=2, num_test=4, size=16, seed=1))
+
+
+@pytest.mark.parametrize("cli", sorted(CLIS))
+def test_folder_layout_tree_reads_back(cli, toy_folder, tmp_path):
+    """--dataset_mode folder: split test, fill = dataset.json's unlabeled id (toy: 7), instances
+    treated with the labels, dataset.json copied so that the loader reads the tree as it is."""
+    from scdm.toy import TOY_UNLABELED_ID
+    datasets = pytest.importorskip("scdm.datasets")
+    out = tmp_path / "out"
+    size_flag = ["--size", 4] if cli == "downsample" else []
+    assert run(cli, toy_folder, out, "--dataset_mode", "folder", "--num", 3, "--image_size", 16, *size_flag) == 0
+    names = ["00000", "00001", "00002"]
+    for sub in ("images", "labels", "instances"):
+        assert sorted(p.stem for p in (out / "test" / sub).iterdir()) == names
+    assert not (out / "train").exists() and not list(out.rglob(".*"))
+    assert (out / "dataset.json").read_bytes() == (toy_folder / "dataset.json").read_bytes()
+    manifest = __import__("json").loads((out / "corruption.json").read_text())
+    assert manifest["fill"] == TOY_UNLABELED_ID and manifest["split"] == "test"
+    side = 4 if cli == "downsample" else 16
+    for name in names:
+        src = ids(toy_folder / "test" / "labels" / f"{name}.png")
+        inst = ids(toy_folder / "test" / "instances" / f"{name}.png")
+        noisy = ids(out / "test" / "labels" / f"{name}.png")
+        assert noisy.shape == (side, side) and noisy.dtype == np.uint8
+        expected, expected_inst = C.corrupt(
+            cli, src, inst, fill=TOY_UNLABELED_ID, rng=C.derive_rng(0, name),
+            **({"size": 4} if cli == "downsample" else {}))
+        np.testing.assert_array_equal(noisy, expected)
+        np.testing.assert_array_equal(ids(out / "test" / "instances" / f"{name}.png"), expected_inst)
+    if cli != "downsample":
+        assert any((ids(out / "test" / "labels" / f"{n}.png") == TOY_UNLABELED_ID).sum()
+                   > (ids(toy_folder / "test" / "labels" / f"{n}.png") == TOY_UNLABELED_ID).sum() for n in names)
+    info = datasets.dataset_info("folder", str(out))
+    assert (info.num_classes, info.unlabeled_id) == (8, TOY_UNLABELED_ID)
+    ds = datasets.build_dataset("folder", str(out), image_size=16, is_train=False, label_resize=True)
+    assert len(ds) == 3
+    _, cond = ds[0]
+    stored = ids(out / "test" / "labels" / "00000.png")
+    np.testing.assert_array_equal(cond["label_ori"][0].numpy(),
+                                  np.asarray(Image.fromarray(stored).resize((16, 16), Image.NEAREST)))
+    assert "instance" in cond
+
+
+def test_folder_layout_fill_from_flag_or_clear_error(toy_folder, tmp_path, capsys):
+    (toy_folder / "dataset.json").unlink()
+    expect_error(capsys, run("random", toy_folder, tmp_path / "a", "--dataset_mode", "folder"),
+                 "dataset.json", "--fill")
+    assert run("random", toy_folder, tmp_path / "b", "--dataset_mode", "folder", "--image_size", 16,
+               "--fill", 9, "--p", 0.5) == 0
+    assert 9 in np.unique(ids(tmp_path / "b" / "test" / "labels" / "00000.png"))
+    assert not (tmp_path / "b" / "dataset.json").exists()
+    (toy_folder / "test" / "labels").rename(toy_folder / "test" / "labelz")
+    expect_error(capsys, run("edge", toy_folder, tmp_path / "c", "--dataset_mode", "folder", "--fill", 7),
+                 toy_folder / "test" / "labels", "folder layout")
