@@ -22,7 +22,7 @@ from . import dist_util
 from .checkpoint import CheckpointError, ema_name, load_into_model, parse_step
 from .cli import HelpFormatter, resolve_dataset_flags, resolve_precision, run_cli
 from .datasets import build_dataset, label_to_model_input
-from .performance import maybe_compile, precision_context
+from .performance import disable_fast_paths, maybe_compile, precision_context
 from .sampling import sample_loop
 from .script_util import add_dict_to_argparser, args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
 
@@ -52,6 +52,7 @@ def create_argparser():
         num_workers=0,
         precision="",            # fp32 | fp16 | bf16; empty: fp16 with --use_fp16 True, else fp32
         compile=False,
+        disable_fast_paths="",   # "all" or comma-separated names of scdm.unet.FAST_PATHS (debugging)
     )
     defaults.update(model_and_diffusion_defaults())
     defaults["num_classes"] = -1
@@ -143,6 +144,7 @@ def main(argv=None):
     args = create_argparser().parse_args(argv)
     resolve_dataset_flags(args)
     precision = resolve_precision(args)
+    disable_fast_paths(args.disable_fast_paths)
     if args.num_sets < 1:
         raise ValueError(f"--num_sets {args.num_sets}: expected >= 1")
     if args.s < 0:

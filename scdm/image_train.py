@@ -13,7 +13,7 @@ import torch
 from . import dist_util
 from .cli import HelpFormatter, resolve_dataset_flags, resolve_precision, run_cli
 from .datasets import load_data
-from .performance import maybe_compile
+from .performance import disable_fast_paths, maybe_compile
 from .resample import create_named_schedule_sampler
 from .script_util import add_dict_to_argparser, args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
 from .train_util import TrainingDiverged, TrainLoop
@@ -43,6 +43,7 @@ def create_argparser():
         max_bad_steps=50,
         seed=0,
         compile=False,
+        disable_fast_paths="",   # "all" or comma-separated names of scdm.unet.FAST_PATHS (debugging)
     )
     defaults.update(model_and_diffusion_defaults())
     defaults["num_classes"] = -1  # -1: from the dataset layout (or <root>/dataset.json)
@@ -54,6 +55,7 @@ def create_argparser():
 def main(argv=None):
     args = create_argparser().parse_args(argv)
     precision = resolve_precision(args)
+    disable_fast_paths(args.disable_fast_paths)
     resolve_dataset_flags(args)
     if not 0.0 <= args.drop_rate < 1.0:
         raise ValueError(f"--drop_rate {args.drop_rate}: expected a probability in [0, 1)")

@@ -42,6 +42,21 @@ def set_fast_paths(enabled: bool):
     return previous
 
 
+def disable_fast_paths(spec: str):
+    """Apply a `--disable_fast_paths` value: "" (keep all), "all", or comma-separated switch names.
+    Returns the names turned off; unknown names raise ValueError listing the known ones."""
+    names = [n.strip() for n in (spec or "").split(",") if n.strip()]
+    if names == ["all"]:
+        names = sorted(FAST_PATHS)
+    unknown = sorted(set(names) - set(FAST_PATHS))
+    if unknown:
+        raise ValueError(f"--disable_fast_paths: unknown fast paths {unknown}; expected 'all' or a comma-separated "
+                         f"list of {sorted(FAST_PATHS)}")
+    for name in names:
+        FAST_PATHS[name] = False
+    return names
+
+
 @contextlib.contextmanager
 def fast_paths(enabled: bool = True, **overrides):
     """Context manager: all fast paths `enabled`, then the named `overrides` (e.g. channels_last=False)."""

@@ -394,6 +394,33 @@ def _unique_rows(rows):
     return values[(unique_keys[:, None] // shifts) % 128], inverse
 
 
+def _resamplers(channels, up, down, dims):
+    """(h_upd, x_upd) of a residual block: parameter-free up/down-sampling of the hidden and skip paths."""
+    if up:
+        return Upsample(channels, False, dims), Upsample(channels, False, dims)
+    if down:
+        return Downsample(channels, False, dims), Downsample(channels, False, dims)
+    return nn.Identity(), nn.Identity()
+
+
+def _emb_projection(emb_channels, out_channels, use_scale_shift_norm):
+    """Timestep embedding -> per-channel shift (or scale and shift)."""
+    return nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels))
+
+
+def _skip_connection(channels, out_channels, use_conv, dims):
+    if out_channels == channels:
+        return nn.Identity()
+    if use_conv:
+        return conv_nd(dims, channels, out_channels, 3, padding=1)
+    return conv_nd(dims, channels, out_channels, 1)
+
+
+def _per_channel(emb_out, h):
+    """(B, C) -> (B, C, 1, 1, ...) broadcasting over h's spatial dims."""
+    return emb_out.reshape(*emb_out.shape, *([1] * (h.dim() - emb_out.dim())))
+
+
 class ResBlock(TimestepBlock):
     """Encoder residual block (no label map), optionally changing resolution."""
 
@@ -407,27 +434,15 @@ class ResBlock(TimestepBlock):
             normalization(channels), nn.SiLU(), conv_nd(dims, channels, self.out_channels, 3, padding=1)
         )
         self.updown = up or down
-        if up:
-            self.h_upd, self.x_upd = Upsample(channels, False, dims), Upsample(channels, False, dims)
-        elif down:
-            self.h_upd, self.x_upd = Downsample(channels, False, dims), Downsample(channels, False, dims)
-        else:
-            self.h_upd = self.x_upd = nn.Identity()
-        self.emb_layers = nn.Sequential(
-            nn.SiLU(), nn.Linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels)
-        )
+        self.h_upd, self.x_upd = _resamplers(channels, up, down, dims)
+        self.emb_layers = _emb_projection(emb_channels, self.out_channels, use_scale_shift_norm)
         self.out_layers = nn.Sequential(
             normalization(self.out_channels),
             nn.SiLU(),
             nn.Dropout(p=dropout),
             zero_module(conv_nd(dims, self.out_channels, self.out_channels, 3, padding=1)),
         )
-        if self.out_channels == channels:
-            self.skip_connection = nn.Identity()
-        elif use_conv:
-            self.skip_connection = conv_nd(dims, channels, self.out_channels, 3, padding=1)
-        else:
-            self.skip_connection = conv_nd(dims, channels, self.out_channels, 1)
+        self.skip_connection = _skip_connection(channels, self.out_channels, use_conv, dims)
 
     def forward(self, x, emb):
         return checkpoint(self._forward, (x, emb), self.use_checkpoint)
@@ -439,9 +454,7 @@ class ResBlock(TimestepBlock):
             x = self.x_upd(x)
         else:
             h = self.in_layers(x)
-        emb_out = self.emb_layers(emb).type(h.dtype)
-        while emb_out.dim() < h.dim():
-            emb_out = emb_out[..., None]
+        emb_out = _per_channel(self.emb_layers(emb).type(h.dtype), h)
         if self.use_scale_shift_norm:
             out_norm, out_rest = self.out_layers[0], self.out_layers[1:]
             scale, shift = torch.chunk(emb_out, 2, dim=1)
@@ -463,27 +476,15 @@ class SDMResBlock(CondTimestepBlock):
         self.in_norm = SPADEGroupNorm(channels, c_channels)
         self.in_layers = nn.Sequential(nn.SiLU(), conv_nd(dims, channels, self.out_channels, 3, padding=1))
         self.updown = up or down
-        if up:
-            self.h_upd, self.x_upd = Upsample(channels, False, dims), Upsample(channels, False, dims)
-        elif down:
-            self.h_upd, self.x_upd = Downsample(channels, False, dims), Downsample(channels, False, dims)
-        else:
-            self.h_upd = self.x_upd = nn.Identity()
-        self.emb_layers = nn.Sequential(
-            nn.SiLU(), nn.Linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels)
-        )
+        self.h_upd, self.x_upd = _resamplers(channels, up, down, dims)
+        self.emb_layers = _emb_projection(emb_channels, self.out_channels, use_scale_shift_norm)
         self.out_norm = SPADEGroupNorm(self.out_channels, c_channels)
         self.out_layers = nn.Sequential(
             nn.SiLU(),
             nn.Dropout(p=dropout),
             zero_module(conv_nd(dims, self.out_channels, self.out_channels, 3, padding=1)),
         )
-        if self.out_channels == channels:
-            self.skip_connection = nn.Identity()
-        elif use_conv:
-            self.skip_connection = conv_nd(dims, channels, self.out_channels, 3, padding=1)
-        else:
-            self.skip_connection = conv_nd(dims, channels, self.out_channels, 1)
+        self.skip_connection = _skip_connection(channels, self.out_channels, use_conv, dims)
 
     def forward(self, x, cond, emb):
         return checkpoint(self._forward, (x, cond, emb), self.use_checkpoint)
@@ -496,9 +497,7 @@ class SDMResBlock(CondTimestepBlock):
             x = self.x_upd(x)
         else:
             h = self.in_layers(h)
-        emb_out = self.emb_layers(emb).type(h.dtype)
-        while emb_out.dim() < h.dim():
-            emb_out = emb_out[..., None]
+        emb_out = _per_channel(self.emb_layers(emb).type(h.dtype), h)
         if self.use_scale_shift_norm:
             scale, shift = torch.chunk(emb_out, 2, dim=1)
             h = self.out_norm(h, cond) * (1 + scale) + shift

@@ -213,3 +213,27 @@ def test_compile_failure_at_first_call_falls_back(tiny_flags, monkeypatch):
     _close(out2, expected)
     with pytest.raises(ValueError):  # errors the eager model raises too still propagate
         model(x[:, :, :5], t, y=y)
+
+
+def test_disable_fast_paths_flag_values():
+    from scdm.performance import disable_fast_paths
+    before = dict(FAST_PATHS)
+    try:
+        assert disable_fast_paths("") == [] and FAST_PATHS == before
+        assert disable_fast_paths("spade_gather, channels_last") == ["spade_gather", "channels_last"]
+        assert not FAST_PATHS["spade_gather"] and not FAST_PATHS["channels_last"] and FAST_PATHS["sdpa_attention"]
+        disable_fast_paths("all")
+        assert not any(FAST_PATHS.values())
+        with pytest.raises(ValueError, match=r"--disable_fast_paths: unknown fast paths \['flash'\]"):
+            disable_fast_paths("flash")
+    finally:
+        FAST_PATHS.update(before)
+
+
+def test_image_sample_rejects_unknown_fast_path(capsys):
+    from scdm import image_sample
+    from scdm.cli import run_cli
+    with pytest.raises(SystemExit) as e:
+        run_cli(image_sample.main, ["--dataset_mode", "folder", "--num_classes", "4", "--disable_fast_paths", "nope"])
+    assert e.value.code == 2
+    assert "unknown fast paths ['nope']" in capsys.readouterr().err
