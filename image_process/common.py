@@ -12,6 +12,7 @@ the output tree so that ``--dataset_mode folder`` reads it as it is, e.g. the bu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -136,29 +137,32 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
+@contextlib.contextmanager
+def _atomic(path: Path):
+    """Yield a temporary path beside ``path``; on success it replaces ``path``, otherwise it is removed,
+    so readers never see a half-written file."""
+    tmp = _tmp(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def link_or_copy(src: Path, dst: Path) -> None:
     """Hard-link ``src`` at ``dst`` (copy across file systems), replacing ``dst`` atomically."""
-    tmp = _tmp(dst)
-    try:
+    with _atomic(dst) as tmp:
         try:
             os.link(src, tmp)
         except OSError:
             shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def copy_file(src: Path, dst: Path) -> None:
     """Copy ``src`` to ``dst`` (a real copy: the output tree must not change with the source)."""
-    tmp = _tmp(dst)
-    try:
+    with _atomic(dst) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def read_map(path: Path) -> tuple:
@@ -180,19 +184,13 @@ def write_map(arr: np.ndarray, path: Path, palette: Optional[list] = None) -> No
     img = Image.fromarray(arr)
     if palette is not None and arr.dtype == np.uint8:
         img.putpalette(palette)
-    tmp = _tmp(path)
-    try:
+    with _atomic(path) as tmp:
         img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def write_json(obj: dict, path: Path) -> None:
-    tmp = _tmp(path)
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    with _atomic(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 # ----------------------------------------------------------------------------- checks
