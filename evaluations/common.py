@@ -164,6 +164,12 @@ def _policy_words(what: str) -> str:
     return "nearest" if "label" in what or "prediction" in what else "bicubic"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path, data, mode: str = "w") -> None:
     """Write `data` to `path` through a temporary file in the same folder and os.replace, so a
     reader never sees a half-written file."""
@@ -176,6 +182,7 @@ def atomic_write(path, data, mode: str = "w") -> None:
                 data(f)
             else:
                 f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

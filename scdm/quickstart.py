@@ -240,10 +240,8 @@ def read_state(out):
 
 
 def write_json(obj, path):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    from evaluations.common import atomic_write
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def prepare_out(out, cfg, fresh):
@@ -503,9 +501,8 @@ def write_grid(out, cfg, path):
             draw.text((4, y + tile // 2 + 2), f"map {name}", fill=(110, 110, 110))
             y += tile + gap
         y += 2 * gap
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    canvas.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    from evaluations.common import atomic_write
+    atomic_write(path, lambda f: canvas.save(f, format="PNG"), mode="wb")
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -551,20 +548,11 @@ def results_markdown(cfg, results, floor, timing, machine):
 
 def machine_line():
     import platform
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count()
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cores} CPU cores ({cpu}, {platform.machine()}), no GPU"
+
+    from .performance import describe_machine
+    m = describe_machine()
+    gpu = f"GPU {m['gpu']['name']}" if m["gpu"] else "no GPU"
+    return f"{m['cpus_usable']} CPU cores ({m['cpu']}, {platform.machine()}), {gpu}"
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -721,9 +709,8 @@ def run(cfg, fresh=False, runner=None):
     }
     write_json(report, out / "results.json")
     md = results_markdown(cfg, results, floor, timing, machine)
-    tmp = out / f".results.md.{os.getpid()}.tmp"
-    tmp.write_text(md)
-    os.replace(tmp, out / "results.md")
+    from evaluations.common import atomic_write
+    atomic_write(out / "results.md", md)
     state = read_state(out) or {}
     state.update(finished=time.strftime("%Y-%m-%d %H:%M:%S"), last_run_seconds=timing["total"])
     write_json(state, out / STATE_FILE)

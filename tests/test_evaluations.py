@@ -412,3 +412,19 @@ def test_match_names_lists_both_sides(tmp_path):
     write_images(tmp_path / "b", 0, names=["1"], size=4)
     write_images(tmp_path / "a", 0, names=["3"], size=4)
     assert match_names([(a, list_images(a)), (b, list_images(b))]) == ["1", "2", "3"]  # stems match across .png/.jpg
+
+
+def test_atomic_write_gives_usual_permissions(tmp_path):
+    import os
+    import stat
+    from evaluations.common import atomic_write
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "r.md", "text")
+        atomic_write(tmp_path / "g.bin", lambda f: f.write(b"\x89PNG"), mode="wb")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r.md").read_text() == "text" and (tmp_path / "g.bin").read_bytes() == b"\x89PNG"
+    for name in ("r.md", "g.bin"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
