@@ -5,13 +5,18 @@ File names follow the released code: model{step:06d}.pt, ema_{rate}_{step:06d}.p
 """
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .errors import UserError
+from .fileio import save_torch
 
-class CheckpointError(ValueError):
+# Every file of a checkpoint set: (kind, rate or "", step). The model file is written last.
+CHECKPOINT_FILE = re.compile(r"^(?P<kind>model|opt|scaler|ema_(?P<rate>[0-9.]+)_)(?P<step>\d{6,})\.pt$")
+
+
+class CheckpointError(UserError):
     """A checkpoint that cannot be used as asked (missing, corrupt, or not fitting the flags)."""
 
 
@@ -31,6 +36,32 @@ def scaler_name(step):
     return f"scaler{step:06d}.pt"
 
 
+def checkpoint_steps(log_dir):
+    """Steps of the checkpoint sets in `log_dir` whose model file exists (it is written last, so
+    its presence marks a set whose other files are complete), ascending."""
+    log_dir = Path(log_dir)
+    if not log_dir.is_dir():
+        return []
+    steps = set()
+    for f in log_dir.iterdir():
+        m = CHECKPOINT_FILE.match(f.name)
+        if m and m.group("kind") == "model":
+            steps.add(int(m.group("step")))
+    return sorted(steps)
+
+
+def prune_checkpoints(log_dir, keep_steps):
+    """Delete the checkpoint files (model, EMA, optimizer, scaler) of every step not in `keep_steps`."""
+    keep = {int(s) for s in keep_steps}
+    removed = []
+    for f in Path(log_dir).iterdir():
+        m = CHECKPOINT_FILE.match(f.name)
+        if m and int(m.group("step")) not in keep:
+            f.unlink()
+            removed.append(f)
+    return removed
+
+
 def parse_step(path):
     """The step of `.../model012000.pt` or `.../ema_0.9999_012000.pt`."""
     m = re.search(r"(\d+)\.pt$", os.path.basename(str(path)))
@@ -40,21 +71,9 @@ def parse_step(path):
 
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file in the same folder, fsync, then rename: a crash mid-write
+    """torch.save through a temporary file, fsync and rename (`scdm.fileio`): a crash mid-write
     never leaves a partial file under the final name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    save_torch(obj, path)
 
 
 def load_file(path, what="checkpoint"):

@@ -1,28 +1,77 @@
-"""What the entry points share: turning user errors into one clear line with exit code 2, and
-resolving dataset-dependent flags (class count, unlabeled class)."""
+"""The command-line vocabulary every tool of the project shares.
+
+- Booleans: `--flag`, `--flag True` and `--flag False` (also 1/0/yes/no) mean the same everywhere,
+  so the released `--use_fp16 True` style and the bare `--overwrite` style both work.
+- Names: `--dataset_mode`, `--data_dir`, `--num_workers`; output folders end in `_dir` (plus the
+  released `--results_path` and `--log_dir`), a single output file is `--out`.
+- Spellings we introduced and later renamed stay as aliases for one release and print one
+  deprecation line (`add_deprecated_alias`).
+- Errors: see `scdm.errors` (one `error: ...` line, exit code 2).
+"""
 import argparse
 import sys
 
-from .checkpoint import CheckpointError
-from .datasets import DatasetError, dataset_info
-from .dist_util import LaunchError
+from .errors import UserError, run_cli  # noqa: F401  (the entry points' wrapper lives in errors)
 
-USER_ERRORS = (CheckpointError, DatasetError, LaunchError, ValueError, FileNotFoundError, PermissionError)
+TRUE_WORDS = ("yes", "true", "t", "y", "1")
+FALSE_WORDS = ("no", "false", "f", "n", "0")
 
 
-def run_cli(main, argv=None):
-    """Run main(argv); a user error prints `error: ...` and exits with code 2, no traceback."""
-    try:
-        return main(argv)
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+def str2bool(v):
+    if isinstance(v, bool):
+        return v
+    s = str(v).lower()
+    if s in TRUE_WORDS:
+        return True
+    if s in FALSE_WORDS:
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected (True/False/1/0/yes/no), got {v!r}")
+
+
+def add_bool_argument(parser, *names, default=False, help=None, **kwargs):
+    """A boolean flag that takes `--name`, `--name True` or `--name False`."""
+    return parser.add_argument(*names, type=str2bool, nargs="?", const=True, default=default, metavar="BOOL",
+                               help=help, **kwargs)
+
+
+class _DeprecatedAlias(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"note: {option_string} is deprecated and will be removed; use {self.metavar_new} instead",
+              file=sys.stderr)
+        setattr(namespace, self.dest, values if self.nargs != 0 else self.const)
+
+
+def add_deprecated_alias(parser, old, new, dest, type=None, nargs=None, const=None):
+    """`old` still works like `new` (same destination), with one deprecation line when used."""
+    action = parser.add_argument(old, dest=dest, type=type, nargs=nargs, const=const, default=argparse.SUPPRESS,
+                                 action=_DeprecatedAlias, help=argparse.SUPPRESS)
+    action.metavar_new = new
+    return action
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help lines show each flag's default."""
+
+
+def accept_gpus_per_node(parser):
+    """The released scripts pass `--gpus_per_node N`; devices come from the launcher here."""
+    parser.add_argument("--gpus_per_node", type=int, default=None,
+                        help="accepted for the released scripts; ignored: the number of processes comes from "
+                             "the launcher (mpiexec -n, torchrun --nproc_per_node) and each uses one device")
+
+
+def note_gpus_per_node(args):
+    if getattr(args, "gpus_per_node", None) is not None:
+        print(f"note: --gpus_per_node {args.gpus_per_node} is ignored: processes come from the launcher "
+              "(mpiexec -n N / torchrun --nproc_per_node N), one device each", file=sys.stderr, flush=True)
 
 
 def resolve_dataset_flags(args):
-    """Fill num_classes (-1: from the dataset) and unlabeled_id from the dataset layout."""
+    """Resolve the class count (-1: from the dataset) and unlabeled class once; returns the
+    `DatasetInfo` and writes the resolved values back into `args` (they are saved with the run)."""
+    from .datasets import dataset_info
     if not args.dataset_mode:
-        raise ValueError("--dataset_mode is required (ade20k, coco, celeba, cityscapes or folder)")
+        raise UserError("--dataset_mode is required (ade20k, coco, celeba, cityscapes or folder)")
     info = dataset_info(args.dataset_mode, args.data_dir or None,
                         num_classes=args.num_classes if args.num_classes > 0 else None,
                         unlabeled_id=args.unlabeled_id if args.unlabeled_id >= 0 else None)
@@ -31,7 +80,7 @@ def resolve_dataset_flags(args):
     return info
 
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16")  # TEMP: moves to scdm.performance
 
 
 def resolve_precision(args):
@@ -42,7 +91,3 @@ def resolve_precision(args):
     if args.use_fp16 and args.precision and args.precision != "fp16":
         raise ValueError(f"--use_fp16 True contradicts --precision {args.precision}")
     return precision
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    pass

@@ -1,4 +1,4 @@
-"""One launch path for `mpiexec -n N`, `torchrun --nproc_per_node N` and plain `python` (DESIGN.md §7).
+"""One launch path for `mpiexec -n N`, `torchrun --nproc_per_node N` and plain `python`.
 
 Every run gets a torch.distributed process group (of size 1 for a plain run), so training and
 sampling code has no special cases. NCCL on GPU, gloo on CPU; rank r uses local GPU r % visible GPUs.
@@ -10,13 +10,15 @@ import socket
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
 MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
 MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
 _local_rank = 0
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UserError, RuntimeError):
     """The processes cannot be set up as launched (missing MPI, bad environment)."""
 
 

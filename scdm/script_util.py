@@ -1,7 +1,6 @@
 """Defaults, model/diffusion construction and argparse helpers, under the released flag names."""
-import argparse
-
 from . import gaussian_diffusion as gd
+from .cli import add_bool_argument, str2bool  # noqa: F401  (str2bool: kept importable here)
 from .label_diffusion import COND_OPTS, DISCRETE_CLASSWISE, load_class_schedule
 from .respace import SpacedDiffusion, space_timesteps
 from .unet import UNetModel
@@ -169,25 +168,14 @@ def create_gaussian_diffusion(*, steps=1000, learn_sigma=False, noise_schedule="
 
 
 # ----- argparse helpers ---------------------------------------------------------------------------
-def str2bool(v):
-    if isinstance(v, bool):
-        return v
-    s = str(v).lower()
-    if s in ("yes", "true", "t", "y", "1"):
-        return True
-    if s in ("no", "false", "f", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"boolean value expected (True/False/1/0/yes/no), got {v!r}")
-
-
-def add_dict_to_argparser(parser, default_dict):
+def add_dict_to_argparser(parser, default_dict, helps=None):
+    """One flag per key; booleans take `--flag`, `--flag True` or `--flag False`."""
+    helps = helps or {}
     for k, v in default_dict.items():
-        v_type = type(v)
-        if v is None:
-            v_type = str
-        elif isinstance(v, bool):
-            v_type = str2bool
-        parser.add_argument(f"--{k}", default=v, type=v_type)
+        if isinstance(v, bool):
+            add_bool_argument(parser, f"--{k}", default=v, help=helps.get(k))
+        else:
+            parser.add_argument(f"--{k}", default=v, type=str if v is None else type(v), help=helps.get(k))
 
 
 def args_to_dict(args, keys):

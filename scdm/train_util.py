@@ -1,5 +1,5 @@
 """TrainLoop: DDP, AMP with a grad scaler, EMA, microbatches, classifier-free dropout,
-checkpoints with resume, divergence guard, and logging (DESIGN.md §6-§7)."""
+checkpoints with resume, divergence guard, and logging (see docs/architecture.md)."""
 import contextlib
 import copy
 import signal
@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from . import dist_util
 from .checkpoint import (CheckpointError, ema_name, load_file, load_into_model, model_name, opt_name, parse_step,
                          save_atomic, scaler_name)
-from .datasets import label_to_model_input
+from .conditioning import Conditioning
 from .logger import MetricLogger
 from .performance import precision_context
 from .resample import LossSecondMomentResampler, UniformSampler
@@ -24,21 +24,19 @@ class TrainingDiverged(RuntimeError):
 
 
 class TrainLoop:
-    def __init__(self, *, model, diffusion, data, num_classes, no_instance, batch_size, lr, log_dir,
-                 microbatch=-1, ema_rate="0.9999", drop_rate=0.0, log_interval=10, save_interval=10000,
+    def __init__(self, *, model, diffusion, data, conditioning: Conditioning, batch_size, lr, log_dir,
+                 microbatch=-1, ema_rate="0.9999", log_interval=10, save_interval=10000,
                  resume_checkpoint="", precision="fp32", fp16_scale_growth=1e-3, schedule_sampler=None,
                  weight_decay=0.0, lr_anneal_steps=0, max_steps=0, max_bad_steps=50, flags=None):
         self.model = model
         self.diffusion = diffusion
         self.data = data
-        self.num_classes = num_classes
-        self.no_instance = no_instance
+        self.conditioning = conditioning
         self.batch_size = batch_size
         self.microbatch = microbatch if microbatch > 0 else batch_size
         self.lr = lr
         self.ema_rate_names = [r.strip() for r in str(ema_rate).split(",") if r.strip()]
         self.ema_rate = [float(r) for r in self.ema_rate_names]
-        self.drop_rate = drop_rate
         self.log_interval = log_interval
         self.save_interval = save_interval
         self.precision = precision
@@ -137,17 +135,9 @@ class TrainLoop:
             for s, h in old.items():
                 signal.signal(s, h)
 
-    def _drop_condition(self, y):
-        """Classifier-free training: zero the whole conditioning (labels and edge) per sample."""
-        if self.drop_rate <= 0:
-            return y
-        keep = (torch.rand(y.shape[0], device=y.device) >= self.drop_rate).to(y.dtype)
-        return y * keep.view(-1, 1, 1, 1)
-
     def run_step(self, images, cond):
         images = images.to(self.device)
-        y = label_to_model_input(cond, self.num_classes, self.no_instance).to(self.device)
-        y = self._drop_condition(y)
+        y = self.conditioning.drop(self.conditioning.model_input(cond, self.device))
         self.opt.zero_grad(set_to_none=True)
         n = images.shape[0]
         for i in range(0, n, self.microbatch):

@@ -1,4 +1,4 @@
-# Shared by train.sh and sample.sh: the python to use and how to launch N processes.
+# Shared by train.sh and sample.sh: the python to use, the presets, and how to launch N processes.
 # PYTHON: interpreter (default: ./.venv/bin/python when present, else python).
 # NUM_GPUS: processes to launch (default: visible GPUs, or 1). More than one uses mpiexec,
 # or torchrun when LAUNCHER=torchrun.
@@ -10,6 +10,11 @@ if [ -z "${NUM_GPUS:-}" ]; then
     NUM_GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
     [ "${NUM_GPUS:-0}" -ge 1 ] 2>/dev/null || NUM_GPUS=1
 fi
+PRESET_NAMES="ade20k coco celeba cityscapes toy"
+
+preset_flags() {  # preset_flags PRESET STAGE [--get FLAG]: flags from scdm/presets.py (the one table)
+    (cd "$ROOT" && "$PYTHON" -m scdm.presets "$@")
+}
 
 launch() {  # launch MODULE ARGS...: one process, or NUM_GPUS under mpiexec / torchrun
     module=$1; shift
@@ -26,18 +31,3 @@ launch() {  # launch MODULE ARGS...: one process, or NUM_GPUS under mpiexec / to
     echo "+ $*" >&2
     cd "$ROOT" && exec "$@"
 }
-
-model_flags() {  # the released 256x256 architecture of each dataset
-    case "$1" in
-        ade20k) echo "--dataset_mode ade20k --num_classes 151 --no_instance True" ;;
-        coco)   echo "--dataset_mode coco --num_classes 183 --no_instance False" ;;
-        celeba) echo "--dataset_mode celeba --num_classes 19 --no_instance False" ;;
-    esac
-}
-RELEASED_ARCH="--attention_resolutions 32,16,8 --diffusion_steps 1000 --image_size 256 --learn_sigma True \
---noise_schedule linear --num_channels 256 --num_head_channels 64 --num_res_blocks 2 --resblock_updown True \
---use_scale_shift_norm True --class_cond True --cond_diffuse True --cond_opt discrete_zero_classwise"
-TOY_ARCH="--dataset_mode folder --image_size 32 --num_channels 32 --num_res_blocks 1 --channel_mult 1,2 \
---attention_resolutions 16 --num_head_channels 16 --learn_sigma True --noise_schedule linear --diffusion_steps 1000 \
---resblock_updown True --use_scale_shift_norm True --class_cond True --no_instance False \
---cond_diffuse True --cond_opt discrete_zero_classwise"

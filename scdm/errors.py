@@ -1,0 +1,37 @@
+"""One convention for mistakes a user can fix, in every command-line tool of the project.
+
+A bad path, flag, label id or checkpoint ends in one line, `error: <what and where>`, on stderr
+and exit code 2, never a traceback. Ctrl-C ends with exit code 130. Each area raises its own
+subclass of `UserError` (datasets, checkpoints, evaluations, image_process, the quickstart), so
+callers can catch one family; ValueError, FileNotFoundError and PermissionError raised by
+argument checks count as user errors too.
+"""
+import sys
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class UserError(ValueError):
+    """Something the user can fix; the message names the file or flag and what was expected."""
+
+
+USER_ERRORS = (UserError, ValueError, FileNotFoundError, PermissionError)
+
+
+def run_cli(main, argv=None, extra_errors=()):
+    """Run `main(argv)` and return its result; a user error prints `error: ...` and exits 2.
+
+    `extra_errors`: exception types that are user errors for this tool only. An integer that
+    `main` returns becomes the exit code (as `sys.exit` would do with it)."""
+    try:
+        result = main(argv)
+    except USER_ERRORS + tuple(extra_errors) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)
+    if isinstance(result, int) and not isinstance(result, bool) and result:
+        sys.exit(result)
+    return result

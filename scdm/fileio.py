@@ -1,0 +1,115 @@
+"""Every file the project writes goes through here: atomically, and with the user's permissions.
+
+A write lands in a temporary file beside its target and is renamed over it only when complete, so a
+crash, a full disk or Ctrl-C never leaves a half-written checkpoint, PNG or report under the final
+name (a rerun that skips existing files would otherwise trust a broken one). Temporary files are
+created 0600 by `mkstemp`; the finished file gets the permissions the umask gives any new file
+(0644 under umask 022), so results can be shared on a cluster. Renaming replaces a symbolic link
+at the target instead of writing through it.
+"""
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+TEMP_SUFFIX = ".tmp"
+
+
+def current_umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def default_file_mode():
+    """What `open(path, "w")` would give a new file: 0666 minus the umask."""
+    return 0o666 & ~current_umask()
+
+
+@contextlib.contextmanager
+def atomic_path(path, fsync=False, set_mode=True):
+    """Yield a temporary path beside `path`; when the block succeeds it becomes `path` (umask
+    permissions unless not `set_mode`), otherwise it is removed. `fsync` flushes it to disk first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        if fsync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        if set_mode:
+            os.chmod(tmp, default_file_mode())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists() or tmp.is_symlink():
+            tmp.unlink()
+
+
+def atomic_write(path, data, mode="w", fsync=False):
+    """Write `data` (str, bytes, or a callable taking the open file) to `path` atomically."""
+    with atomic_path(path, fsync=fsync) as tmp:
+        with open(tmp, mode) as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
+
+
+def write_json(obj, path, **dump_kwargs):
+    """Indented JSON with a trailing newline, written atomically."""
+    dump_kwargs.setdefault("indent", 2)
+    atomic_write(path, json.dumps(obj, **dump_kwargs) + "\n")
+
+
+def save_torch(obj, path):
+    """torch.save, atomically and flushed to disk (checkpoints are what a crash must not lose)."""
+    import torch
+    atomic_write(path, lambda f: torch.save(obj, f), mode="wb", fsync=True)
+
+
+def save_npy(array, path):
+    import numpy as np
+    atomic_write(path, lambda f: np.save(f, array), mode="wb")
+
+
+def save_image(image, path, **save_kwargs):
+    """A PIL image or an (H, W[, C]) uint8/uint16 array as PNG (or the format `path` names)."""
+    from PIL import Image
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(image)
+    fmt = save_kwargs.pop("format", None) or Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
+    atomic_write(path, lambda f: image.save(f, format=fmt, **save_kwargs), mode="wb")
+
+
+def link_or_copy(src, dst):
+    """Hard-link `src` at `dst` (a copy across file systems), replacing `dst` atomically. A link
+    shares the source's inode, so its permissions are left as they are."""
+    with atomic_path(dst, set_mode=False) as tmp:
+        tmp.unlink()
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+
+
+def copy_file(src, dst):
+    """A real copy, atomically (the copy must not change when the source does)."""
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def remove_temp_files(folder):
+    """Delete temporary files that a killed writer left in `folder` (not recursive)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for f in folder.glob(f".*{TEMP_SUFFIX}"):
+        f.unlink(missing_ok=True)
+        removed += 1
+    return removed

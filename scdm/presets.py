@@ -1,0 +1,117 @@
+"""The one table of presets: architecture, training and sampling settings per dataset.
+
+`scripts/train.sh` and `scripts/sample.sh` read it through `python -m scdm.presets`, and the
+quickstart, the benchmarks and the tests import it, so a preset is written down once.
+
+- ade20k, coco, celeba: the released SCDM 256x256 models (their checkpoints load with these flags;
+  the released class-schedule file is passed separately).
+- cityscapes: not released with SCDM; the same 256 architecture with the Cityscapes class count and
+  edge channel (square crops, as our loader makes them).
+- toy: the built-in toy data (`scdm.toy`) at 32x32, small enough to train on a CPU in minutes.
+
+    python -m scdm.presets ade20k model          # the flags, one shell word each
+    python -m scdm.presets toy train --json      # as JSON
+    python -m scdm.presets toy model --get dataset_mode
+"""
+import argparse
+import json
+import shlex
+import sys
+from dataclasses import dataclass, field
+
+# The released 256x256 architecture and diffusion, shared by the released datasets.
+RELEASED_ARCH = dict(
+    image_size=256, num_channels=256, num_res_blocks=2, attention_resolutions="32,16,8", num_head_channels=64,
+    resblock_updown=True, use_scale_shift_norm=True, learn_sigma=True, noise_schedule="linear",
+    diffusion_steps=1000, class_cond=True, cond_diffuse=True, cond_opt="discrete_zero_classwise",
+)
+RELEASED_TRAIN = dict(lr=1e-4, batch_size=4, use_fp16=True, use_checkpoint=True, save_interval=10000)
+RELEASED_FINETUNE = dict(RELEASED_TRAIN, lr=2e-5, drop_rate=0.2)
+
+TOY_ARCH = dict(
+    dataset_mode="folder", image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2",
+    attention_resolutions="16", num_head_channels=16, resblock_updown=True, use_scale_shift_norm=True,
+    learn_sigma=True, noise_schedule="linear", diffusion_steps=1000, class_cond=True, no_instance=False,
+    cond_diffuse=True, cond_opt="discrete_zero_classwise",
+)
+TOY_TRAIN = dict(lr=2e-4, batch_size=8, log_interval=20, save_interval=500, max_steps=1000, num_workers=0)
+
+# Sampling schedules of the released scripts, by number of steps.
+SAMPLING = {
+    "25": dict(timestep_respacing="ddim25", s=1.5, extrapolation=0.8, dynamic_threshold=0.95),
+    "1000": dict(timestep_respacing="1000", s=1.5),
+}
+STAGES = ("model", "train", "finetune", "sample25", "sample1000")
+
+
+@dataclass(frozen=True)
+class Preset:
+    model: dict                     # model and diffusion flags (create_model_and_diffusion)
+    train: dict                     # image_train flags of a run from scratch
+    finetune: dict                  # classifier-free fine-tuning from a scratch checkpoint
+    sample_batch_size: int = 4
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def flags(self, stage):
+        """Flags of one stage: `model`, `train`/`finetune` (model + run flags), or
+        `sample25`/`sample1000` (model + the released sampling schedule + batch size)."""
+        if stage == "model":
+            return dict(self.model)
+        if stage in ("train", "finetune"):
+            return dict(self.model, **getattr(self, stage))
+        if stage.startswith("sample") and stage[len("sample"):] in SAMPLING:
+            return dict(self.model, **SAMPLING[stage[len("sample"):]], batch_size=self.sample_batch_size)
+        raise ValueError(f"unknown preset stage {stage!r}; expected one of {STAGES}")
+
+
+def _released(dataset_mode, num_classes, no_instance, note):
+    return Preset(dict(RELEASED_ARCH, dataset_mode=dataset_mode, num_classes=num_classes, no_instance=no_instance),
+                  dict(RELEASED_TRAIN), dict(RELEASED_FINETUNE), note=note)
+
+
+PRESETS = {
+    "ade20k": _released("ade20k", 151, True, "released SCDM ADE20K model (150 classes + unlabeled)"),
+    "coco": _released("coco", 183, False, "released SCDM COCO-Stuff model (182 classes + unlabeled, edge channel)"),
+    "celeba": _released("celeba", 19, False, "released SCDM CelebAMask-HQ model (19 classes, edge channel)"),
+    "cityscapes": _released("cityscapes", 35, False, "not released with SCDM: the 256 architecture for Cityscapes"),
+    "toy": Preset(dict(TOY_ARCH), dict(TOY_TRAIN), dict(TOY_TRAIN, drop_rate=0.2), sample_batch_size=16,
+                  note="built-in toy data at 32x32, CPU"),
+}
+
+
+def get_preset(name):
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {' '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def as_argv(flags):
+    """['--key', 'value', ...] in the form the entry points parse (booleans as True/False)."""
+    argv = []
+    for key, value in flags.items():
+        argv += [f"--{key}", str(value)]
+    return argv
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m scdm.presets", description="Print the flags of a preset.")
+    p.add_argument("preset", choices=sorted(PRESETS))
+    p.add_argument("stage", nargs="?", default="model", choices=STAGES)
+    p.add_argument("--json", action="store_true", help="print a JSON object instead of shell words")
+    p.add_argument("--get", metavar="FLAG", help="print the value of one flag only")
+    args = p.parse_args(argv)
+    flags = get_preset(args.preset).flags(args.stage)
+    if args.get:
+        if args.get not in flags:
+            p.error(f"preset {args.preset} ({args.stage}) has no flag {args.get!r}; it has: {' '.join(flags)}")
+        print(flags[args.get])
+    elif args.json:
+        print(json.dumps(flags, indent=2))
+    else:
+        print(" ".join(shlex.quote(a) for a in as_argv(flags)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Every writer goes through scdm.fileio: atomic, and with the umask's permissions."""
+import os
+import stat
+
+import numpy as np
+import pytest
+import torch
+
+from scdm import fileio
+
+
+@pytest.fixture
+def umask022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_writers_honour_umask(tmp_path, umask022):
+    fileio.atomic_write(tmp_path / "a.txt", "hello")
+    fileio.write_json({"a": 1}, tmp_path / "b.json")
+    fileio.save_torch({"w": torch.ones(2)}, tmp_path / "c.pt")
+    fileio.save_npy(np.arange(3), tmp_path / "d.npy")
+    fileio.save_image(np.zeros((4, 4, 3), np.uint8), tmp_path / "e.png")
+    for name in ("a.txt", "b.json", "c.pt", "d.npy", "e.png"):
+        assert mode(tmp_path / name) == 0o644, name
+    os.umask(0o077)
+    fileio.atomic_write(tmp_path / "private.txt", "x")
+    assert mode(tmp_path / "private.txt") == 0o600
+    assert torch.load(tmp_path / "c.pt")["w"].sum() == 2
+    assert np.load(tmp_path / "d.npy").tolist() == [0, 1, 2]
+
+
+def test_failed_write_leaves_old_file_and_no_temp(tmp_path):
+    target = tmp_path / "result.json"
+    fileio.write_json({"old": True}, target)
+
+    def boom(f):
+        f.write("partial")
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        fileio.atomic_write(target, boom)
+    assert target.read_text().strip().startswith("{") and "old" in target.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
+
+
+def test_symlinked_target_is_replaced_not_written_through(tmp_path):
+    source = tmp_path / "source.txt"
+    source.write_text("input annotation")
+    link = tmp_path / "out.txt"
+    link.symlink_to(source)
+    fileio.atomic_write(link, "new")
+    assert source.read_text() == "input annotation" and not link.is_symlink() and link.read_text() == "new"
+
+
+def test_link_or_copy_keeps_the_source_mode(tmp_path, umask022):
+    src = tmp_path / "img.jpg"
+    src.write_bytes(b"jpeg")
+    os.chmod(src, 0o444)
+    fileio.link_or_copy(src, tmp_path / "out" / "img.jpg")
+    assert (tmp_path / "out" / "img.jpg").read_bytes() == b"jpeg" and mode(src) == 0o444
+
+
+def test_remove_temp_files(tmp_path):
+    (tmp_path / ".x.png.abc.tmp").write_text("")
+    (tmp_path / "keep.png").write_text("")
+    assert fileio.remove_temp_files(tmp_path) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.png"]
