@@ -1,10 +1,10 @@
 """Speed of the noisy-label generators: vectorized vs a plain per-pixel Python loop, and the
 time to build a 2000-map benchmark tree with the image_process CLIs. Prints JSON.
 
-    python benchmarks/bench_corruptions.py [--maps 20] [--slow_maps 3] [--num 2000] [--workers 2]
+    python benchmarks/bench_corruptions.py [--maps 20] [--slow_maps 3] [--num 2000] [--num_workers 2]
 
-Targets (issue 5): each noise >= 100x faster than the loop per 256x256 map; the 2000-map tree in
-under a minute on 2 cores. The loops implement the same algorithms (same random draws), and the
+Targets: each noise >= 100x faster than the loop per 256x256 map; the 2000-map tree in under a
+minute on 2 cores. The loops implement the same algorithms (same random draws), and the
 run checks that both paths give identical maps.
 """
 from __future__ import annotations
@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random as stdlib_random
-import sys
 import tempfile
 import time
 from collections import deque
@@ -23,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from image_process.common import build_tree  # noqa: E402
-from image_process.synthetic import scene, write_tree  # noqa: E402
-from scdm import corruptions as C  # noqa: E402
+from image_process.common import build_tree
+from image_process.synthetic import scene, write_tree
+from scdm import corruptions as C
+from scdm.cli import HelpFormatter, add_deprecated_alias
+from scdm.performance import describe_machine
 
 PARAMS = {"downsample": {"size": 64}, "edge": {"radius": 2}, "random": {"p": 0.1},
           "painter": {"max_shift": 3, "small_area": 64, "drop_prob": 0.5}}
@@ -177,7 +175,7 @@ def bench_maps(size, n_fast, n_slow):
     return results
 
 
-def bench_tree(num, workers, height, width, tmp, distinct=100):
+def bench_tree(num, num_workers, height, width, tmp, distinct=100):
     """A fake ADE20K validation split of ``num`` samples (``distinct`` synthetic maps under
     ``num`` names, each name seeding its own noise), then each CLI's tree, timed."""
     t = time.perf_counter()
@@ -193,33 +191,30 @@ def bench_tree(num, workers, height, width, tmp, distinct=100):
            "generate_source_s": round(made, 1)}
     for noise, params in PARAMS.items():
         t = time.perf_counter()
-        build_tree(noise, data, Path(tmp) / noise, params, num=num, workers=workers, image_size=256,
+        build_tree(noise, data, Path(tmp) / noise, params, num=num, num_workers=num_workers, image_size=256,
                    progress=False)
         out[f"{noise}_s"] = round(time.perf_counter() - t, 2)
     return out
 
 
 def machine():
+    """The project's machine description plus the versions this benchmark depends on."""
     def version(pkg):
         try:
             return metadata.version(pkg)
         except metadata.PackageNotFoundError:
             return None
-
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "python": platform.python_version(),
-            **{pkg: version(pkg) for pkg in ("numpy", "scipy", "Pillow", "torch")}}
+    return dict(describe_machine(), **{pkg: version(pkg) for pkg in ("numpy", "scipy", "Pillow")})
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", type=int, default=256)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    p.add_argument("--size", type=int, default=256, help="side of the timed maps")
     p.add_argument("--maps", type=int, default=20, help="maps timed with the vectorized code")
     p.add_argument("--slow_maps", type=int, default=3, help="maps timed with the Python loops")
     p.add_argument("--num", type=int, default=2000, help="maps in the benchmark tree (0: skip)")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--num_workers", type=int, default=2, help="worker processes building the tree")
+    add_deprecated_alias(p, "--workers", "--num_workers", dest="num_workers", type=int)
     p.add_argument("--source_hw", type=int, nargs=2, default=[384, 512],
                    help="size of the synthetic source maps/images (ADE20K val is ~512 on the short side)")
     args = p.parse_args(argv)
@@ -227,7 +222,7 @@ def main(argv=None):
               "per_map": bench_maps(args.size, args.maps, args.slow_maps)}
     if args.num:
         with tempfile.TemporaryDirectory() as tmp:
-            report["tree"] = bench_tree(args.num, args.workers, *args.source_hw, tmp)
+            report["tree"] = bench_tree(args.num, args.num_workers, *args.source_hw, tmp)
     print(json.dumps(report, indent=2))
 
 

@@ -11,25 +11,19 @@ Prints one JSON object; never used by the tests.
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 
 import torch
 
+from scdm.cli import HelpFormatter, add_deprecated_alias
+from scdm.performance import describe_machine
 from scdm.datasets import load_data
 from scdm.toy import make_toy_dataset
 
 
 def machine():
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-    }
+    return describe_machine()
 
 
 def measure(args, data_dir, num_workers):
@@ -46,15 +40,16 @@ def measure(args, data_dir, num_workers):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--dataset_mode", default="folder")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--dataset_mode", default="folder", help="layout of --data_dir")
     p.add_argument("--data_dir", default="", help="an existing dataset; default: a generated toy tree")
-    p.add_argument("--image_size", type=int, default=256)
+    p.add_argument("--image_size", type=int, default=256, help="side of the loaded images")
     p.add_argument("--source_size", type=int, default=512, help="toy image side on disk")
     p.add_argument("--num_images", type=int, default=32, help="toy training images to generate")
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--batch_size", type=int, default=8, help="images per batch")
     p.add_argument("--batches", type=int, default=8, help="timed batches per setting")
-    p.add_argument("--workers", default="0,2", help="comma-separated num_workers values")
+    p.add_argument("--num_workers", default="0,2", help="comma-separated loader worker counts, each timed")
+    add_deprecated_alias(p, "--workers", "--num_workers", dest="num_workers")
     p.add_argument("--threads", type=int, default=1, help="torch threads in the main process")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -63,7 +58,7 @@ def main():
         if not data_dir:
             data_dir = make_toy_dataset(os.path.join(tmp, "toy"), num_train=args.num_images, num_test=0,
                                         size=args.source_size, seed=0)
-        results = [measure(args, data_dir, int(w)) for w in args.workers.split(",")]
+        results = [measure(args, data_dir, int(w)) for w in args.num_workers.split(",")]
     config = {k: v for k, v in vars(args).items()}
     config["data_dir"] = args.data_dir or f"<generated toy tree, {args.source_size} px>"
     print(json.dumps({"benchmark": "loader_throughput", "machine": machine(), "config": config,

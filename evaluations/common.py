@@ -1,5 +1,8 @@
 """Shared pieces of the evaluation tools: folder listing, name matching, the size policy, errors.
 
+Extensions and the id-map reader are scdm's (`scdm.dataset_layouts`), so a dataset the loader
+reads is one the evaluations read; errors are `UserError`s, reported by `scdm.errors.run_cli`.
+
 Size policy (one rule for every tool): the ground truth defines the size. An image whose size
 differs from its reference is resized to it before scoring -- RGB images with PIL bicubic,
 label maps with nearest -- and the tool prints one note saying how many files were resized.
@@ -9,33 +12,22 @@ statistics file; LPIPS -- the same-name image of set 0; mIoU -- the same-name gr
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
-import tempfile
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 
-IMAGE_EXTENSIONS = (".bmp", ".jpg", ".jpeg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
+from scdm.dataset_layouts import IMAGE_EXTENSIONS, read_ids, resize_ids
+from scdm.errors import UserError
+
 MAX_LISTED = 10  # how many offending names an error message shows
 
 
-class EvalError(Exception):
+class EvalError(UserError):
     """A problem the user can fix (path, flag, file content): reported as one line, exit code 2."""
-
-
-def run_cli(main: Callable[[Optional[Sequence[str]]], object], argv=None) -> None:
-    """Run a CLI main; an EvalError becomes one 'error: ...' line on stderr and exit code 2."""
-    try:
-        main(argv)
-    except EvalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
 
 
 def default_device(device: Optional[str] = None) -> torch.device:
@@ -134,23 +126,13 @@ def load_rgb(path: Path, size: Optional[Tuple[int, int]] = None) -> Tuple[torch.
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0), resized
 
 
-def load_label(path: Path, size: Optional[Tuple[int, int]] = None) -> Tuple[np.ndarray, bool]:
-    """int64 id map (H, W) from a single-channel PNG (L, P, I, I;16); resized with nearest to
-    `size` = (W, H) when it differs. A colour map is accepted only when R == G == B."""
-    img = _open(path)
-    if img.mode in ("RGB", "RGBA"):
-        arr = np.asarray(img)
-        if not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
-            raise EvalError(f"{path} is a colour (RGB) image; expected a single-channel map of class ids")
-        img = Image.fromarray(arr[..., 0])
-    elif img.mode in ("LA", "PA"):
-        img = img.getchannel(0)
-    elif img.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L", "1"):
-        raise EvalError(f"{path} has image mode {img.mode}; expected a single-channel map of class ids")
-    resized = size is not None and img.size != tuple(size)
-    if resized:
-        img = img.resize(tuple(size), Image.NEAREST)
-    return np.asarray(img).astype(np.int64), resized
+def load_label(path: Path, size: Optional[Tuple[int, int]] = None,
+               what: str = "label map") -> Tuple[np.ndarray, bool]:
+    """int64 id map (H, W) read by scdm's id-map reader (8/16-bit grayscale, palette, gray RGB);
+    resized with nearest to `size` = (W, H) when it differs. Returns (ids, resized?)."""
+    ids = read_ids(path, what)
+    resized = size is not None and ids.shape[::-1] != tuple(size)
+    return (resize_ids(ids, size) if resized else ids), resized
 
 
 def note_resized(count: int, total: int, what: str) -> None:
@@ -162,32 +144,6 @@ def note_resized(count: int, total: int, what: str) -> None:
 
 def _policy_words(what: str) -> str:
     return "nearest" if "label" in what or "prediction" in what else "bicubic"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path, data, mode: str = "w") -> None:
-    """Write `data` to `path` through a temporary file in the same folder and os.replace, so a
-    reader never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            if callable(data):
-                data(f)
-            else:
-                f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def hub_checkpoint(filename: str) -> Path:

@@ -1,6 +1,6 @@
 """One command that scores a results folder written by the sampler and writes a JSON + markdown report.
 
-    python -m evaluations.report --results RESULTS_DIR [--gt GT_DIR] [--dataset ade20k] ...
+    python -m evaluations.report --results RESULTS_DIR [--gt GT_DIR] [--dataset_mode ade20k] ...
 
 Layout read: <results>/{images,labels,samples}/<name>.png, optional samples_0..samples_{K-1}/
 and pred/ (segmenter predictions). Each metric runs when it applies and is otherwise reported as
@@ -10,22 +10,26 @@ exits with code 2 after writing the report.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Optional
 
-from evaluations.common import EvalError, atomic_write, list_images, run_cli
+from evaluations.common import EvalError, list_images
+from evaluations.miou import DATASETS as MIOU_DATASETS
+from scdm.cli import HelpFormatter, add_deprecated_alias
+from scdm.errors import UserError, run_cli
+from scdm.fileio import atomic_write, write_json
 
 SIZE_POLICY = ("the ground truth defines the size: differing images are resized to it "
                "(images bicubic, label maps nearest)")
 
 
 def _status(fn):
-    """Run one metric: (result dict, 'ok') or (None, 'failed: ...')."""
+    """Run one metric: (result dict, 'ok') or (None, 'failed: ...') for any user error (a bad
+    file, a dataset that does not match its flags)."""
     try:
         return fn(), "ok"
-    except EvalError as e:
+    except UserError as e:
         return None, f"failed: {e}"
 
 
@@ -58,7 +62,7 @@ def evaluate(results, gt=None, dataset: Optional[str] = None, num_classes: Optio
     entry = {"value": None, "dims": dims}
     try:
         weights = fid_mod.inception_weights(fid_weights, flag="--fid-weights")
-    except EvalError as e:
+    except UserError as e:
         entry["status"] = f"skipped: {e}"
     else:
         entry["weights"] = weights
@@ -72,14 +76,14 @@ def evaluate(results, gt=None, dataset: Optional[str] = None, num_classes: Optio
     entry = {"value": None, "net": "alex"}
     try:
         sets = lpips_mod.find_sample_sets(results, num_sets)
-    except EvalError as e:
+    except UserError as e:
         sets, entry["status"] = [], f"failed: {e}"
     if "status" not in entry and len(sets) < 2:
         entry["status"] = f"skipped: needs at least 2 sample sets (samples_0..samples_K-1), found {len(sets)}"
     elif "status" not in entry:
         try:
             w = lpips_mod.backbone_weights(lpips_weights, flag="--lpips-weights")
-        except EvalError as e:
+        except UserError as e:
             entry["status"] = f"skipped: {e}"
         else:
             entry["weights"] = w
@@ -96,7 +100,8 @@ def evaluate(results, gt=None, dataset: Optional[str] = None, num_classes: Optio
         entry["status"] = f"skipped: no ground-truth labels at {labels}"
     elif pred.is_dir():
         if dataset is None and num_classes is None:
-            entry["status"] = f"skipped: predictions found at {pred}, but neither --dataset nor --num_classes was given"
+            entry["status"] = (f"skipped: predictions found at {pred}, but neither --dataset_mode nor --num_classes "
+                               "was given")
         else:
             res, entry["status"] = _status(lambda: miou_mod.miou_of_folders(
                 pred, labels, num_classes, dataset or "folder", ignore_index))
@@ -106,11 +111,11 @@ def evaluate(results, gt=None, dataset: Optional[str] = None, num_classes: Optio
         entry["segmenter"] = "toy (exact)"
     else:
         entry["status"] = (f"skipped: no predictions at {pred} (run a segmenter, see evaluations/README.md; "
-                           "--dataset toy uses the built-in toy segmenter)")
+                           "--dataset_mode toy uses the built-in toy segmenter)")
     if entry["status"] == "ok":
         entry.update(value=res["miou"], pixel_accuracy=res["pixel_accuracy"], num_classes=res["num_classes"],
                      ignore_index=res["ignore_index"], classes_present=len(res["classes_present"]),
-                     per_class_iou=res["per_class_iou"])
+                     per_class_iou=res["per_class_iou"], class_names=res.get("class_names"))
     report["miou"] = entry
     return report
 
@@ -141,36 +146,46 @@ def markdown(report: dict) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m evaluations.report", description=(
+    p = argparse.ArgumentParser(prog="python -m evaluations.report", formatter_class=HelpFormatter, description=(
         "Score a sampler results folder (FID, LPIPS diversity, mIoU, whatever applies) and write "
         "<prefix>.json and <prefix>.md"))
-    p.add_argument("--results", required=True, metavar="RESULTS_DIR")
-    p.add_argument("--gt", default=None, metavar="GT_DIR", help="ground-truth images for FID (default RESULTS_DIR/images)")
-    p.add_argument("--dataset", default=None, choices=["ade20k", "coco", "celeba", "toy", "folder"])
-    p.add_argument("--num_classes", "--num-classes", type=int, default=None)
-    p.add_argument("--ignore_index", "--ignore-index", type=int, default=None)
-    p.add_argument("--num_sets", "--num-sets", type=int, default=None)
-    p.add_argument("--fid-weights", "--fid_weights", default=None, help="pytorch-fid Inception weights ('random': tests)")
-    p.add_argument("--lpips-weights", "--lpips_weights", default=None, help="torchvision AlexNet weights ('random': tests)")
-    p.add_argument("--dims", type=int, default=2048, choices=(64, 192, 768, 2048))
-    p.add_argument("-b", "--batch-size", "--batch_size", type=int, default=50)
-    p.add_argument("--device", default=None)
-    p.add_argument("--num-workers", "--num_workers", type=int, default=0)
+    p.add_argument("--results", required=True, metavar="RESULTS_DIR", help="a sampler results folder")
+    p.add_argument("--gt", default=None, metavar="GT_DIR", help="ground-truth images for FID; None: RESULTS_DIR/images")
+    p.add_argument("--dataset_mode", "--dataset-mode", default=None, choices=MIOU_DATASETS,
+                   help="dataset of the labels (mIoU's id mapping, ignored id and class count; toy: the toy segmenter)")
+    add_deprecated_alias(p, "--dataset", "--dataset_mode", dest="dataset_mode")
+    p.add_argument("--num_classes", "--num-classes", type=int, default=None,
+                   help="mIoU classes; None: the dataset's")
+    p.add_argument("--ignore_index", "--ignore-index", type=int, default=None,
+                   help="raw label id not scored by mIoU; None: the dataset's raw unlabeled id")
+    p.add_argument("--num_sets", "--num-sets", type=int, default=None,
+                   help="LPIPS sample sets K; None: every consecutive samples_<k> folder")
+    p.add_argument("--fid-weights", "--fid_weights", default=None,
+                   help="pytorch-fid Inception weights ('random': tests)")
+    p.add_argument("--lpips-weights", "--lpips_weights", default=None,
+                   help="torchvision AlexNet weights ('random': tests)")
+    p.add_argument("--dims", type=int, default=2048, choices=(64, 192, 768, 2048), help="FID Inception features")
+    p.add_argument("-b", "--batch-size", "--batch_size", type=int, default=50, help="images per network call")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1; None: cuda when available")
+    p.add_argument("--num-workers", "--num_workers", type=int, default=0, help="data-loading processes")
     p.add_argument("--out-prefix", "--out_prefix", default="report",
-                   help="output path prefix; a relative one is inside RESULTS_DIR (default: report)")
-    return p.parse_args(argv)
+                   help="output path prefix; a relative one is inside RESULTS_DIR")
+    args = p.parse_args(argv)
+    if args.dataset_mode is not None and args.dataset_mode not in MIOU_DATASETS:  # the alias skips `choices`
+        p.error(f"--dataset_mode {args.dataset_mode!r}: choose one of {', '.join(MIOU_DATASETS)}")
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    report = evaluate(args.results, args.gt, args.dataset, args.num_classes, args.ignore_index,
+    report = evaluate(args.results, args.gt, args.dataset_mode, args.num_classes, args.ignore_index,
                       args.fid_weights, args.lpips_weights, args.num_sets, args.batch_size, args.device,
                       args.dims, args.num_workers)
     prefix = Path(args.out_prefix)
     if not prefix.is_absolute():
         prefix = Path(args.results) / prefix
     md = markdown(report)
-    atomic_write(prefix.with_name(prefix.name + ".json"), json.dumps(report, indent=2) + "\n")
+    write_json(report, prefix.with_name(prefix.name + ".json"))
     atomic_write(prefix.with_name(prefix.name + ".md"), md)
     print(md, end="")
     print(f"wrote {prefix}.json and {prefix}.md", file=sys.stderr)

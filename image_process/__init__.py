@@ -5,7 +5,7 @@
     python -m image_process.random     --data_dir ADEChallengeData2016 --out_dir ade_random
     python -m image_process.painter    --data_dir ADEChallengeData2016 --out_dir ade_painter
 
-Each writes a complete dataset tree (images hard-linked, noisy annotations as PNG) that
-``--dataset_mode ade20k`` (or coco, cityscapes) reads as it is. ``python -m image_process.figure``
-draws docs/corruptions.png.
+Each writes a complete dataset tree (images hard-linked, noisy annotations as PNG) that the
+loader reads as it is, with the same ``--dataset_mode`` (ade20k, coco, celeba, cityscapes, folder).
+``python -m image_process.figure`` draws docs/corruptions.png.
 """

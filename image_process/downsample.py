@@ -4,7 +4,7 @@
 """
 import sys
 
-from image_process.common import Noise, main as _main, require
+from image_process.common import Noise, require, run_noise_cli
 
 
 def _add_args(p):
@@ -20,7 +20,7 @@ NOISE = Noise("downsample", __doc__.splitlines()[0], _add_args, _params, resize=
 
 
 def main(argv=None) -> int:
-    return _main(NOISE, argv)
+    return run_noise_cli(NOISE, argv)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """Edge benchmark: at --image_size, pixels within L1 distance --radius of a boundary set to unlabeled.
 
-Boundaries come from the instance maps (coco, cityscapes) or the label map (ade20k).
+Boundaries come from the instance maps (coco, cityscapes, folder with instances/) or the label map
+(ade20k; celeba, whose label map doubles as instance map).
 
     python -m image_process.edge --data_dir ADEChallengeData2016 --out_dir ade_edge [--radius 2]
 """
 import sys
 
-from image_process.common import Noise, main as _main, require
+from image_process.common import Noise, require, run_noise_cli
 
 
 def _add_args(p):
@@ -22,7 +23,7 @@ NOISE = Noise("edge", __doc__.splitlines()[0], _add_args, _params)
 
 
 def main(argv=None) -> int:
-    return _main(NOISE, argv)
+    return run_noise_cli(NOISE, argv)
 
 
 if __name__ == "__main__":

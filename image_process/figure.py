@@ -14,6 +14,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from image_process.synthetic import colorize, scene
 from scdm import corruptions as C
+from scdm.cli import HelpFormatter
+from scdm.fileio import save_image
 
 
 def panels(size: int = 256, seed: int = 9) -> list:
@@ -47,15 +49,16 @@ def draw(items: list, gap: int = 8, caption: int = 22) -> Image.Image:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m image_process.figure", description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "corruptions.png")
-    p.add_argument("--seed", type=int, default=9)
-    p.add_argument("--size", type=int, default=256)
+    p = argparse.ArgumentParser(prog="python -m image_process.figure", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "corruptions.png",
+                   help="the PNG to write")
+    p.add_argument("--seed", type=int, default=9, help="seed of the synthetic map and the noises")
+    p.add_argument("--size", type=int, default=256, help="side of each panel in pixels")
     args = p.parse_args(argv)
     image = draw(panels(args.size, args.seed))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     # few colours: a palette PNG is a fraction of the RGB one's size
-    image.quantize(colors=256, method=Image.Quantize.MAXCOVERAGE).save(args.out, optimize=True)
+    save_image(image.quantize(colors=256, method=Image.Quantize.MAXCOVERAGE), args.out, optimize=True)
     print(f"wrote {args.out} ({args.out.stat().st_size // 1024} KB)")
     return 0
 

@@ -8,7 +8,7 @@ smaller than --small_area pixels are forgotten with probability --drop_prob.
 """
 import sys
 
-from image_process.common import Noise, main as _main, require
+from image_process.common import Noise, require, run_noise_cli
 
 
 def _add_args(p):
@@ -28,7 +28,7 @@ NOISE = Noise("painter", __doc__.splitlines()[0], _add_args, _params)
 
 
 def main(argv=None) -> int:
-    return _main(NOISE, argv)
+    return run_noise_cli(NOISE, argv)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ Run it as ``python -m image_process.random`` (as a module it does not shadow Pyt
 """
 import sys
 
-from image_process.common import Noise, main as _main, require
+from image_process.common import Noise, require, run_noise_cli
 
 
 def _add_args(p):
@@ -22,7 +22,7 @@ NOISE = Noise("random", __doc__.splitlines()[0], _add_args, _params)
 
 
 def main(argv=None) -> int:
-    return _main(NOISE, argv)
+    return run_noise_cli(NOISE, argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Synthetic scene-like label maps and fake dataset trees (ade20k, coco, cityscapes layouts).
+"""Synthetic scene-like label maps and fake dataset trees in every layout of scdm.dataset_layouts.
 
 The corruption figure, the benchmark and the tests need realistic-looking maps (large stuff
 regions, objects, small things, unlabeled bits) without any real dataset on disk.
@@ -11,7 +11,8 @@ from typing import Tuple
 import numpy as np
 from PIL import Image
 
-LAYOUT_FILL = {"ade20k": 0, "coco": 255, "cityscapes": 0}
+from scdm.dataset_layouts import get_layout
+from scdm.fileio import save_image, write_json
 
 
 def scene(height: int, width: int, rng: np.random.Generator, num_classes: int = 150,
@@ -58,44 +59,57 @@ def _photo(label: np.ndarray, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
 
 
+# File key of sample i per layout (the real datasets' naming, so that tests see realistic names).
+SAMPLE_KEYS = {
+    "ade20k": lambda i: f"ADE_val_{i + 1:08d}",
+    "coco": lambda i: f"{i + 1:012d}",
+    "celeba": lambda i: str(i),
+    "cityscapes": lambda i: f"{('frankfurt', 'lindau')[i % 2]}_{i:06d}_000019",
+    "folder": lambda i: f"{i:05d}",
+}
+FOLDER_META = {"num_classes": 151, "unlabeled_id": 0}  # folder trees keep the scene's ids as they are
+
+
+def stored_ids(layout: str, label: np.ndarray) -> np.ndarray:
+    """A scene map (0 unlabeled, 1.. things) as ``layout`` stores it: unlabeled pixels get the
+    dataset's raw unlabeled id (class 0 where it has none), the others wrap into its classes."""
+    lay = get_layout(layout)
+    if lay.metadata_file:
+        return label
+    count = lay.num_classes - (lay.unlabeled_class is not None)
+    unlabeled = 0 if lay.raw_unlabeled_id is None else lay.raw_unlabeled_id
+    return np.where(label == 0, unlabeled, (label - 1) % count + lay.id_shift)
+
+
 def write_tree(root: Path, layout: str = "ade20k", num: int = 4, height: int = 48, width: int = 64,
                seed: int = 0, split: str = "") -> Path:
-    """Write a fake dataset tree in ``layout`` with ``num`` maps; returns ``root``.
+    """Write a fake dataset tree in ``layout`` (any of scdm's layouts) with ``num`` samples in
+    ``split`` (default the layout's test split); returns ``root``.
 
-    ade20k: images/<split>/*.jpg + annotations/<split>/*.png (0 unlabeled);
-    coco: <split>_img/*.jpg, <split>_label/*.png (255 unlabeled), <split>_inst/*.png;
-    cityscapes: leftImg8bit/<split>/<city>/*_leftImg8bit.png + gtFine labelIds/instanceIds.
+    Instance maps where the layout has them: coco and folder number the objects, cityscapes
+    encodes class * 1000 + object as its instanceIds do; folder also gets a dataset.json.
     """
     root = Path(root)
+    lay = get_layout(layout)
+    split = split or lay.test_split
     rng = np.random.default_rng(seed)
     for i in range(num):
         label, objects = scene(height, width, rng)
         photo = _photo(label, rng)
-        if layout == "ade20k":
-            split = split or "validation"
-            name = f"ADE_val_{i + 1:08d}"
-            files = {f"images/{split}/{name}.jpg": photo,
-                     f"annotations/{split}/{name}.png": Image.fromarray(label.astype(np.uint8))}
-        elif layout == "coco":
-            split = split or "val"
-            name = f"{i + 1:012d}"
-            raw = np.where(label == 0, 255, label - 1).astype(np.uint8)
-            files = {f"{split}_img/{name}.jpg": photo,
-                     f"{split}_label/{name}.png": Image.fromarray(raw),
-                     f"{split}_inst/{name}.png": Image.fromarray(objects.astype(np.uint8))}
-        elif layout == "cityscapes":
-            split = split or "val"
-            city = ("frankfurt", "lindau")[i % 2]
-            name = f"{city}_{i:06d}_000019"
-            ids = (label % 34).astype(np.uint8)
-            inst = np.where(objects > 0, ids.astype(np.int32) * 1000 + objects, ids).astype(np.uint16)
-            files = {f"leftImg8bit/{split}/{city}/{name}_leftImg8bit.png": photo,
-                     f"gtFine/{split}/{city}/{name}_gtFine_labelIds.png": Image.fromarray(ids),
-                     f"gtFine/{split}/{city}/{name}_gtFine_instanceIds.png": Image.fromarray(inst)}
-        else:
-            raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUT_FILL)}")
-        for rel, img in files.items():
-            path = root / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            img.save(path)
+        key = SAMPLE_KEYS[layout](i)
+        sub = key.split("_")[0] + "/" if layout == "cityscapes" else ""
+        ids = stored_ids(layout, label)
+        ids = ids.astype(np.uint8 if ids.max() < 256 else np.uint16)
+        ext = ".png" if layout == "cityscapes" else ".jpg"
+        files = {f"{lay.image_dir.format(split=split)}/{sub}{key}{lay.image_suffix}{ext}": photo,
+                 f"{lay.label_dir.format(split=split)}/{sub}{key}{lay.label_suffix}.png": ids}
+        if lay.instance_dir is not None:
+            inst = objects.astype(np.uint8)
+            if layout == "cityscapes":
+                inst = np.where(objects > 0, ids.astype(np.int32) * 1000 + objects, ids).astype(np.uint16)
+            files[f"{lay.instance_dir.format(split=split)}/{sub}{key}{lay.instance_suffix}.png"] = inst
+        for rel, arr in files.items():
+            save_image(arr, root / rel)
+    if lay.metadata_file:
+        write_json(FOLDER_META, root / lay.metadata_file)
     return root

@@ -23,8 +23,6 @@ range of the released files (common classes a few units, small classes hundreds 
     python -m scdm.class_schedule --dataset_mode folder --data_dir data/toy --out schedule.npy
 """
 import argparse
-import os
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .datasets import DatasetError, build_dataset, clean_worker_error
+from .fileio import save_npy
 
 UNIFORM_LAMBDA = 0.5     # absent and unlabeled classes: diffuse uniformly
 MIN_LAMBDA = 1.001
@@ -111,18 +110,8 @@ def compute_class_schedule(dataset_mode, data_dir, num_classes=None, unlabeled_i
 
 
 def save_schedule(path, lambdas):
-    """Write the .npy atomically (a temp file in the same folder, then rename)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".class_schedule_", suffix=".npy")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, np.asarray(lambdas, dtype=np.float64))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Write the .npy atomically (a crash never leaves a truncated schedule under the final name)."""
+    save_npy(np.asarray(lambdas, dtype=np.float64), path)
 
 
 def format_table(stats, lambdas, unlabeled_id=None, max_rows=24):

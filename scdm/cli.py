@@ -11,7 +11,7 @@
 import argparse
 import sys
 
-from .errors import UserError, run_cli  # noqa: F401  (the entry points' wrapper lives in errors)
+from .errors import UserError
 
 TRUE_WORDS = ("yes", "true", "t", "y", "1")
 FALSE_WORDS = ("no", "false", "f", "n", "0")
@@ -42,7 +42,8 @@ class _DeprecatedAlias(argparse.Action):
 
 
 def add_deprecated_alias(parser, old, new, dest, type=None, nargs=None, const=None):
-    """`old` still works like `new` (same destination), with one deprecation line when used."""
+    """`old` still works like `new` (same destination), with one deprecation line when used.
+    argparse cannot see an alias satisfy `required=True`: check a required `new` after parsing."""
     action = parser.add_argument(old, dest=dest, type=type, nargs=nargs, const=const, default=argparse.SUPPRESS,
                                  action=_DeprecatedAlias, help=argparse.SUPPRESS)
     action.metavar_new = new

@@ -1,12 +1,11 @@
 """Defaults, model/diffusion construction and argparse helpers, under the released flag names."""
 from . import gaussian_diffusion as gd
 from .cli import add_bool_argument, str2bool  # noqa: F401  (str2bool: kept importable here)
+from .dataset_layouts import get_layout
 from .label_diffusion import COND_OPTS, DISCRETE_CLASSWISE, load_class_schedule
 from .respace import SpacedDiffusion, space_timesteps
 from .unet import UNetModel
 
-# Raw "unlabeled" class of each released dataset, after remapping (DESIGN.md §4).
-UNLABELED_ID = {"ade20k": 150, "coco": 183 - 1}
 DEFAULT_CHANNEL_MULT = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4),
                         64: (1, 2, 3, 4), 32: (1, 2, 2, 2)}
 
@@ -53,9 +52,10 @@ def model_and_diffusion_defaults():
 
 
 def resolve_unlabeled_id(unlabeled_id, dataset_mode):
+    """The flag when given (>= 0), else the layout's unlabeled class (ade20k 150, coco 182), else None."""
     if unlabeled_id is not None and unlabeled_id >= 0:
         return unlabeled_id
-    return UNLABELED_ID.get(dataset_mode)
+    return get_layout(dataset_mode).unlabeled_class if dataset_mode else None
 
 
 def create_model_and_diffusion(**kwargs):

@@ -11,7 +11,7 @@ Label maps have large smooth regions (5 "scene" classes), an unlabeled blob in s
 small common class (flower) and a small rare class (gem), so class-wise label diffusion has
 something to do. Instance ids are the connected components of each class.
 
-    python -m scdm.toy --out data/toy --num_train 512 --num_test 64 --size 64 --seed 0
+    python -m scdm.toy --out_dir data/toy --num_train 512 --num_test 64 --size 64 --seed 0
 """
 import argparse
 import json
@@ -20,8 +20,11 @@ import shutil
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
+
+from .cli import HelpFormatter, add_deprecated_alias
+from .errors import UserError, run_cli
+from .fileio import save_image, write_json
 
 
 class ToyClass(NamedTuple):
@@ -167,8 +170,8 @@ def _prepare_out_dir(out_dir):
         except (OSError, ValueError, AttributeError):
             is_toy = False
         if not is_toy:
-            raise FileExistsError(f"--out {out_dir} exists and is not a toy dataset made by {GENERATOR}; "
-                                  "choose an empty or new folder")
+            raise UserError(f"--out_dir {out_dir} exists and is not a toy dataset made by {GENERATOR}; "
+                            "choose an empty or new folder (nothing was changed)")
         for split in _SPLIT_CODE:
             shutil.rmtree(os.path.join(out_dir, split), ignore_errors=True)
     for split in _SPLIT_CODE:
@@ -183,7 +186,7 @@ def make_toy_dataset(out_dir, num_train=256, num_test=32, size=64, seed=0, progr
     arguments give the same bytes."""
     for name, value, lo in (("num_train", num_train, 1), ("num_test", num_test, 0), ("size", size, 8)):
         if int(value) != value or value < lo:
-            raise ValueError(f"--{name} must be an integer >= {lo}, got {value}")
+            raise UserError(f"--{name} must be an integer >= {lo}, got {value}")
     _prepare_out_dir(out_dir)
     jobs = [("train", i) for i in range(num_train)] + [("test", i) for i in range(num_test)]
     if progress:
@@ -192,9 +195,9 @@ def make_toy_dataset(out_dir, num_train=256, num_test=32, size=64, seed=0, progr
     for split, i in jobs:
         image, label, instance = make_toy_sample(size, seed, split, i)
         name = f"{i:05d}.png"
-        Image.fromarray(image).save(os.path.join(out_dir, split, "images", name))
-        Image.fromarray(label.astype(np.uint8)).save(os.path.join(out_dir, split, "labels", name))
-        Image.fromarray(instance.astype(np.uint16)).save(os.path.join(out_dir, split, "instances", name))
+        save_image(image, os.path.join(out_dir, split, "images", name))
+        save_image(label.astype(np.uint8), os.path.join(out_dir, split, "labels", name))
+        save_image(instance.astype(np.uint16), os.path.join(out_dir, split, "instances", name))
     meta = {
         "num_classes": TOY_NUM_CLASSES,
         "unlabeled_id": TOY_UNLABELED_ID,
@@ -202,27 +205,27 @@ def make_toy_dataset(out_dir, num_train=256, num_test=32, size=64, seed=0, progr
         "generator": GENERATOR,
         "seed": seed, "size": size, "num_train": num_train, "num_test": num_test,
     }
-    with open(os.path.join(out_dir, "dataset.json"), "w") as f:
-        json.dump(meta, f, indent=2)
-        f.write("\n")
+    write_json(meta, os.path.join(out_dir, "dataset.json"))
     return out_dir
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Write the synthetic toy dataset (folder layout + dataset.json).")
-    p.add_argument("--out", required=True, help="output folder (new, empty, or a previous toy dataset)")
-    p.add_argument("--num_train", type=int, default=256)
-    p.add_argument("--num_test", type=int, default=32)
+    p = argparse.ArgumentParser(prog="python -m scdm.toy", formatter_class=HelpFormatter,
+                                description="Write the synthetic toy dataset (folder layout + dataset.json).")
+    p.add_argument("--out_dir", help="output folder (new, empty, or a previous toy dataset); required")
+    add_deprecated_alias(p, "--out", "--out_dir", dest="out_dir")
+    p.add_argument("--num_train", type=int, default=256, help="training maps")
+    p.add_argument("--num_test", type=int, default=32, help="held-out test maps")
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same bytes")
     args = p.parse_args(argv)
-    try:
-        make_toy_dataset(args.out, args.num_train, args.num_test, args.size, args.seed, progress=True)
-    except (ValueError, FileExistsError) as e:
-        p.error(str(e))
-    print(f"wrote {args.num_train} train + {args.num_test} test images of {args.size}x{args.size} to {args.out}; "
-          f"use --dataset_mode folder --data_dir {args.out}")
+    if not args.out_dir:
+        p.error("the following argument is required: --out_dir")
+    make_toy_dataset(args.out_dir, args.num_train, args.num_test, args.size, args.seed, progress=True)
+    print(f"wrote {args.num_train} train + {args.num_test} test images of {args.size}x{args.size} to "
+          f"{args.out_dir}; use --dataset_mode folder --data_dir {args.out_dir}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,5 +1,4 @@
 """Shared test setup: few threads (CI has 2 cores), deterministic seeds, the ../shared/compat path."""
-import os
 from pathlib import Path
 
 import pytest

@@ -9,9 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
+from scdm import dataset_layouts as L
 from scdm import datasets as D
-from scdm.datasets import (DatasetError, build_dataset, dataset_info, instance_edges, label_to_model_input,
-                           load_data, transform)
+from scdm.conditioning import Conditioning, instance_edges, label_to_model_input
+from scdm.datasets import DatasetError, build_dataset, dataset_info, load_data, transform
+from scdm.errors import UserError
 
 H, W = 12, 16  # stored file size (width 16, height 12)
 
@@ -208,6 +210,29 @@ def test_label_to_model_input():
         label_to_model_input({"label": label}, 3, False)
 
 
+def test_conditioning_mask_and_dropout():
+    """unlabeled_to_zero turns the unlabeled class into the all-zero [MASK] vector; dropout zeroes
+    whole samples (labels and edges) at the asked rate; the same generator gives the same drops."""
+    label = torch.tensor([[[[0, 2], [2, 1]]]], dtype=torch.float32).repeat(4000, 1, 1, 1)
+    cond = {"label": label, "instance": label.clone()}
+    plain = Conditioning(3, no_instance=False, unlabeled_id=2)
+    masked = Conditioning(3, no_instance=False, unlabeled_id=2, unlabeled_to_zero=True)
+    y, ym = plain.model_input(cond), masked.model_input(cond)
+    assert plain.channels == 4 and y.shape == ym.shape == (4000, 4, 2, 2)
+    assert (ym[:, 2] == 0).all() and torch.equal(ym[:, [0, 1, 3]], y[:, [0, 1, 3]])
+    assert (ym[0, :3].sum(0) == torch.tensor([[1, 0], [0, 1]])).all()  # [MASK] pixels: all-zero
+    dropper = Conditioning(3, no_instance=False, drop_rate=0.25)
+    dropped = dropper.drop(y, generator=torch.Generator().manual_seed(0))
+    zero_rows = (dropped.flatten(1) == 0).all(1)
+    assert torch.equal(dropped[~zero_rows], y[~zero_rows])
+    assert abs(zero_rows.float().mean().item() - 0.25) < 0.03  # binomial sd ~0.007
+    again = dropper.drop(y, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(dropped, again)
+    assert Conditioning(3, True).drop(y) is y
+    with pytest.raises(ValueError, match="--drop_rate 1.0"):
+        Conditioning(3, True, drop_rate=1.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Transforms
 
@@ -269,6 +294,69 @@ def test_train_transform_keeps_image_and_labels_aligned(tmp_path):
         pixels = ((image.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
         agree = (segment_toy_image(pixels) == cond["label"][0].numpy()).mean()
         assert agree > 0.9  # only resampled boundary pixels may differ
+
+
+# ---------------------------------------------------------------------------------------------
+# The dataset table
+
+
+def test_table_facts_and_remapping_rule():
+    facts = {m: (L.raw_unlabeled_id(m), L.LAYOUTS[m].unlabeled_class, L.LAYOUTS[m].id_shift)
+             for m in ("ade20k", "coco", "celeba", "cityscapes")}
+    assert facts == {"ade20k": (0, 150, 1), "coco": (255, 182, 0), "celeba": (None, None, 0),
+                     "cityscapes": (0, None, 0)}
+    raw = np.array([0, 1, 5, 149, 150, 181, 255])
+    np.testing.assert_array_equal(D.remap_labels(raw, "ade20k"), np.where(raw == 0, 150, raw - 1))
+    np.testing.assert_array_equal(D.remap_labels(raw, "coco"), np.where(raw == 255, 182, raw))
+    for mode in ("celeba", "cityscapes", "folder"):
+        np.testing.assert_array_equal(D.remap_labels(raw, mode), raw)
+    assert D.remap_labels(np.array([0, 3]), "ade20k", unlabeled_id=7).tolist() == [7, 2]  # --unlabeled_id wins
+
+
+def test_class_names_match_the_class_counts(tmp_path):
+    for mode, layout in L.LAYOUTS.items():
+        names = L.class_names(mode)
+        assert names is None or len(names) == layout.num_classes == len(set(names)), mode
+    assert L.class_names("coco") is None
+    assert L.class_names("ade20k")[:3] == ("wall", "building", "sky") and L.class_names("ade20k")[150] == "unlabeled"
+    assert L.class_names("celeba")[13] == "hair" and L.class_names("cityscapes")[26] == "car"
+    from scdm.toy import TOY_CLASSES, make_toy_dataset
+    toy = make_toy_dataset(str(tmp_path / "toy"), num_train=1, num_test=0, size=8, seed=0)
+    assert L.class_names("folder", toy) == tuple(c.name for c in TOY_CLASSES)
+    assert L.raw_unlabeled_id("folder", toy) == 7 and L.raw_unlabeled_id("folder", str(tmp_path)) is None
+
+
+def test_dataset_errors_are_user_errors():
+    assert issubclass(DatasetError, UserError) and issubclass(D.DatasetNotFoundError, FileNotFoundError)
+
+
+def test_webp_images_are_listed(tmp_path):
+    make_folder(tmp_path, n=2)
+    os.remove(f"{tmp_path}/train/images/img1.png")
+    Image.fromarray(rand_image(1)).save(f"{tmp_path}/train/images/img1.webp", lossless=True)
+    ds = build_dataset("folder", str(tmp_path), 8, True)
+    assert [os.path.basename(p) for p in ds.paths] == ["img0.png", "img1.webp"] and ds[1][0].shape == (3, 8, 8)
+    assert ".webp" in L.IMAGE_EXTENSIONS
+
+
+def test_read_ids_returns_the_palette(tmp_path):
+    pal = Image.fromarray(blocks(1, [1, 4]).astype(np.uint8)).convert("P")
+    palette = [v for i in range(256) for v in (i, 255 - i, 7)]
+    pal.putpalette(palette)
+    pal.save(tmp_path / "p.png")
+    ids, got = D.read_ids(tmp_path / "p.png", return_palette=True)
+    assert ids.dtype == np.int64 and set(np.unique(ids)) <= {1, 4} and got == palette
+    save(f"{tmp_path}/g.png", blocks(0, [2, 3]).astype(np.uint8))
+    assert D.read_ids(f"{tmp_path}/g.png", return_palette=True)[1] is None
+
+
+def test_coco_id_that_would_alias_unlabeled_is_refused(tmp_path):
+    make_coco(tmp_path, n=1)
+    raw = blocks(0, [0, 5]).astype(np.uint8)
+    raw[0, 0] = 182
+    save(f"{tmp_path}/train_label/000000000000.png", raw)
+    with pytest.raises(DatasetError, match=r"contains id 182; .* is the unlabeled class, which only raw id 255"):
+        build_dataset("coco", str(tmp_path), 8, True)[0]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ from evaluations import fid as fid_mod
 from evaluations import lpips as lpips_mod
 from evaluations import miou as miou_mod
 from evaluations import report as report_mod
-from evaluations.common import EvalError, list_images, load_rgb, match_names, run_cli
+from evaluations.common import EvalError, list_images, load_rgb, match_names
+from scdm.errors import UserError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -156,7 +157,7 @@ def test_fid_bad_inputs(tmp_path, no_hub):
 def test_inception_weights_from_hub_cache_and_wrong_file(tmp_path, no_hub):
     ckpt = no_hub / "hub" / "checkpoints" / fid_mod.INCEPTION_FILE
     ckpt.parent.mkdir(parents=True)
-    state = fid_mod._random_inception_state()
+    state = fid_mod.random_inception_state()
     torch.save(state, ckpt)
     net = fid_mod.InceptionFeatures(fid_mod.inception_weights(), dims=64)
     assert torch.equal(net.net.blocks[0][0].conv.weight, state["Conv2d_1a_3x3.conv.weight"])
@@ -187,6 +188,13 @@ def test_fid_cli_missing_weights_one_message(tmp_path, no_hub, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: missing pytorch-fid")
     assert f"put '{fid_mod.INCEPTION_FILE}' in {no_hub / 'hub' / 'checkpoints'}/" in err
+
+
+def test_fid_unpaired_is_a_boolean_flag():
+    from evaluations.fid.__main__ import parse_args
+    assert parse_args(["--path", "a", "b"]).unpaired is False
+    assert parse_args(["--path", "a", "b", "--unpaired"]).unpaired is True
+    assert parse_args(["--path", "a", "b", "--unpaired", "False"]).unpaired is False
 
 
 # ---------------------------------------------------------------------------------- LPIPS
@@ -302,6 +310,42 @@ def test_miou_ade20k_mapping_and_folders(tmp_path):
     assert res["num_pixels"] == 6
 
 
+def test_miou_presets_come_from_the_dataset_table():
+    expect = {"ade20k": (150, 0, 1), "coco": (182, 255, 0), "celeba": (19, None, 0), "cityscapes": (35, 0, 0),
+              "toy": (8, 7, 0)}
+    for dataset, (n, ignore, shift) in expect.items():
+        assert miou_mod.label_spec(dataset) == miou_mod.LabelSpec(n, ignore, shift), dataset
+    assert miou_mod.label_spec("folder", num_classes=5, ignore_index=2) == miou_mod.LabelSpec(5, 2, 0)
+    assert miou_mod.class_names_of("cityscapes")[7] == "road" and miou_mod.class_names_of("coco") is None
+    assert len(miou_mod.class_names_of("ade20k")) == 150
+
+
+def test_miou_cityscapes_ignores_raw_unlabeled(tmp_path, capsys):
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    save_ids(gt, "frankfurt_000000_000019", np.array([[0, 7, 7, 26], [0, 26, 33, 34]]))
+    save_ids(pred, "frankfurt_000000_000019", np.array([[5, 7, 8, 26], [26, 26, 33, 34]]))
+    res = miou_mod.miou_of_folders(pred, gt, dataset="cityscapes")
+    # raw 0 is not scored; class 7: TP 1, FN 1 -> 1/2; class 26: TP 2, FP 0 -> 1; 33, 34: 1; 8 only predicted
+    assert res["num_classes"] == 35 and res["ignore_index"] == 0 and res["classes_present"] == [7, 26, 33, 34]
+    assert res["miou"] == pytest.approx((1 / 2 + 1 + 1 + 1) / 4) and res["num_pixels"] == 6
+    assert res["class_names"][26] == "car"
+    from evaluations.miou.__main__ import main
+    out = tmp_path / "m.json"
+    cli = main(["--pred", str(pred), "--gt", str(gt), "--dataset", "cityscapes", "--out", str(out)])
+    assert cli["miou"] == res["miou"]
+    err = capsys.readouterr().err
+    assert "--dataset is deprecated" in err and "--dataset_mode" in err
+    assert json.loads(out.read_text())["num_classes"] == 35
+
+
+def test_list_images_uses_the_project_extensions(tmp_path):
+    from scdm.dataset_layouts import IMAGE_EXTENSIONS
+    folder = write_images(tmp_path / "a", 0, names=["x"], ext="webp")
+    write_images(folder, 0, names=["y"], ext="png")
+    (folder / "notes.txt").write_text("not an image")
+    assert sorted(list_images(folder)) == ["x", "y"] and ".webp" in IMAGE_EXTENSIONS
+
+
 def test_miou_bad_inputs(tmp_path):
     gt, pred = tmp_path / "gt", tmp_path / "pred"
     save_ids(gt, "x", np.zeros((4, 4)))
@@ -313,7 +357,7 @@ def test_miou_bad_inputs(tmp_path):
         miou_mod.miou_of_folders(pred, gt, num_classes=3)
     (tmp_path / "rgb").mkdir()
     Image.fromarray(np.random.default_rng(0).integers(0, 3, (4, 4, 3), dtype=np.uint8)).save(tmp_path / "rgb" / "x.png")
-    with pytest.raises(EvalError, match="colour .RGB. image"):
+    with pytest.raises(UserError, match="colour .RGB. image"):
         miou_mod.miou_of_folders(tmp_path / "rgb", gt, num_classes=3)
     with pytest.raises(EvalError, match="--num_classes is required"):
         miou_mod.miou_of_folders(pred, gt)
@@ -342,7 +386,7 @@ def test_toy_segmenter_recovers_labels_exactly(toy, tmp_path):
     out = tmp_path / "m.json"
     from evaluations.miou.__main__ import main
     res = main(["--segmenter", "toy", "--samples", str(toy / "test" / "images"), "--gt", str(toy / "test" / "labels"),
-                "--out", str(out), "--save_pred", str(tmp_path / "pred")])
+                "--out", str(out), "--save_pred_dir", str(tmp_path / "pred")])
     assert res["miou"] == 1.0 and res["pixel_accuracy"] == 1.0 and json.loads(out.read_text())["miou"] == 1.0
     # the saved predictions score the same through the folder path
     assert miou_mod.miou_of_folders(tmp_path / "pred", toy / "test" / "labels", dataset="toy")["miou"] == 1.0
@@ -365,7 +409,7 @@ def results_folder(toy, root, num_sets=2):
 
 def test_report_runs_what_applies(toy, tmp_path, no_hub):
     res = results_folder(toy, tmp_path / "res")
-    rep = report_mod.main(["--results", str(res), "--dataset", "toy", "--fid-weights", "random",
+    rep = report_mod.main(["--results", str(res), "--dataset_mode", "toy", "--fid-weights", "random",
                            "--lpips-weights", "random", "--dims", "64", "--device", "cpu"])
     written = json.loads((res / "report.json").read_text())
     assert written["num_images"] == 6 == rep["num_images"]
@@ -377,9 +421,10 @@ def test_report_runs_what_applies(toy, tmp_path, no_hub):
     assert (res / "fid_gt_stats.npz").is_file()
 
 
-def test_report_skips_without_weights_or_predictions(toy, tmp_path, no_hub):
+def test_report_skips_without_weights_or_predictions(toy, tmp_path, no_hub, capsys):
     res = results_folder(toy, tmp_path / "res", num_sets=1)
-    rep = report_mod.main(["--results", str(res), "--out-prefix", "r2"])
+    rep = report_mod.main(["--results", str(res), "--out-prefix", "r2", "--dataset", "folder"])
+    assert "--dataset is deprecated" in capsys.readouterr().err and rep["settings"]["dataset"] == "folder"
     assert rep["fid"]["status"].startswith("skipped: missing pytorch-fid Inception weights")
     assert fid_mod.INCEPTION_FILE in rep["fid"]["status"] and "--fid-weights" in rep["fid"]["status"]
     assert rep["lpips"]["status"].startswith("skipped: needs at least 2 sample sets")
@@ -414,17 +459,14 @@ def test_match_names_lists_both_sides(tmp_path):
     assert match_names([(a, list_images(a)), (b, list_images(b))]) == ["1", "2", "3"]  # stems match across .png/.jpg
 
 
-def test_atomic_write_gives_usual_permissions(tmp_path):
-    import os
+def test_report_files_honour_the_umask(toy, tmp_path, no_hub):
     import stat
-    from evaluations.common import atomic_write
+    res = results_folder(toy, tmp_path / "res", num_sets=1)
     old = os.umask(0o022)
     try:
-        atomic_write(tmp_path / "r.md", "text")
-        atomic_write(tmp_path / "g.bin", lambda f: f.write(b"\x89PNG"), mode="wb")
+        report_mod.main(["--results", str(res)])
     finally:
         os.umask(old)
-    assert (tmp_path / "r.md").read_text() == "text" and (tmp_path / "g.bin").read_bytes() == b"\x89PNG"
-    for name in ("r.md", "g.bin"):
-        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    for name in ("report.json", "report.md"):
+        assert stat.S_IMODE((res / name).stat().st_mode) == 0o644
+    assert [p.name for p in res.iterdir() if p.name.startswith(".")] == []

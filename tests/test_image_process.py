@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from image_process import downsample, edge, painter, random as random_cli
-from image_process.synthetic import write_tree
+from image_process.synthetic import colorize, write_tree
 from scdm import corruptions as C
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,8 +18,12 @@ ADE = ("images/validation", "annotations/validation")
 
 
 def run(cli, data, out, *flags, workers=1):
-    return CLIS[cli].main(["--data_dir", str(data), "--out_dir", str(out), "--quiet",
-                           "--workers", str(workers), *map(str, flags)])
+    """The CLI's exit code: 0, or 2 after one `error:` line (run_cli exits)."""
+    try:
+        return CLIS[cli].main(["--data_dir", str(data), "--out_dir", str(out), "--quiet",
+                               "--num_workers", str(workers), *map(str, flags)])
+    except SystemExit as e:
+        return e.code
 
 
 def tree_bytes(root):
@@ -91,6 +95,18 @@ def test_coco_edges_come_from_instance_maps(tmp_path):
         assert (out / "val_img" / f"{path.stem}.jpg").is_file()
 
 
+def test_palette_label_maps_keep_their_palette(ade, tmp_path):
+    palette = [v for i in range(256) for v in (i, 255 - i, 7)]
+    for path in (ade / ADE[1]).iterdir():
+        img = Image.fromarray(ids(path)).convert("P")
+        img.putpalette(palette)
+        img.save(path)
+    assert run("random", ade, tmp_path / "out", "--image_size", 16) == 0
+    for path in (tmp_path / "out" / ADE[1]).iterdir():
+        with Image.open(path) as img:
+            assert img.mode == "P" and img.getpalette() == palette
+
+
 def test_cityscapes_painter_keeps_16_bit_instance_maps(tmp_path):
     data = write_tree(tmp_path / "cityscapes", "cityscapes", num=2, height=16, width=32)
     out = tmp_path / "out"
@@ -115,9 +131,13 @@ def expect_error(capsys, code, *needles):
 
 def test_colour_label_map(ade, tmp_path, capsys):
     bad = ade / ADE[1] / "ADE_val_00000002.png"
-    Image.open(bad).convert("RGB").save(bad)
+    gray = ids(bad)
+    Image.fromarray(colorize(gray)).save(bad)
     expect_error(capsys, run("edge", ade, tmp_path / "out"), bad, "mode RGB")
     assert not (tmp_path / "out").exists()
+    Image.fromarray(gray).convert("RGB").save(bad)  # gray stored as RGB is ids, as in the loader
+    assert run("edge", ade, tmp_path / "out") == 0
+    assert ids(tmp_path / "out" / ADE[1] / bad.name).dtype == np.uint8
 
 
 def test_missing_annotations_folder(ade, tmp_path, capsys):
@@ -160,19 +180,76 @@ def test_module_entry_point_exit_code(tmp_path):
 
 # ----------------------------------------------------------------------------- loader
 
-@pytest.mark.parametrize("layout", ["ade20k", "coco", "cityscapes"])
+@pytest.mark.parametrize("layout", ["ade20k", "coco", "celeba", "cityscapes", "folder"])
 def test_scdm_loader_reads_the_tree(layout, tmp_path):
+    """Every layout of the dataset table goes through image_process and back into the loader."""
     datasets = pytest.importorskip("scdm.datasets")
     data = write_tree(tmp_path / layout, layout, num=3, height=32, width=32)
     out = tmp_path / "out"
-    assert run("painter", data, out, "--image_size", 32, "--dataset_mode", layout) == 0
+    fill = ["--fill", 0] if layout == "celeba" else []  # celeba has no unlabeled id: background here
+    assert run("painter", data, out, "--image_size", 32, "--dataset_mode", layout, *fill) == 0
     ds = datasets.build_dataset(layout, str(out), image_size=32, is_train=False)
     assert len(ds) == 3
     written = {"ade20k": "annotations/validation/ADE_val_00000001.png", "coco": "val_label/000000000001.png",
+               "celeba": "test/labels/0.png", "folder": "test/labels/00000.png",
                "cityscapes": "gtFine/val/frankfurt/frankfurt_000000_000019_gtFine_labelIds.png"}[layout]
     _, cond = ds[0]
     np.testing.assert_array_equal(cond["label_ori"][0].numpy(), ids(out / written))
     assert ("instance" in cond) == (layout != "ade20k")
+
+
+def test_celeba_tree_needs_fill_and_uses_label_boundaries(tmp_path, capsys):
+    data = write_tree(tmp_path / "celeba", "celeba", num=3, height=16, width=16)
+    out = tmp_path / "out"
+    code = run("edge", data, out, "--dataset_mode", "celeba", "--image_size", 16)
+    expect_error(capsys, code, "--dataset_mode celeba has no unlabeled id", "--fill ID")
+    assert not out.exists()
+    assert run("edge", data, out, "--dataset_mode", "celeba", "--image_size", 16, "--fill", 0, "--radius", 1) == 0
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.*")) == sorted(
+        ["corruption.json"] + [f"test/{sub}/{i}.{ext}" for i in range(3) for sub, ext in (("images", "jpg"),
+                                                                                        ("labels", "png"))])
+    for i in range(3):
+        label = ids(data / "test" / "labels" / f"{i}.png")  # the label map doubles as instance map
+        np.testing.assert_array_equal(ids(out / "test" / "labels" / f"{i}.png"),
+                                      np.where(C.boundary_mask(label, 1), 0, label))
+
+
+def test_webp_images_are_seen_like_the_loader_sees_them(tmp_path):
+    datasets = pytest.importorskip("scdm.datasets")
+    data = write_tree(tmp_path / "data", "folder", num=3, height=16, width=16)
+    for p in sorted((data / "test" / "images").iterdir()):
+        Image.open(p).save(p.with_suffix(".webp"), lossless=True)
+        p.unlink()
+    assert len(datasets.build_dataset("folder", str(data), 16, is_train=False)) == 3
+    out = tmp_path / "out"
+    assert run("random", data, out, "--dataset_mode", "folder", "--image_size", 16) == 0
+    assert sorted(p.name for p in (out / "test" / "images").iterdir()) == ["00000.webp", "00001.webp", "00002.webp"]
+    assert len(datasets.build_dataset("folder", str(out), 16, is_train=False)) == 3
+
+
+def test_workers_alias_and_boolean_flags(ade, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert edge.main(["--data_dir", str(ade), "--out_dir", str(out), "--workers", "2", "--quiet", "True"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--workers is deprecated" in err and "--num_workers" in err
+    assert run("edge", ade, out, "--num", 2) == 2 and "--overwrite" in capsys.readouterr().err
+    assert run("edge", ade, out, "--num", 2, "--overwrite", "True") == 0
+    assert run("edge", ade, out, "--num", 2, "--overwrite", "False") == 2
+    assert len(list((out / ADE[1]).iterdir())) == 2
+
+
+def test_output_files_honour_the_umask(toy_folder, tmp_path):
+    import stat
+    out = tmp_path / "out"
+    old = os.umask(0o022)
+    try:
+        assert run("edge", toy_folder, out, "--dataset_mode", "folder", "--image_size", 16) == 0
+    finally:
+        os.umask(old)
+    written = [p for p in out.rglob("*") if p.is_file() and "images" not in p.parts]
+    assert {p.name for p in written} >= {"corruption.json", "dataset.json", "00000.png"}
+    for path in written:  # maps and JSON are new files; images are hard links and keep their source's mode
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
 
 
 def test_scdm_loader_reads_downsampled_maps(tmp_path):

@@ -8,6 +8,7 @@ from PIL import Image
 from scipy import ndimage
 
 from scdm import toy
+from scdm.errors import UserError, run_cli
 from scdm.datasets import build_dataset, dataset_info
 
 
@@ -97,14 +98,18 @@ def test_toy_tree_loads_without_flags(tmp_path):
 
 def test_cli_and_refusing_foreign_folders(tmp_path, capsys):
     out = tmp_path / "toy"
-    toy.main(["--out", str(out), "--num_train", "2", "--num_test", "1", "--size", "16", "--seed", "3"])
+    toy.main(["--out_dir", str(out), "--num_train", "2", "--num_test", "1", "--size", "16", "--seed", "3"])
     assert "--dataset_mode folder --data_dir" in capsys.readouterr().out
     assert len(os.listdir(out / "train" / "images")) == 2
+    toy.main(["--out", str(out), "--num_train", "1", "--num_test", "1", "--size", "16"])  # the old spelling
+    assert "--out is deprecated" in capsys.readouterr().err
+    assert len(os.listdir(out / "train" / "images")) == 1
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not a toy dataset"):
+    with pytest.raises(UserError, match="not a toy dataset"):
         toy.make_toy_dataset(str(foreign), num_train=1, num_test=0, size=16)
-    with pytest.raises(SystemExit):
-        toy.main(["--out", str(foreign), "--num_train", "1"])
+    with pytest.raises(SystemExit) as e:
+        run_cli(toy.main, ["--out_dir", str(foreign), "--num_train", "1"])
+    assert e.value.code == 2 and "error: --out_dir" in capsys.readouterr().err
     assert (foreign / "notes.txt").read_text() == "keep me"

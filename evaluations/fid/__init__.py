@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from evaluations.common import (
-    EvalError, atomic_write, default_device, file_sha256, folder_fingerprint, image_size,
-    list_images, load_rgb, match_names, note_resized, resolve_weights,
+    EvalError, default_device, file_sha256, folder_fingerprint, image_size, list_images, load_rgb,
+    match_names, note_resized, resolve_weights,
 )
+from scdm.fileio import atomic_write
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE
@@ -49,7 +50,7 @@ class InceptionFeatures(torch.nn.Module):
         if dims not in pf.InceptionV3.BLOCK_INDEX_BY_DIM:
             raise EvalError(f"--dims {dims}: choose one of {sorted(pf.InceptionV3.BLOCK_INDEX_BY_DIM)}")
         if weights == "random":
-            state, self.identity = _random_inception_state(), f"inception-random-seed0/dims{dims}"
+            state, self.identity = random_inception_state(), f"inception-random-seed0/dims{dims}"
         else:
             state = _read_state_dict(weights, INCEPTION_FILE)
             self.identity = f"inception-sha256:{file_sha256(Path(weights))}/dims{dims}"
@@ -72,7 +73,7 @@ class InceptionFeatures(torch.nn.Module):
 
 
 @functools.lru_cache(maxsize=1)
-def _random_inception_state() -> dict:
+def random_inception_state() -> dict:
     """Random weights with the key layout of the FID Inception (its patched blocks keep
     torchvision's parameter names), from a fixed seed so that runs agree. Read-only: callers copy."""
     import torchvision

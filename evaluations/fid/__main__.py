@@ -2,27 +2,30 @@
 import argparse
 import os
 
-from evaluations.common import run_cli
 from evaluations.fid import DIMS, INCEPTION_FILE, compute_fid
+from scdm.cli import HelpFormatter, add_bool_argument
+from scdm.errors import run_cli
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m evaluations.fid", description=(
+    p = argparse.ArgumentParser(prog="python -m evaluations.fid", formatter_class=HelpFormatter, description=(
         "FID between a folder of samples and the ground truth (pytorch-fid Inception, pool3). "
         "Either path may be an .npz of statistics (mu, sigma)."))
-    p.add_argument("--path", nargs=2, required=True, metavar=("SAMPLES", "GT"))
-    p.add_argument("-b", "--batch-size", "--batch_size", type=int, default=50)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--path", nargs=2, required=True, metavar=("SAMPLES", "GT"),
+                   help="the samples and the ground truth: image folders or .npz statistics")
+    p.add_argument("-b", "--batch-size", "--batch_size", type=int, default=50, help="images per network call")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1; None: cuda when available")
     p.add_argument("--weights", default=None, help=(
-        f"the pytorch-fid Inception state dict '{INCEPTION_FILE}' (default: $TORCH_HOME/hub/checkpoints/); "
+        f"the pytorch-fid Inception state dict '{INCEPTION_FILE}' (None: from $TORCH_HOME/hub/checkpoints/); "
         "'random' = random network, for tests only"))
     p.add_argument("--save-stats", "--save_stats", metavar="GT.npz", default=None,
                    help="cache of the ground-truth statistics; reused while the folder and weights are unchanged")
-    p.add_argument("--dims", type=int, default=2048, choices=DIMS)
+    p.add_argument("--dims", type=int, default=2048, choices=DIMS,
+                   help="Inception features (2048: pool3, the standard)")
     p.add_argument("--num-workers", "--num_workers", type=int, default=None,
-                   help="data-loading processes (default: min(8, CPUs))")
-    p.add_argument("--unpaired", action="store_true",
-                   help="allow different file names in the two folders (not the released protocol)")
+                   help="data-loading processes; None: min(8, CPUs)")
+    add_bool_argument(p, "--unpaired", default=False,
+                      help="allow different file names in the two folders (not the released protocol)")
     return p.parse_args(argv)
 
 

@@ -1,25 +1,26 @@
 """python -m evaluations.lpips --results RESULTS_DIR [--num_sets K] [-b 50] [--device] [--net alex] [--weights PATH]"""
 import argparse
-import json
 
-from evaluations.common import atomic_write, run_cli
 from evaluations.lpips import NETS, backbone_file, find_sample_sets, lpips_diversity
+from scdm.cli import HelpFormatter
+from scdm.errors import run_cli
+from scdm.fileio import write_json
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m evaluations.lpips", description=(
+    p = argparse.ArgumentParser(prog="python -m evaluations.lpips", formatter_class=HelpFormatter, description=(
         "Diversity: LPIPS averaged over all pairs of the K samples of each label map, then over "
         "label maps. Sets: RESULTS_DIR/samples_0 .. samples_{K-1} (set 0 may be samples/)."))
-    p.add_argument("--results", required=True, metavar="RESULTS_DIR")
+    p.add_argument("--results", required=True, metavar="RESULTS_DIR", help="a sampler results folder")
     p.add_argument("--num_sets", "--num-sets", type=int, default=None,
-                   help="K (default: every consecutive samples_<k> folder)")
+                   help="K; None: every consecutive samples_<k> folder")
     p.add_argument("-b", "--batch-size", "--batch_size", type=int, default=50, help="image pairs per network call")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--net", default="alex", choices=NETS)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1; None: cuda when available")
+    p.add_argument("--net", default="alex", choices=NETS, help="LPIPS backbone (the released protocol: alex)")
     p.add_argument("--weights", default=None, help=(
-        f"torchvision backbone state dict (alex: '{backbone_file('alex')}'; default: "
+        f"torchvision backbone state dict (alex: '{backbone_file('alex')}'; None: from "
         "$TORCH_HOME/hub/checkpoints/); 'random' = random backbone, for tests only"))
-    p.add_argument("--num-workers", "--num_workers", type=int, default=0)
+    p.add_argument("--num-workers", "--num_workers", type=int, default=0, help="data-loading processes")
     p.add_argument("--out", default=None, metavar="JSON", help="also write the result (with per-name values)")
     return p.parse_args(argv)
 
@@ -32,7 +33,7 @@ def main(argv=None):
     print(f"LPIPS diversity: {res['lpips']:.6f} ({res['num_sets']} sets, {res['num_names']} label maps, "
           f"{res['num_pairs']} pairs each)")
     if args.out:
-        atomic_write(args.out, json.dumps(dict(res, net=args.net), indent=2) + "\n")
+        write_json(dict(res, net=args.net), args.out)
     return res
 
 

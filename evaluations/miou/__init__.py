@@ -1,10 +1,12 @@
 """mIoU: how well samples follow their label maps, via a segmenter's predictions on the samples.
 
-Ground-truth files hold raw dataset ids (as the sampler writes them to `labels/`); a dataset
-preset maps them to the segmenter's classes 0..N-1 and names the id that is not scored:
-  ade20k: raw 0 = unlabeled (ignored), raw k -> class k-1, N = 150
-  coco:   raw 255 ignored, N = 182        celeba: nothing ignored, N = 19
-  toy:    the built-in dataset (scdm.toy)  folder: --num_classes N [--ignore_index I]
+Ground-truth files hold raw dataset ids (as the sampler writes them to `labels/`); the dataset
+table (`scdm.dataset_layouts`) maps them to the segmenter's classes 0..N-1 and names the id that is
+not scored: N = the dataset's classes without its unlabeled class, the raw unlabeled id ignored,
+other raw ids shifted as the loader shifts them:
+  ade20k: raw 0 ignored, raw k -> class k-1, N = 150     coco: raw 255 ignored, N = 182
+  cityscapes: raw 0 (unlabeled) ignored, N = 35          celeba: nothing ignored, N = 19
+  toy:    the built-in dataset (scdm.toy)                folder: --num_classes N [--ignore_index I]
 The confusion matrix is accumulated over all pixels of all images; IoU_c = TP / (TP + FP + FN);
 mIoU is the mean over the classes present in the ground truth (a class only predicted, never in
 the ground truth, is not averaged). Predictions are resized to the label size with nearest.
@@ -14,16 +16,17 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Tuple
+from typing import Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
-from PIL import Image
 
 from evaluations.common import (
-    EvalError, atomic_write, image_size, list_images, load_label, load_rgb, match_names, note_resized,
+    EvalError, image_size, list_images, load_label, load_rgb, match_names, note_resized,
 )
+from scdm.dataset_layouts import LAYOUTS
+from scdm.fileio import save_image
 
-DATASETS = ("ade20k", "coco", "celeba", "toy", "folder")
+DATASETS = tuple(sorted(LAYOUTS)) + ("toy",)
 
 
 @dataclass(frozen=True)
@@ -34,21 +37,38 @@ class LabelSpec:
     shift: int = 0
 
 
+def dataset_preset(dataset: str) -> Tuple[Optional[int], Optional[int], int]:
+    """(N scored classes, ignored raw id, shift) of `dataset`, from the dataset table (toy: scdm.toy)."""
+    if dataset == "toy":
+        from scdm.toy import TOY_NUM_CLASSES, TOY_UNLABELED_ID
+        return TOY_NUM_CLASSES, TOY_UNLABELED_ID, 0
+    if dataset not in LAYOUTS:
+        raise EvalError(f"--dataset_mode {dataset}: choose one of {', '.join(DATASETS)}")
+    layout = LAYOUTS[dataset]
+    n = layout.num_classes
+    if n is not None and layout.unlabeled_class is not None:
+        n -= 1  # the class the unlabeled pixels become is not scored
+    return n, layout.raw_unlabeled_id, layout.id_shift
+
+
 def label_spec(dataset: str = "folder", num_classes: Optional[int] = None,
                ignore_index: Optional[int] = None) -> LabelSpec:
     """The preset of `dataset`; explicit num_classes / ignore_index override it."""
-    if dataset == "toy":
-        from scdm.toy import TOY_NUM_CLASSES, TOY_UNLABELED_ID
-        presets = {"toy": (TOY_NUM_CLASSES, TOY_UNLABELED_ID, 0)}
-    else:
-        presets = {"ade20k": (150, 0, 1), "coco": (182, 255, 0), "celeba": (19, None, 0), "folder": (None, None, 0)}
-    if dataset not in DATASETS:
-        raise EvalError(f"--dataset {dataset}: choose one of {', '.join(DATASETS)}")
-    n, ignore, shift = presets[dataset]
+    n, ignore, shift = dataset_preset(dataset)
     n = num_classes if num_classes is not None else n
     if n is None or n < 1:
-        raise EvalError(f"--num_classes is required (and >= 1) for --dataset {dataset}")
+        raise EvalError(f"--num_classes is required (and >= 1) for --dataset_mode {dataset}")
     return LabelSpec(n, ignore_index if ignore_index is not None else ignore, shift)
+
+
+def class_names_of(dataset: str) -> Optional[List[str]]:
+    """Names of the scored classes 0..N-1 where the table knows them, else None."""
+    if dataset == "toy":
+        from scdm.toy import TOY_CLASSES
+        return [c.name for c in TOY_CLASSES]
+    names = LAYOUTS[dataset].class_names if dataset in LAYOUTS else None
+    n = dataset_preset(dataset)[0]
+    return list(names[:n]) if names else None
 
 
 def gt_to_classes(raw: np.ndarray, spec: LabelSpec, path="ground truth") -> np.ndarray:
@@ -66,7 +86,7 @@ def _check_range(ids: np.ndarray, n: int, path, what: str, raw_offset: int = 0) 
         shown = ", ".join(str(int(v) + raw_offset) for v in bad[:10]) + (" ..." if bad.size > 10 else "")
         raw = f" (raw; class = id - {raw_offset})" if raw_offset else ""
         raise EvalError(f"{path}: {what} ids {shown}{raw} are outside the class range 0..{n - 1} "
-                        f"(check --num_classes / --dataset / --ignore_index)")
+                        f"(check --num_classes / --dataset_mode / --ignore_index)")
 
 
 def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int,
@@ -138,7 +158,8 @@ def miou_of_folders(pred_dir, gt_dir, num_classes: Optional[int] = None, dataset
             yield preds[name], pred, gts[name]
     out = _score(pairs(), spec, len(names))
     note_resized(resized[0], len(names), "predictions")
-    return dict(out, dataset=dataset, segmenter="external")
+    names_known = class_names_of(dataset) if num_classes is None else None
+    return dict(out, dataset=dataset, segmenter="external", class_names=names_known)
 
 
 def segment_toy_folder(samples_dir, gt_dir=None, save_pred=None) -> Iterator[Tuple[str, np.ndarray, Path]]:
@@ -163,11 +184,11 @@ def miou_of_toy_samples(samples_dir, gt_dir, save_pred=None) -> dict:
     spec = label_spec("toy")
     gts = list_images(gt_dir, "ground-truth label folder")
     pairs = ((path, pred, gts[name]) for name, pred, path in segment_toy_folder(samples_dir, gt_dir, save_pred))
-    return dict(_score(pairs, spec, len(gts)), dataset="toy", segmenter="toy (exact, scdm.toy)")
+    return dict(_score(pairs, spec, len(gts)), dataset="toy", segmenter="toy (exact, scdm.toy)",
+                class_names=class_names_of("toy"))
 
 
 def save_label(path: Path, ids: np.ndarray) -> None:
     """An id map as a PNG: 8-bit when ids fit, else 16-bit."""
     ids = np.asarray(ids)
-    img = Image.fromarray(ids.astype(np.uint8) if ids.max(initial=0) < 256 else ids.astype(np.uint16))
-    atomic_write(path, lambda f: img.save(f, format="PNG"), "wb")
+    save_image(ids.astype(np.uint8) if ids.max(initial=0) < 256 else ids.astype(np.uint16), path, format="PNG")

@@ -1,30 +1,51 @@
-"""python -m evaluations.miou --pred PRED_DIR --gt GT_DIR --num_classes N [--ignore_index I] [--dataset ...] [--out metrics.json]
-   python -m evaluations.miou --segmenter toy --samples DIR --gt GT_DIR   (built-in toy data)"""
+"""python -m evaluations.miou --pred PRED_DIR --gt GT_DIR --dataset_mode ade20k [--num_classes N] [--ignore_index I]
+                              [--out metrics.json]
+   python -m evaluations.miou --segmenter toy --samples DIR --gt GT_DIR [--save_pred_dir DIR]   (toy data)"""
 import argparse
-import json
 
-from evaluations.common import EvalError, atomic_write, run_cli
-from evaluations.miou import DATASETS, miou_of_folders, miou_of_toy_samples
+from evaluations.common import EvalError
+from evaluations.miou import DATASETS, dataset_preset, miou_of_folders, miou_of_toy_samples
+from scdm.cli import HelpFormatter, add_deprecated_alias
+from scdm.errors import run_cli
+from scdm.fileio import write_json
+
+
+def _presets() -> str:
+    parts = []
+    for d in DATASETS:
+        n, ignore, shift = dataset_preset(d)
+        notes = [f"raw {ignore} ignored"] if ignore is not None else []
+        notes += [f"raw k -> class k-{shift}"] if shift else []
+        if n is not None:
+            parts.append(f"{d} {n}" + (f" ({', '.join(notes)})" if notes else ""))
+    return ", ".join(parts)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m evaluations.miou", description=(
+    p = argparse.ArgumentParser(prog="python -m evaluations.miou", formatter_class=HelpFormatter, description=(
         "mIoU of segmenter predictions on samples against the ground-truth label maps "
-        "(raw dataset ids; --dataset picks the id mapping and the ignored id)."))
+        "(raw dataset ids; --dataset_mode picks the id mapping and the ignored id)."))
     p.add_argument("--pred", default=None, metavar="PRED_DIR", help="predicted class ids 0..N-1, <name>.png")
     p.add_argument("--gt", required=True, metavar="GT_DIR", help="ground-truth label ids, <name>.png")
     p.add_argument("--num_classes", "--num-classes", type=int, default=None,
-                   help="default: the dataset's (ade20k 150, coco 182, celeba 19, toy)")
+                   help=f"scored classes; default the dataset's: {_presets()}")
     p.add_argument("--ignore_index", "--ignore-index", type=int, default=None,
-                   help="raw ground-truth id that is not scored (default: the dataset's)")
-    p.add_argument("--dataset", default="folder", choices=DATASETS)
+                   help="raw ground-truth id that is not scored; None: the dataset's raw unlabeled id")
+    p.add_argument("--dataset_mode", "--dataset-mode", default="folder", choices=DATASETS,
+                   help="dataset of the ground truth (its id mapping, ignored id and class count)")
+    add_deprecated_alias(p, "--dataset", "--dataset_mode", dest="dataset_mode")
     p.add_argument("--segmenter", default=None, choices=["toy"],
                    help="segment --samples with the exact toy segmenter instead of reading --pred")
     p.add_argument("--samples", default=None, metavar="DIR", help="images to segment (with --segmenter toy)")
-    p.add_argument("--save_pred", "--save-pred", default=None, metavar="DIR",
+    p.add_argument("--save_pred_dir", "--save-pred-dir", default=None, metavar="DIR",
                    help="with --segmenter toy: also write the predictions here")
-    p.add_argument("--out", default=None, metavar="metrics.json")
-    return p.parse_args(argv)
+    for old in ("--save_pred", "--save-pred"):
+        add_deprecated_alias(p, old, "--save_pred_dir", dest="save_pred_dir")
+    p.add_argument("--out", default=None, metavar="metrics.json", help="also write the result as JSON")
+    args = p.parse_args(argv)
+    if args.dataset_mode not in DATASETS:  # the deprecated alias bypasses `choices`
+        p.error(f"--dataset_mode {args.dataset_mode!r}: choose one of {', '.join(DATASETS)}")
+    return args
 
 
 def main(argv=None):
@@ -32,18 +53,18 @@ def main(argv=None):
     if args.segmenter == "toy":
         if args.samples is None or args.pred is not None:
             raise EvalError("--segmenter toy takes --samples DIR (the images to segment), not --pred")
-        if args.dataset not in ("toy", "folder") or args.num_classes is not None or args.ignore_index is not None:
-            raise EvalError("--segmenter toy scores toy labels: leave out --dataset/--num_classes/--ignore_index")
-        res = miou_of_toy_samples(args.samples, args.gt, save_pred=args.save_pred)
+        if args.dataset_mode not in ("toy", "folder") or args.num_classes is not None or args.ignore_index is not None:
+            raise EvalError("--segmenter toy scores toy labels: leave out --dataset_mode/--num_classes/--ignore_index")
+        res = miou_of_toy_samples(args.samples, args.gt, save_pred=args.save_pred_dir)
     else:
         if args.pred is None:
             raise EvalError("give --pred PRED_DIR (segmenter output), or --segmenter toy --samples DIR")
-        res = miou_of_folders(args.pred, args.gt, args.num_classes, args.dataset, args.ignore_index)
+        res = miou_of_folders(args.pred, args.gt, args.num_classes, args.dataset_mode, args.ignore_index)
     miou = "n/a" if res["miou"] is None else f"{res['miou']:.6f}"
     print(f"mIoU: {miou}  pixel accuracy: {res['pixel_accuracy']:.6f}  ({res['num_images']} images, "
           f"{len(res['classes_present'])} of {res['num_classes']} classes present)")
     if args.out:
-        atomic_write(args.out, json.dumps(res, indent=2) + "\n")
+        write_json(res, args.out)
     return res
 
 
