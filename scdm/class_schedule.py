@@ -29,7 +29,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .cli import HelpFormatter
 from .datasets import DatasetError, build_dataset, clean_worker_error
+from .errors import run_cli
 from .fileio import save_npy
 
 UNIFORM_LAMBDA = 0.5     # absent and unlabeled classes: diffuse uniformly
@@ -136,27 +138,26 @@ def format_table(stats, lambdas, unlabeled_id=None, max_rows=24):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Compute the per-class lambda file for discrete_zero_classwise.")
-    p.add_argument("--dataset_mode", required=True)
-    p.add_argument("--data_dir", required=True)
+    p = argparse.ArgumentParser(prog="python -m scdm.class_schedule", formatter_class=HelpFormatter,
+                                description="Compute the per-class lambda file for discrete_zero_classwise.")
+    p.add_argument("--dataset_mode", required=True, help="ade20k, coco, celeba, cityscapes or folder")
+    p.add_argument("--data_dir", required=True, help="dataset root")
     p.add_argument("--out", required=True, help="output .npy path (written atomically)")
-    p.add_argument("--num_classes", type=int, default=None)
+    p.add_argument("--num_classes", type=int, default=None, help="default: from the layout or dataset.json")
     p.add_argument("--unlabeled_id", type=int, default=None, help="default: from the layout; -1 also means that")
-    p.add_argument("--num_workers", type=int, default=0)
-    p.add_argument("--split", choices=("train", "test"), default="train")
-    p.add_argument("--rarity_exponent", type=float, default=RARITY_EXPONENT)
-    p.add_argument("--max_lambda", type=float, default=MAX_LAMBDA)
+    p.add_argument("--num_workers", type=int, default=0, help="label-reading processes")
+    p.add_argument("--split", choices=("train", "test"), default="train", help="which split's labels to count")
+    p.add_argument("--rarity_exponent", type=float, default=RARITY_EXPONENT, help="exponent of the frequency term")
+    p.add_argument("--max_lambda", type=float, default=MAX_LAMBDA, help="upper clip of lambda")
     args = p.parse_args(argv)
-    try:
-        stats, info = collect_class_stats(args.dataset_mode, args.data_dir, args.num_classes, args.unlabeled_id,
-                                          args.split == "train", args.num_workers, progress=True)
-    except DatasetError as e:
-        p.error(str(e))
+    stats, info = collect_class_stats(args.dataset_mode, args.data_dir, args.num_classes, args.unlabeled_id,
+                                      args.split == "train", args.num_workers, progress=True)
     lambdas = lambdas_from_stats(stats, info.unlabeled_id, args.rarity_exponent, MIN_LAMBDA, args.max_lambda)
     save_schedule(args.out, lambdas)
     print(format_table(stats, lambdas, info.unlabeled_id))
     print(f"wrote {args.out}; use --cond_opt discrete_zero_classwise --class_schedule {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

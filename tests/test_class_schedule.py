@@ -8,6 +8,7 @@ from PIL import Image
 
 from scdm import class_schedule as cs
 from scdm.datasets import DatasetError
+from scdm.errors import run_cli
 
 
 def write_tree(root, labels, num_classes=4, unlabeled_id=3):
@@ -75,8 +76,9 @@ def test_cli_writes_npy_and_prints_table(tmp_path, capsys):
     assert os.listdir(out.parent) == ["schedule.npy"]  # no temp file left behind
     text = capsys.readouterr().out
     assert "(unlabeled)" in text and "(absent)" in text and "lambda percentiles" in text
-    with pytest.raises(SystemExit):
-        cs.main(["--dataset_mode", "folder", "--data_dir", str(tmp_path / "nope"), "--out", str(out)])
+    with pytest.raises(SystemExit) as e:
+        run_cli(cs.main, ["--dataset_mode", "folder", "--data_dir", str(tmp_path / "nope"), "--out", str(out)])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: --data_dir")
 
 
 def test_table_is_short_for_many_classes():
