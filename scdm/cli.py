@@ -80,15 +80,3 @@ def resolve_dataset_flags(args):
     args.unlabeled_id = -1 if info.unlabeled_id is None else info.unlabeled_id
     return info
 
-
-PRECISIONS = ("fp32", "fp16", "bf16")  # TEMP: moves to scdm.performance
-
-
-def resolve_precision(args):
-    """--precision, where the released --use_fp16 True means fp16 (autocast on fp32 weights)."""
-    precision = args.precision or ("fp16" if args.use_fp16 else "fp32")
-    if precision not in PRECISIONS:
-        raise ValueError(f"--precision {precision!r}: expected one of {PRECISIONS}")
-    if args.use_fp16 and args.precision and args.precision != "fp16":
-        raise ValueError(f"--use_fp16 True contradicts --precision {args.precision}")
-    return precision

@@ -103,6 +103,17 @@ def copy_file(src, dst):
         shutil.copyfile(src, tmp)
 
 
+def check_writable(folder, flag):
+    """Create `folder` and prove a file can be written there, before any long work starts."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_test.", suffix=TEMP_SUFFIX, dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise PermissionError(f"{flag} {folder} is not writable: {e.strerror or e}") from None
+
+
 def remove_temp_files(folder):
     """Delete temporary files that a killed writer left in `folder` (not recursive)."""
     folder = Path(folder)

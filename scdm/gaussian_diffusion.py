@@ -1,7 +1,7 @@
 """Image diffusion: beta schedules, q(x_t|x_0), posterior, model output parsing, training losses.
 
-Follows improved DDPM / guided-diffusion (DESIGN.md §6). The label map is diffused by a
-LabelDiffusion on the same timesteps; the sampler loops live in sampling.py.
+Follows improved DDPM / guided-diffusion. The label map is diffused by a LabelDiffusion on the
+same timesteps; the sampler loops live in sampling.py and use only the public methods here.
 """
 import enum
 import math
@@ -141,6 +141,13 @@ class GaussianDiffusion:
         onehot, rest = y[:, : self.num_classes], y[:, self.num_classes:]
         return torch.cat([self.q_sample_label(onehot, t, noise=noise), rest], dim=1)
 
+    def label_noise_spec(self, y_shape):
+        """The noise `diffuse_cond` takes for a label input of shape (B, C, H, W), as a LabelNoise
+        (per-item shape and kind), or None when the label map does not diffuse."""
+        if self.num_classes is None or not self.label_diffusion.enabled:
+            return None
+        return self.label_diffusion.noise_spec((y_shape[0], self.num_classes, *y_shape[2:]))
+
     def q_posterior_mean_variance(self, x_start, x_t, t):
         mean = (_extract(self.posterior_mean_coef1, t, x_t.shape) * x_start
                 + _extract(self.posterior_mean_coef2, t, x_t.shape) * x_t)
@@ -185,7 +192,7 @@ class GaussianDiffusion:
         if self.model_mean_type == ModelMeanType.START_X:
             return mean_values
         if self.model_mean_type == ModelMeanType.EPSILON:
-            return self._predict_xstart_from_eps(x, t, mean_values)
+            return self.xstart_from_eps(x, t, mean_values)
         return self._predict_xstart_from_xprev(x, t, mean_values)
 
     def p_mean_variance(self, model_output, x, t, clip_denoised=True, denoised_fn=None):
@@ -200,7 +207,15 @@ class GaussianDiffusion:
         mean, _, _ = self.q_posterior_mean_variance(pred_xstart, x, t)
         return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_xstart": pred_xstart}
 
-    def _predict_xstart_from_eps(self, x_t, t, eps):
+    def alphas_cumprod_at(self, t, shape):
+        """alpha-bar at this diffusion's steps t, broadcastable to `shape`."""
+        return _extract(self.alphas_cumprod, t, shape)
+
+    def alphas_cumprod_prev_at(self, t, shape):
+        """alpha-bar at the step before t (1 at t = 0), broadcastable to `shape`."""
+        return _extract(self.alphas_cumprod_prev, t, shape)
+
+    def xstart_from_eps(self, x_t, t, eps):
         return (_extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
                 - _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps)
 
@@ -208,7 +223,7 @@ class GaussianDiffusion:
         return (_extract(1.0 / self.posterior_mean_coef1, t, x_t.shape) * xprev
                 - _extract(self.posterior_mean_coef2 / self.posterior_mean_coef1, t, x_t.shape) * x_t)
 
-    def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
+    def eps_from_xstart(self, x_t, t, pred_xstart):
         return ((_extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart)
                 / _extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape))
 

@@ -7,8 +7,6 @@ Seeds are per image and set, so the output does not depend on the number of rank
 a rerun skips the images already written.
 """
 import argparse
-import os
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -20,9 +18,13 @@ from tqdm.auto import tqdm
 
 from . import dist_util
 from .checkpoint import CheckpointError, ema_name, load_into_model, parse_step
-from .cli import HelpFormatter, resolve_dataset_flags, resolve_precision, run_cli
-from .datasets import build_dataset, label_to_model_input
-from .performance import disable_fast_paths, maybe_compile, precision_context
+from .cli import HelpFormatter, accept_gpus_per_node, note_gpus_per_node, resolve_dataset_flags
+from .conditioning import Conditioning
+from .datasets import build_dataset
+from .errors import run_cli
+from .fast_paths import from_disable_spec
+from .fileio import check_writable, save_image
+from .performance import maybe_compile, precision_context, resolve_precision
 from .sampling import sample_loop
 from .script_util import add_dict_to_argparser, args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
 
@@ -52,12 +54,13 @@ def create_argparser():
         num_workers=0,
         precision="",            # fp32 | fp16 | bf16; empty: fp16 with --use_fp16 True, else fp32
         compile=False,
-        disable_fast_paths="",   # "all" or comma-separated names of scdm.unet.FAST_PATHS (debugging)
+        disable_fast_paths="",   # "all" or comma-separated names of scdm.fast_paths.FastPaths (debugging)
     )
     defaults.update(model_and_diffusion_defaults())
     defaults["num_classes"] = -1
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_dict_to_argparser(parser, defaults)
+    accept_gpus_per_node(parser)
     return parser
 
 
@@ -75,17 +78,8 @@ def to_uint8(x):
 
 
 def save_png(array, path):
-    """Write atomically: a run killed mid-write leaves no broken PNG that a rerun would skip."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Atomic (`scdm.fileio`): a run killed mid-write leaves no broken PNG that a rerun would skip."""
+    save_image(array, path, format="PNG")
 
 
 def sample_dirs(num_sets):
@@ -112,13 +106,9 @@ def prepare_results(results_path, num_sets):
     if not results_path:
         raise ValueError("--results_path is required")
     root = Path(results_path)
-    try:
-        for d in ["images", "labels", "labels_color", *sample_dirs(num_sets)]:
-            (root / d).mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=root, prefix=".write_test")
-        probe.close()
-    except OSError as e:
-        raise PermissionError(f"--results_path {results_path} is not writable: {e.strerror or e}") from None
+    check_writable(root, "--results_path")
+    for d in ["images", "labels", "labels_color", *sample_dirs(num_sets)]:
+        (root / d).mkdir(parents=True, exist_ok=True)
     return root
 
 
@@ -142,9 +132,12 @@ def write_overview(root, names, num_classes, max_rows=8):
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
-    resolve_dataset_flags(args)
-    precision = resolve_precision(args)
-    disable_fast_paths(args.disable_fast_paths)
+    note_gpus_per_node(args)
+    info = resolve_dataset_flags(args)
+    conditioning = Conditioning(args.num_classes, args.no_instance, info.unlabeled_id,
+                                unlabeled_to_zero=args.unlabeled_to_zero)
+    precision = resolve_precision(args.precision, args.use_fp16)
+    fast_paths = from_disable_spec(args.disable_fast_paths)
     if args.num_sets < 1:
         raise ValueError(f"--num_sets {args.num_sets}: expected >= 1")
     if args.s < 0:
@@ -155,6 +148,7 @@ def main(argv=None):
     root = prepare_results(args.results_path, args.num_sets)
     flags = args_to_dict(args, model_and_diffusion_defaults().keys())
     model, diffusion = create_model_and_diffusion(**dict(flags, use_fp16=False))
+    model.fast_paths = fast_paths
     load_into_model(model, model_path, flags)
 
     dist_util.setup_dist()
@@ -165,8 +159,7 @@ def main(argv=None):
         model = maybe_compile(model, True)
 
     dataset = build_dataset(args.dataset_mode, args.data_dir, args.image_size, is_train=args.is_train,
-                            num_classes=args.num_classes, unlabeled_id=args.unlabeled_id,
-                            label_resize=args.label_resize, shard=0, num_shards=1)
+                            info=info, label_resize=args.label_resize, shard=0, num_shards=1)
     total = len(dataset) if args.num_samples < 0 else min(args.num_samples, len(dataset))
     mine = list(range(rank, total, world))  # fixed order; shards never overlap, uneven counts are fine
     loader = DataLoader(Subset(dataset, mine), batch_size=args.batch_size, shuffle=False,
@@ -181,15 +174,13 @@ def main(argv=None):
         if not todo:
             bar.update(len(batch_names))
             continue
-        y = label_to_model_input(cond, args.num_classes, args.no_instance)[todo]
-        if args.unlabeled_to_zero and args.unlabeled_id >= 0:
-            y[:, args.unlabeled_id] = 0
+        y = conditioning.model_input(cond)[todo]
         for k in range(args.num_sets):
             gens = [torch.Generator().manual_seed(image_seed(args.seed, batch_names[i], k)) for i in todo]
             with precision_context(device, precision):
                 x = sample_loop(model, diffusion, (len(todo), 3, args.image_size, args.image_size), y,
                                 guidance_scale=args.s, extrapolation=args.extrapolation,
-                                dynamic_threshold=args.dynamic_threshold or None, clip_denoised=args.clip_denoised,
+                                threshold_percentile=args.dynamic_threshold or None, clip_denoised=args.clip_denoised,
                                 use_ddim=args.use_ddim, eta=args.eta, generators=gens, device=device)
             for j, i in enumerate(todo):
                 img = to_uint8(x[j].float())

@@ -1,9 +1,8 @@
 """Train an SCDM/SDM model: `python -m scdm.image_train --data_dir ... --dataset_mode ... [flags]`.
 
-Runs as one process, under `mpiexec -n N` or under `torchrun --nproc_per_node N` (DESIGN.md §7).
+Runs as one process, under `mpiexec -n N` or under `torchrun --nproc_per_node N` (one code path).
 """
 import argparse
-import json
 import os
 import random
 
@@ -11,9 +10,13 @@ import numpy as np
 import torch
 
 from . import dist_util
-from .cli import HelpFormatter, resolve_dataset_flags, resolve_precision, run_cli
+from .cli import HelpFormatter, accept_gpus_per_node, note_gpus_per_node, resolve_dataset_flags
+from .conditioning import Conditioning
+from .errors import run_cli
+from .fileio import check_writable, write_json
 from .datasets import load_data
-from .performance import disable_fast_paths, maybe_compile
+from .fast_paths import from_disable_spec
+from .performance import maybe_compile, resolve_precision
 from .resample import create_named_schedule_sampler
 from .script_util import add_dict_to_argparser, args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
 from .train_util import TrainingDiverged, TrainLoop
@@ -43,26 +46,25 @@ def create_argparser():
         max_bad_steps=50,
         seed=0,
         compile=False,
-        disable_fast_paths="",   # "all" or comma-separated names of scdm.unet.FAST_PATHS (debugging)
+        disable_fast_paths="",   # "all" or comma-separated names of scdm.fast_paths.FastPaths (debugging)
     )
     defaults.update(model_and_diffusion_defaults())
     defaults["num_classes"] = -1  # -1: from the dataset layout (or <root>/dataset.json)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_dict_to_argparser(parser, defaults)
+    accept_gpus_per_node(parser)
     return parser
 
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
-    precision = resolve_precision(args)
-    disable_fast_paths(args.disable_fast_paths)
-    resolve_dataset_flags(args)
-    if not 0.0 <= args.drop_rate < 1.0:
-        raise ValueError(f"--drop_rate {args.drop_rate}: expected a probability in [0, 1)")
+    precision = resolve_precision(args.precision, args.use_fp16)
+    fast_paths = from_disable_spec(args.disable_fast_paths)
+    note_gpus_per_node(args)
+    info = resolve_dataset_flags(args)
+    conditioning = Conditioning(args.num_classes, args.no_instance, info.unlabeled_id, drop_rate=args.drop_rate)
     log_dir = args.log_dir or os.environ.get("OPENAI_LOGDIR") or os.path.join("logs", "scdm")
-    os.makedirs(log_dir, exist_ok=True)
-    if not os.access(log_dir, os.W_OK):
-        raise PermissionError(f"--log_dir {log_dir} is not writable")
+    check_writable(log_dir, "--log_dir")
 
     dist_util.setup_dist()
     rank = dist_util.get_rank()
@@ -73,20 +75,20 @@ def main(argv=None):
     flags = args_to_dict(args, model_and_diffusion_defaults().keys())
     # fp16 is done with autocast + a grad scaler on fp32 master weights (same checkpoint layout).
     model, diffusion = create_model_and_diffusion(**dict(flags, use_fp16=False))
+    model.fast_paths = fast_paths
     if dist_util.is_main():
-        with open(os.path.join(log_dir, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
+        write_json(vars(args), os.path.join(log_dir, "args.json"))
         n_params = sum(p.numel() for p in model.parameters())
         print(f"scdm: {n_params / 1e6:.2f}M parameters, {dist_util.get_world_size()} process(es) on "
               f"{dist_util.dev()}, precision {precision}, log dir {log_dir}", flush=True)
 
     data = load_data(dataset_mode=args.dataset_mode, data_dir=args.data_dir, batch_size=args.batch_size,
                      image_size=args.image_size, class_cond=args.class_cond, is_train=args.is_train,
-                     num_classes=args.num_classes, unlabeled_id=args.unlabeled_id, num_workers=args.num_workers)
+                     info=info, num_workers=args.num_workers)
     loop = TrainLoop(
-        model=model, diffusion=diffusion, data=data, num_classes=args.num_classes, no_instance=args.no_instance,
+        model=model, diffusion=diffusion, data=data, conditioning=conditioning,
         batch_size=args.batch_size, microbatch=args.microbatch, lr=args.lr, ema_rate=args.ema_rate,
-        drop_rate=args.drop_rate, log_interval=args.log_interval, save_interval=args.save_interval,
+        log_interval=args.log_interval, save_interval=args.save_interval,
         resume_checkpoint=args.resume_checkpoint, precision=precision, fp16_scale_growth=args.fp16_scale_growth,
         schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
         weight_decay=args.weight_decay, lr_anneal_steps=args.lr_anneal_steps, max_steps=args.max_steps,

@@ -1,8 +1,10 @@
-"""The stochastic forward process on label maps (DESIGN.md §5): the heart of SCDM.
+"""The stochastic forward process on label maps: the heart of SCDM.
 
 A pixel keeps its one-hot vector with probability gamma and otherwise falls into the absorbing
 all-zero state ([MASK]). Only the one-hot channels diffuse; the caller splits off the edge channel.
 """
+from typing import NamedTuple, Tuple
+
 import numpy as np
 import torch
 
@@ -12,6 +14,12 @@ GAUSSIAN = ""  # released flag value: cond_diffuse with an empty cond_opt means 
 COND_OPTS = (DISCRETE_UNIFORM, DISCRETE_CLASSWISE, GAUSSIAN)
 
 UNLABELED_LAMBDA = 0.5  # the unlabeled class always diffuses uniformly (released rule)
+
+
+class LabelNoise(NamedTuple):
+    """What `q_sample` takes as noise, per item: "uniform" u in [0, 1) or "gaussian" N(0, 1)."""
+    shape: Tuple[int, ...]
+    kind: str
 
 
 def load_class_schedule(path, num_classes, unlabeled_id=None):
@@ -77,6 +85,16 @@ class LabelDiffusion:
             if class_lambdas is None:
                 raise ValueError("cond_opt=discrete_zero_classwise needs class lambdas (--class_schedule)")
             self.class_lambdas = torch.as_tensor(np.asarray(class_lambdas), dtype=torch.float64)
+
+    def noise_spec(self, y_shape):
+        """The noise `q_sample` takes for one-hot maps of shape (B, C, H, W), or None when it takes
+        none, so that a sampler can draw it (e.g. per image from its own generator)."""
+        if not self.enabled:
+            return None
+        _, c, h, w = y_shape
+        if self.mode == GAUSSIAN:
+            return LabelNoise((c, h, w), "gaussian")
+        return LabelNoise((1, h, w), "uniform")
 
     def keep_prob(self, y, t):
         """Per-pixel probability gamma of keeping the label, shape (B, 1, H, W), float64."""

@@ -1,7 +1,8 @@
 """Speed knobs shared by the training and sampling entry points and the benchmarks.
 
-- `set_fast_paths` / `fast_paths`: switch the model's exact fast paths (scdm.unet.FAST_PATHS) on or off,
-  for debugging and for the benchmarks' plain path.
+The model's exact fast paths are not here: each model holds its own config (scdm.fast_paths).
+
+- `resolve_precision`: the precision the `--precision` / `--use_fp16` flags ask for.
 - `precision_context`: autocast to bf16/fp16 where the device can do it; otherwise one clear warning
   and fp32, so asking for a precision never crashes a job.
 - `maybe_compile`: torch.compile where it is available and works; otherwise one clear warning and the
@@ -18,8 +19,6 @@ import warnings
 
 import torch
 
-from .unet import FAST_PATHS
-
 PRECISIONS = ("fp32", "fp16", "bf16")
 _AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _warned = set()
@@ -33,45 +32,22 @@ def _warn_once(key, message):
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-# ----- fast paths -----------------------------------------------------------------------------
-def set_fast_paths(enabled: bool):
-    """Turn every exact fast path on or off. Returns the previous switches (a dict) for restoring."""
-    previous = dict(FAST_PATHS)
-    for name in FAST_PATHS:
-        FAST_PATHS[name] = bool(enabled)
-    return previous
-
-
-def disable_fast_paths(spec: str):
-    """Apply a `--disable_fast_paths` value: "" (keep all), "all", or comma-separated switch names.
-    Returns the names turned off; unknown names raise ValueError listing the known ones."""
-    names = [n.strip() for n in (spec or "").split(",") if n.strip()]
-    if names == ["all"]:
-        names = sorted(FAST_PATHS)
-    unknown = sorted(set(names) - set(FAST_PATHS))
-    if unknown:
-        raise ValueError(f"--disable_fast_paths: unknown fast paths {unknown}; expected 'all' or a comma-separated "
-                         f"list of {sorted(FAST_PATHS)}")
-    for name in names:
-        FAST_PATHS[name] = False
-    return names
-
-
-@contextlib.contextmanager
-def fast_paths(enabled: bool = True, **overrides):
-    """Context manager: all fast paths `enabled`, then the named `overrides` (e.g. channels_last=False)."""
-    unknown = sorted(set(overrides) - set(FAST_PATHS))
-    if unknown:
-        raise ValueError(f"unknown fast paths {unknown}; known: {sorted(FAST_PATHS)}")
-    previous = set_fast_paths(enabled)
-    FAST_PATHS.update({k: bool(v) for k, v in overrides.items()})
-    try:
-        yield
-    finally:
-        FAST_PATHS.update(previous)
+def reset_warnings():
+    """Forget which warnings were issued, so that the next occurrence warns again (tests)."""
+    _warned.clear()
 
 
 # ----- precision ------------------------------------------------------------------------------
+def resolve_precision(precision, use_fp16):
+    """The `--precision` value, where the released `--use_fp16 True` means fp16 (autocast on fp32 weights)."""
+    resolved = precision or ("fp16" if use_fp16 else "fp32")
+    if resolved not in PRECISIONS:
+        raise ValueError(f"--precision {resolved!r}: expected one of {PRECISIONS}")
+    if use_fp16 and precision and precision != "fp16":
+        raise ValueError(f"--use_fp16 True contradicts --precision {precision}")
+    return resolved
+
+
 def autocast_dtype(device, precision):
     """The dtype autocast will use for `precision` on `device`, or None for fp32. Warns once (and
     returns None) when the device cannot do the requested precision."""
@@ -125,7 +101,7 @@ def precision_context(device, precision):
 
 
 # ----- torch.compile --------------------------------------------------------------------------
-def _compile_unavailable(model):
+def compile_unavailable_reason(model):
     """Why torch.compile cannot be used for `model` here, or ''."""
     if not hasattr(torch, "compile"):
         return f"torch {torch.__version__} has no torch.compile"
@@ -153,7 +129,7 @@ def maybe_compile(model, enabled=True, **compile_kwargs):
     """
     if not enabled:
         return model
-    reason = _compile_unavailable(model)
+    reason = compile_unavailable_reason(model)
     if reason:
         _warn_once(("compile", reason), f"torch.compile is not available: {reason}; running the eager model")
         return model

@@ -1,9 +1,11 @@
-"""Sampling: one guided reverse step, and the ancestral / DDIM loops built from it (DESIGN.md §6).
+"""Sampling: one guided reverse step, and the ancestral / DDIM loops built from it.
 
 Each reverse step draws a fresh y_t from the given (possibly noisy) label map, runs the model with
 classifier-free guidance, post-processes the x0 estimate (extrapolation, then dynamic thresholding
 or clipping) and returns the posterior. All randomness can be injected or drawn per image from
-per-image generators, so results do not depend on batch composition.
+per-image generators, so results do not depend on batch composition. The sampler knows any model
+only through its call (and `forward_with_cfg` where it has one) and the diffusion through its
+public methods.
 """
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -11,8 +13,6 @@ from typing import Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .gaussian_diffusion import _extract
-from .unet import FAST_PATHS, UNetModel
 
 
 @dataclass
@@ -27,14 +27,16 @@ class StepOutput:
 def guided_model_output(model, diffusion, x, t, y_t, guidance_scale=1.0, batched=True):
     """Model output with classifier-free guidance on the mean (eps / x0) channels:
     out = out(x, 0) + s * (out(x, y_t) - out(x, 0)); variance channels come from the conditional pass.
-    The unconditional input is the all-zero map. With batched=True both passes run in one forward
-    (for our UNet through `with_unconditional`, which shares the label-free encoder); batched=False
-    runs two separate passes (the released computation)."""
+    The unconditional input is the all-zero map. With batched=True both passes run in one call: the
+    model's own `forward_with_cfg` where it has one (our UNet can share its label-free encoder), else
+    one forward on the 2B concatenated inputs; batched=False runs two separate passes (the released
+    computation)."""
     tt = diffusion.model_timesteps(t)
     if guidance_scale == 1.0:
         return model(x, tt, y=y_t)
-    if batched and FAST_PATHS["shared_encoder"] and _is_unet(model):
-        cond, uncond = model(x, tt, y=y_t, with_unconditional=True).chunk(2)
+    forward_with_cfg = _find_forward_with_cfg(model) if batched else None
+    if forward_with_cfg is not None:
+        cond, uncond = forward_with_cfg(x, tt, y_t).chunk(2)
     elif batched:
         null = torch.zeros_like(y_t)
         out = model(torch.cat([x, x]), torch.cat([tt, tt]), y=torch.cat([y_t, null]))
@@ -46,13 +48,17 @@ def guided_model_output(model, diffusion, x, t, y_t, guidance_scale=1.0, batched
     return torch.cat([guided, cond[:, c:]], dim=1)
 
 
-def _is_unet(model):
-    """Our UNet, possibly wrapped by DDP (`.module`) or torch.compile (`._orig_mod`)."""
-    for _ in range(3):
-        if isinstance(model, UNetModel):
-            return True
-        model = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-    return False
+def _find_forward_with_cfg(model):
+    """The model's `forward_with_cfg`, looking through DDP (`.module`) and torch.compile (`._orig_mod`)."""
+    for _ in range(4):
+        if model is None:
+            return None
+        fn = getattr(model, "forward_with_cfg", None)
+        if callable(fn):
+            return fn
+        inner = getattr(model, "_orig_mod", None)
+        model = getattr(model, "module", None) if inner is None else inner
+    return None
 
 
 def dynamic_threshold(x0, percentile):
@@ -76,25 +82,26 @@ def process_xstart(x0, prev_xstart=None, extrapolation=0.0, threshold_percentile
 
 
 def reverse_step(model, diffusion, x, t, y, *, label_noise=None, guidance_scale=1.0, extrapolation=0.0,
-                 prev_xstart=None, dynamic_threshold=None, clip_denoised=True, batched_guidance=True):
+                 prev_xstart=None, threshold_percentile=None, clip_denoised=True, batched_guidance=True):
     """One reverse step at this diffusion's step indices t (B,), for the label map y
-    (one-hot channels + optional edge channel). `label_noise` is the uniform u (B,1,H,W) used to
-    draw y_t (None: drawn). `prev_xstart` is the previous step's StepOutput.prev_xstart."""
+    (one-hot channels + optional edge channel). `label_noise` is the noise used to draw y_t, as
+    `diffusion.label_noise_spec` describes it (None: drawn). `prev_xstart` is the previous step's
+    StepOutput.prev_xstart. `threshold_percentile` p turns on dynamic thresholding (None: clipping)."""
     y_t = diffusion.diffuse_cond(y, t, noise=label_noise)
     out = guided_model_output(model, diffusion, x, t, y_t, guidance_scale, batched=batched_guidance)
     mean_values, var_values = diffusion.split_model_output(out, x)
     variance, log_variance = diffusion.variance_from_output(var_values, x, t)
     x0 = diffusion.pred_xstart_from_output(mean_values, x, t)
-    x0, state = process_xstart(x0, prev_xstart, extrapolation, dynamic_threshold, clip_denoised)
+    x0, state = process_xstart(x0, prev_xstart, extrapolation, threshold_percentile, clip_denoised)
     mean, _, _ = diffusion.q_posterior_mean_variance(x0, x, t)
     return StepOutput(mean, variance, log_variance, x0, state)
 
 
 def ddim_update(diffusion, x, t, step: StepOutput, noise, eta=0.0):
     """x_{t-1} by DDIM from the step's x0 estimate (eta=0: deterministic)."""
-    eps = diffusion._predict_eps_from_xstart(x, t, step.pred_xstart)
-    abar = _extract(diffusion.alphas_cumprod, t, x.shape)
-    abar_prev = _extract(diffusion.alphas_cumprod_prev, t, x.shape)
+    eps = diffusion.eps_from_xstart(x, t, step.pred_xstart)
+    abar = diffusion.alphas_cumprod_at(t, x.shape)
+    abar_prev = diffusion.alphas_cumprod_prev_at(t, x.shape)
     sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
     mean_pred = step.pred_xstart * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma ** 2) * eps
     nonzero = (t != 0).float().view(-1, *([1] * (x.dim() - 1)))
@@ -106,9 +113,12 @@ def ancestral_update(x, t, step: StepOutput, noise):
     return step.mean + nonzero * torch.exp(0.5 * step.log_variance) * noise
 
 
-def _draw(shape_per_item, batch, device, generators, kind="randn"):
+_DRAW = {"gaussian": torch.randn, "uniform": torch.rand}
+
+
+def _draw(shape_per_item, batch, device, generators, kind="gaussian"):
     """Random tensor of shape (batch, *shape_per_item); one generator per item when given."""
-    fn = torch.randn if kind == "randn" else torch.rand
+    fn = _DRAW[kind]
     if generators is None:
         return fn(batch, *shape_per_item, device=device)
     if len(generators) != batch:
@@ -117,7 +127,7 @@ def _draw(shape_per_item, batch, device, generators, kind="randn"):
 
 
 def sample_loop(model, diffusion, shape, y, *, noise=None, guidance_scale=1.0, extrapolation=0.0,
-                dynamic_threshold=None, clip_denoised=True, use_ddim=False, eta=0.0,
+                threshold_percentile=None, clip_denoised=True, use_ddim=False, eta=0.0,
                 generators: Optional[Sequence[torch.Generator]] = None, device=None, progress=False,
                 batched_guidance=True):
     """Full reverse process from x_T ~ N(0, I) (or `noise`) to x_0, over all of this diffusion's
@@ -128,19 +138,16 @@ def sample_loop(model, diffusion, shape, y, *, noise=None, guidance_scale=1.0, e
         raise ValueError(f"label map batch {y.shape[0]} != sample batch {b}")
     y = y.to(device)
     x = noise.to(device) if noise is not None else _draw(shape[1:], b, device, generators)
+    label_noise = diffusion.label_noise_spec(y.shape)
     prev = None
     steps = range(diffusion.num_timesteps - 1, -1, -1)
     for i in tqdm(steps, desc="sampling", disable=not progress, leave=False):
         t = torch.full((b,), i, device=device, dtype=torch.long)
-        u = None
-        if diffusion.label_diffusion.enabled and diffusion.label_diffusion.mode:
-            u = _draw((1, *y.shape[2:]), b, device, generators, kind="rand")
-        elif diffusion.label_diffusion.enabled:
-            u = _draw((diffusion.num_classes, *y.shape[2:]), b, device, generators)
+        u = None if label_noise is None else _draw(label_noise.shape, b, device, generators, label_noise.kind)
         with torch.no_grad():
             step = reverse_step(model, diffusion, x, t, y, label_noise=u, guidance_scale=guidance_scale,
                                 extrapolation=extrapolation, prev_xstart=prev,
-                                dynamic_threshold=dynamic_threshold, clip_denoised=clip_denoised,
+                                threshold_percentile=threshold_percentile, clip_denoised=clip_denoised,
                                 batched_guidance=batched_guidance)
             z = _draw(shape[1:], b, device, generators)
             x = ddim_update(diffusion, x, t, step, z, eta) if use_ddim else ancestral_update(x, t, step, z)

@@ -49,8 +49,13 @@ def test_q_sample_and_posterior_against_closed_form():
     abar = torch.tensor(np.cumprod(1 - get_named_beta_schedule("linear", 100))[[0, 57]]).float().view(2, 1, 1, 1)
     x_t = diff.q_sample(x0, t, noise=eps)
     assert torch.allclose(x_t, abar.sqrt() * x0 + (1 - abar).sqrt() * eps, atol=1e-6)
-    # eps-prediction round trip: x0 recovered from the true noise
-    assert torch.allclose(diff._predict_xstart_from_eps(x_t, t, eps), x0, atol=1e-4)
+    # eps-prediction round trip: x0 recovered from the true noise, and the noise from x0
+    assert torch.allclose(diff.xstart_from_eps(x_t, t, eps), x0, atol=1e-4)
+    assert torch.allclose(diff.eps_from_xstart(x_t, t, x0), eps, atol=1e-4)
+    # the accessors the DDIM update needs: alpha-bar at t and at the step before (1 before step 0)
+    assert torch.allclose(diff.alphas_cumprod_at(t, x0.shape), abar.expand_as(x0))
+    prev = torch.tensor([1.0, np.cumprod(1 - get_named_beta_schedule("linear", 100))[56]]).float()
+    assert torch.allclose(diff.alphas_cumprod_prev_at(t, x0.shape), prev.view(2, 1, 1, 1).expand_as(x0))
     # posterior mean of x_{t-1} given x0, x_t equals the Bayes formula
     b = get_named_beta_schedule("linear", 100)
     ab = np.cumprod(1 - b)

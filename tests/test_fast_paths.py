@@ -1,14 +1,19 @@
-"""Fast paths (issue 7) against the plain computation, and the precision / compile fallbacks."""
+"""The model's exact fast paths against the plain computation, their per-model config, and the
+precision / compile fallbacks."""
+import copy
 import warnings
 
 import pytest
 import torch
 
 from conftest import random_label_map
-from scdm.performance import fast_paths, maybe_compile, precision_context, set_fast_paths
+from scdm import performance
+from scdm.fast_paths import UNIQUE_PATCH_MAX_RATIO, FastPaths, from_disable_spec, override, unwrap
+from scdm.performance import maybe_compile, precision_context, resolve_precision
 from scdm.sampling import guided_model_output
 from scdm.script_util import create_model_and_diffusion
-from scdm.unet import FAST_PATHS, SPADEGroupNorm, clear_spade_caches
+from scdm.spade import SPADEGroupNorm, clear_spade_caches
+from scdm.unet import AttentionBlock, UNetModel
 
 RTOL = 1e-4
 
@@ -49,14 +54,19 @@ def _inputs(flags, b=4, null_rows=(), with_edge=True):
     return x, t, y
 
 
+def _configs_of_blocks(model):
+    return {m.fast_paths for m in model.modules() if isinstance(m, (SPADEGroupNorm, AttentionBlock))}
+
+
+# ----- fast == plain --------------------------------------------------------------------------
 @pytest.mark.parametrize("null_rows", [(), (1,), (0, 2), (0, 1, 2, 3)])
 def test_forward_fast_equals_plain(tiny_flags, null_rows):
     model, _ = _model(tiny_flags)
     x, t, y = _inputs(tiny_flags, null_rows=null_rows)
     with torch.no_grad():
-        with fast_paths(False):
+        with override(model, False):
             plain = model(x, t, y=y)
-        with fast_paths(True):
+        with override(model, True):
             fast = model(x, t, y=y)
             cached = model(x, t, y=y)  # second call hits the all-zero-map cache
     _close(fast, plain)
@@ -66,10 +76,10 @@ def test_forward_fast_equals_plain(tiny_flags, null_rows):
 def test_each_switch_alone_equals_plain(tiny_flags):
     model, _ = _model(tiny_flags)
     x, t, y = _inputs(tiny_flags, null_rows=(3,))
-    with torch.no_grad(), fast_paths(False):
+    with torch.no_grad(), override(model, False):
         plain = model(x, t, y=y)
-    for name in FAST_PATHS:
-        with torch.no_grad(), fast_paths(False, **{name: True}):
+    for name in FastPaths.names():
+        with torch.no_grad(), override(model, False, **{name: True}):
             _close(model(x, t, y=y), plain)
 
 
@@ -81,23 +91,27 @@ def test_no_instance_and_soft_maps(tiny_flags):
     soft = y * torch.rand_like(y)
     with torch.no_grad():
         for cond in (y, soft):
-            with fast_paths(False):
+            with override(model, False):
                 plain = model(x, t, y=cond)
-            with fast_paths(True):
+            with override(model, True):
                 _close(model(x, t, y=cond), plain)
 
 
-def test_with_unconditional_equals_two_passes(tiny_flags):
+@pytest.mark.parametrize("shared_encoder", [True, False])
+def test_forward_with_cfg_equals_two_passes(tiny_flags, shared_encoder):
     model, diffusion = _model(tiny_flags)
     x, t, y = _inputs(tiny_flags, b=2)
     with torch.no_grad():
-        with fast_paths(False):
+        with override(model, False):
             cond, uncond = model(x, t, y=y), model(x, t, y=torch.zeros_like(y))
             released = guided_model_output(model, diffusion, x, t, y, guidance_scale=1.5, batched=False)
-        with fast_paths(True):
-            both = model(x, t, y=y, with_unconditional=True)
+        with override(model, True, shared_encoder=shared_encoder):
+            both = model.forward_with_cfg(x, t, y)
+            same = model(x, t, y=y, with_unconditional=True)
             guided = guided_model_output(model, diffusion, x, t, y, guidance_scale=1.5)
+    assert both.shape[0] == 2 * x.shape[0]
     _close(both, torch.cat([cond, uncond]))
+    _close(same, both)
     _close(guided, released)
 
 
@@ -114,7 +128,7 @@ def test_training_gradients_equal(tiny_flags):
     for enabled in (False, True):
         model.zero_grad(set_to_none=True)
         torch.manual_seed(2)
-        with fast_paths(enabled):
+        with override(model, enabled):
             loss = diffusion.training_losses(model, x, t, model_kwargs={"y": y}, noise=noise,
                                                label_noise=label_noise)["loss"].mean()
         loss.backward()
@@ -136,30 +150,122 @@ def test_null_cache_invalidated_by_optimizer_step(tiny_flags):
         for p in model.parameters():
             p.add_(0.05)  # in-place update, like an optimizer step: bumps the version counters
         after = model(x, t, y=y)
-        with fast_paths(False):
+        with override(model, False):
             plain = model(x, t, y=y)
     assert (after - before).abs().max() > 1e-3
     _close(after, plain)
 
 
-def test_fast_paths_context_restores_and_rejects_unknown():
-    before = dict(FAST_PATHS)
-    with fast_paths(False, sdpa_attention=True):
-        assert FAST_PATHS["sdpa_attention"] and not FAST_PATHS["spade_gather"]
-    assert FAST_PATHS == before
+# ----- the per-model config -------------------------------------------------------------------
+def test_fast_paths_config():
+    assert FastPaths() == FastPaths.all_on() and all(getattr(FastPaths(), n) for n in FastPaths.names())
+    assert not any(getattr(FastPaths.all_off(), n) for n in FastPaths.names())
+    assert set(FastPaths.names()) == {"sdpa_attention", "spade_gather", "spade_unique_patches", "fused_gamma_beta",
+                                      "null_label_cache", "shared_encoder", "channels_last"}
+    one = FastPaths.all_off().replace(null_label_cache=True)
+    assert one.spade_enabled and not FastPaths.all_off().replace(sdpa_attention=True).spade_enabled
+    with pytest.raises(ValueError, match=r"unknown fast paths \['flash'\]; known: \["):
+        FastPaths().replace(flash=False)
+    with pytest.raises(Exception):  # frozen
+        FastPaths().sdpa_attention = False
+    assert 0 < UNIQUE_PATCH_MAX_RATIO <= 1
+
+
+def test_from_disable_spec_values_and_errors():
+    assert from_disable_spec("") == FastPaths() and from_disable_spec(None) == FastPaths()
+    config = from_disable_spec("spade_gather, channels_last")
+    assert config == FastPaths().replace(spade_gather=False, channels_last=False)
+    assert config.disabled() == ["spade_gather", "channels_last"]
+    assert from_disable_spec("all") == FastPaths.all_off()
+    with pytest.raises(ValueError, match=r"^--disable_fast_paths: unknown fast paths \['flash'\]"):
+        from_disable_spec("flash")
+    with pytest.raises(ValueError, match=r"unknown fast paths \['all'\]"):  # "all" only on its own
+        from_disable_spec("all,sdpa_attention")
+
+
+def test_config_reaches_every_block_and_models_are_independent(tiny_flags):
+    a, _ = _model(tiny_flags)
+    b = copy.deepcopy(a)
+    a.fast_paths = FastPaths.all_off()
+    assert _configs_of_blocks(a) == {FastPaths.all_off()} and a.fast_paths == FastPaths.all_off()
+    assert _configs_of_blocks(b) == {FastPaths()} and b.fast_paths == FastPaths()
+    x, t, y = _inputs(tiny_flags, null_rows=(1,))
+    with torch.no_grad():
+        _close(b(x, t, y=y), a(x, t, y=y))
+    with pytest.raises(TypeError, match="must be a FastPaths"):
+        a.fast_paths = {"sdpa_attention": False}
+    built = UNetModel(16, 3, 32, 3, 1, (), channel_mult=(1, 2), num_classes=5, fast_paths=FastPaths.all_off())
+    assert built.fast_paths == FastPaths.all_off() and _configs_of_blocks(built) == {FastPaths.all_off()}
+
+
+def test_override_restores_also_after_an_exception(tiny_flags):
+    model, _ = _model(tiny_flags)
+    start = FastPaths().replace(channels_last=False)
+    model.fast_paths = start
+    with override(model, False, sdpa_attention=True) as config:
+        assert model.fast_paths == config == FastPaths.all_off().replace(sdpa_attention=True)
+        assert _configs_of_blocks(model) == {config}
+    assert model.fast_paths == start and _configs_of_blocks(model) == {start}
+    with override(model, None, shared_encoder=False):  # None: the current config, then the names
+        assert model.fast_paths == start.replace(shared_encoder=False)
+    with pytest.raises(RuntimeError, match="boom"):
+        with override(model, False):
+            raise RuntimeError("boom")
+    assert model.fast_paths == start and _configs_of_blocks(model) == {start}
     with pytest.raises(ValueError, match="unknown fast paths"):
-        with fast_paths(True, not_a_switch=True):
+        with override(model, True, not_a_switch=True):
             pass
-    previous = set_fast_paths(False)
-    assert not any(FAST_PATHS.values())
-    FAST_PATHS.update(previous)
+    assert model.fast_paths == start
+
+
+def test_override_finds_the_model_through_wrappers(tiny_flags):
+    model, diffusion = _model(tiny_flags)
+
+    class DDPLike(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    class CompiledLike(torch.nn.Module):
+        def __init__(self, mod):
+            super().__init__()
+            self._orig_mod = mod
+
+        def forward(self, *args, **kwargs):
+            return self._orig_mod(*args, **kwargs)
+
+    wrapped = CompiledLike(DDPLike(model))
+    assert unwrap(wrapped) is model
+    with override(wrapped, False):
+        assert model.fast_paths == FastPaths.all_off()
+    assert model.fast_paths == FastPaths()
+    with pytest.raises(TypeError, match="no fast-path config"):
+        unwrap(torch.nn.Linear(2, 2))
+    x, t, y = _inputs(tiny_flags, b=2)
+    with torch.no_grad():
+        _close(guided_model_output(wrapped, diffusion, x, t, y, guidance_scale=1.5),
+               guided_model_output(model, diffusion, x, t, y, guidance_scale=1.5, batched=False))
+
+
+# ----- precision and compile ------------------------------------------------------------------
+def test_resolve_precision():
+    assert resolve_precision("", False) == "fp32"
+    assert resolve_precision("", True) == "fp16"
+    assert resolve_precision("bf16", False) == "bf16"
+    assert resolve_precision("fp16", True) == "fp16"
+    with pytest.raises(ValueError, match=r"--precision 'fp8': expected one of \('fp32', 'fp16', 'bf16'\)"):
+        resolve_precision("fp8", False)
+    with pytest.raises(ValueError, match="--use_fp16 True contradicts --precision bf16"):
+        resolve_precision("bf16", True)
 
 
 def test_precision_unavailable_warns_and_runs_fp32(monkeypatch):
     """Asking for a precision the device cannot do: one warning, then fp32."""
     monkeypatch.setattr(torch.amp, "is_autocast_available", lambda device_type: False)
-    from scdm import performance
-    performance._warned.clear()
+    performance.reset_warnings()
     with pytest.warns(RuntimeWarning, match="precision bf16 is not available on cpu"):
         ctx = precision_context("cpu", "bf16")
     with ctx:
@@ -179,9 +285,8 @@ def test_compile_unavailable_falls_back_to_eager(tiny_flags, monkeypatch):
     x, t, y = _inputs(tiny_flags, b=1)
     with torch.no_grad():
         expected = model(x, t, y=y)
-    from scdm import performance
-    performance._warned.clear()
-    monkeypatch.setattr(performance, "_compile_unavailable", lambda m: "no C++ compiler found")
+    performance.reset_warnings()
+    monkeypatch.setattr(performance, "compile_unavailable_reason", lambda m: "no C++ compiler found")
     with pytest.warns(RuntimeWarning, match="torch.compile is not available: no C\\+\\+ compiler"):
         same = maybe_compile(model)
     assert same is model
@@ -194,45 +299,32 @@ def test_compile_failure_at_first_call_falls_back(tiny_flags, monkeypatch):
     x, t, y = _inputs(tiny_flags, b=1)
     with torch.no_grad():
         expected = model(x, t, y=y)
-    from scdm import performance
-    performance._warned.clear()
+        expected_cfg = model.forward_with_cfg(x, t, y)
+    performance.reset_warnings()
 
     def broken_compile(fn, **kwargs):
         def run(*a, **k):
             raise RuntimeError("backend compiler failed")
         return run
-    monkeypatch.setattr(performance, "_compile_unavailable", lambda m: "")
+    monkeypatch.setattr(performance, "compile_unavailable_reason", lambda m: "")
     monkeypatch.setattr(torch, "compile", broken_compile)
     model = maybe_compile(model)
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")
         out = model(x, t, y=y)
         out2 = model(x, t, y=y)
+        cfg = model.forward_with_cfg(x, t, y)
     assert any("torch.compile failed (RuntimeError: backend compiler failed)" in str(w.message) for w in caught)
     _close(out, expected)
     _close(out2, expected)
+    _close(cfg, expected_cfg)
     with pytest.raises(ValueError):  # errors the eager model raises too still propagate
         model(x[:, :, :5], t, y=y)
 
 
-def test_disable_fast_paths_flag_values():
-    from scdm.performance import disable_fast_paths
-    before = dict(FAST_PATHS)
-    try:
-        assert disable_fast_paths("") == [] and FAST_PATHS == before
-        assert disable_fast_paths("spade_gather, channels_last") == ["spade_gather", "channels_last"]
-        assert not FAST_PATHS["spade_gather"] and not FAST_PATHS["channels_last"] and FAST_PATHS["sdpa_attention"]
-        disable_fast_paths("all")
-        assert not any(FAST_PATHS.values())
-        with pytest.raises(ValueError, match=r"--disable_fast_paths: unknown fast paths \['flash'\]"):
-            disable_fast_paths("flash")
-    finally:
-        FAST_PATHS.update(before)
-
-
 def test_image_sample_rejects_unknown_fast_path(capsys):
     from scdm import image_sample
-    from scdm.cli import run_cli
+    from scdm.errors import run_cli
     with pytest.raises(SystemExit) as e:
         run_cli(image_sample.main, ["--dataset_mode", "folder", "--num_classes", "4", "--disable_fast_paths", "nope"])
     assert e.value.code == 2

@@ -1,8 +1,9 @@
-"""q_sample_label against hand-computed keep probabilities (DESIGN.md §5)."""
+"""q_sample_label against hand-computed keep probabilities, and the noise it takes."""
 import numpy as np
 import pytest
 import torch
 
+from scdm.label_diffusion import LabelNoise
 from scdm.script_util import create_gaussian_diffusion, create_model_and_diffusion
 
 from conftest import random_label_map
@@ -149,3 +150,25 @@ def test_released_schedule_files_load_with_unlabeled_rule(compat_dir):
                                      class_schedule=str(compat_dir / "ade20k_psiphi.npy"), unlabeled_id=150)
     lam = diff.label_diffusion.class_lambdas.numpy()
     assert lam[150] == 0.5 and lam.shape == (151,)
+
+
+def test_noise_spec_says_what_q_sample_takes(schedule_file):
+    path, _ = schedule_file
+    y_shape = (2, 5, 6, 7)  # 5 one-hot channels + an edge channel for the full model input
+    full = (2, 6, 6, 7)
+    uniform = create_gaussian_diffusion(steps=25, num_classes=5, cond_diffuse=True, cond_opt="discrete_zero_uniform")
+    classwise = create_gaussian_diffusion(steps=25, num_classes=5, cond_diffuse=True,
+                                          cond_opt="discrete_zero_classwise", class_schedule=str(path))
+    gaussian = create_gaussian_diffusion(steps=25, num_classes=5, cond_diffuse=True, cond_opt="")
+    off = create_gaussian_diffusion(steps=25, num_classes=5, cond_diffuse=False)
+    for diff in (uniform, classwise):
+        assert diff.label_diffusion.noise_spec(y_shape) == LabelNoise((1, 6, 7), "uniform")
+        assert diff.label_noise_spec(full) == LabelNoise((1, 6, 7), "uniform")
+    assert gaussian.label_diffusion.noise_spec(y_shape) == LabelNoise((5, 6, 7), "gaussian")
+    assert gaussian.label_noise_spec(full) == LabelNoise((5, 6, 7), "gaussian")  # the edge never diffuses
+    assert off.label_diffusion.noise_spec(y_shape) is None and off.label_noise_spec(full) is None
+    # noise drawn to the spec is what q_sample accepts
+    y = onehot(torch.randint(0, 5, (2, 6, 7)), 5)
+    for diff, draw in ((uniform, torch.rand), (gaussian, torch.randn)):
+        spec = diff.label_noise_spec(full)
+        diff.q_sample_label(y, torch.tensor([3, 7]), noise=draw(2, *spec.shape))

@@ -1,8 +1,13 @@
 """Guidance, extrapolation, dynamic thresholding, one reverse step, and whole sampling runs."""
+import ast
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+import scdm
+from scdm import sampling
 from scdm.sampling import (dynamic_threshold, guided_model_output, process_xstart, reverse_step,
                            sample_loop)
 from scdm.script_util import create_model_and_diffusion
@@ -40,6 +45,58 @@ def test_guidance_formula_and_batching(tiny_flags):
     assert torch.equal(guided_model_output(model, diff, x, t, y, 1.0), cond)
 
 
+class CfgToyModel(LinearToyModel):
+    """Offers guided batching itself: the sampler must use it (and only with batched guidance)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cfg_calls = 0
+
+    def forward_with_cfg(self, x, t, y):
+        self.cfg_calls += 1
+        return torch.cat([self(x, t, y=y), self(x, t, y=torch.zeros_like(y))])
+
+
+def test_guidance_uses_the_models_forward_with_cfg(tiny_flags):
+    _, diff = create_model_and_diffusion(**tiny_flags)
+    model = CfgToyModel()
+    wrapped = torch.nn.Module()
+    wrapped.module = model  # DDP-like wrapper: found through `.module`
+    x, y, t = torch.randn(2, 3, 8, 8), random_label_map(2, 4, 8, 8), torch.tensor([3, 9])
+    two_passes = guided_model_output(model, diff, x, t, y, 1.5, batched=False)
+    assert model.cfg_calls == 0
+    assert torch.allclose(guided_model_output(model, diff, x, t, y, 1.5), two_passes, atol=1e-6)
+    assert model.cfg_calls == 1
+    assert torch.allclose(guided_model_output(wrapped, diff, x, t, y, 1.5), two_passes, atol=1e-6)
+    assert model.cfg_calls == 2
+
+
+def _imports(path):
+    """(module, names) for every import in a source file; relative imports resolved within scdm."""
+    out = []
+    for node in ast.walk(ast.parse(Path(path).read_text())):
+        if isinstance(node, ast.Import):
+            out += [(a.name, []) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            module = ("scdm." * bool(node.level)) + (node.module or "")
+            out.append((module.rstrip("."), [a.name for a in node.names]))
+    return out
+
+
+def test_sampler_does_not_import_the_network():
+    for module, names in _imports(sampling.__file__):
+        assert module != "scdm.unet" and not (module == "scdm" and "unet" in names), module
+
+
+def test_no_module_imports_private_names_of_another():
+    package = Path(scdm.__file__).parent
+    for path in sorted(package.glob("*.py")):
+        for module, names in _imports(path):
+            if module.startswith("scdm"):
+                private = [n for n in names if n.startswith("_")]
+                assert not private, f"{path.name} imports {private} from {module}"
+
+
 def test_extrapolation_then_dynamic_threshold_against_numpy():
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(3, 3, 8, 8, generator=g) * 1.5
@@ -72,10 +129,10 @@ def test_reverse_step_composition(tiny_flags):
     prev = torch.randn(2, 3, 16, 16) * 0.3
     with torch.no_grad():
         step = reverse_step(model, diff, x, t, y, label_noise=u, guidance_scale=2.0, extrapolation=0.8,
-                            prev_xstart=prev, dynamic_threshold=0.95)
+                            prev_xstart=prev, threshold_percentile=0.95)
         y_t = diff.diffuse_cond(y, t, noise=u)
         out = guided_model_output(model, diff, x, t, y_t, 2.0)
-        x0 = diff._predict_xstart_from_eps(x, t, out[:, :3])
+        x0 = diff.xstart_from_eps(x, t, out[:, :3])
         x0, state = process_xstart(x0, prev, 0.8, 0.95)
         mean, _, _ = diff.q_posterior_mean_variance(x0, x, t)
     assert torch.allclose(step.mean, mean, atol=1e-6)
@@ -94,10 +151,29 @@ def test_tiny_sampling_run(tiny_flags, use_ddim):
         p.data.normal_(0, 0.05)
     y = random_label_map(2, 4, 16, 16)
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
-    x = sample_loop(model, diff, (2, 3, 16, 16), y, guidance_scale=1.5, extrapolation=0.8, dynamic_threshold=0.95,
+    x = sample_loop(model, diff, (2, 3, 16, 16), y, guidance_scale=1.5, extrapolation=0.8, threshold_percentile=0.95,
                     use_ddim=use_ddim, generators=gens)
     assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all() and x.abs().max() <= 1
     # Per-image generators: the second image alone gives the same result as inside the batch.
     alone = sample_loop(model, diff, (1, 3, 16, 16), y[1:], guidance_scale=1.5, extrapolation=0.8,
-                        dynamic_threshold=0.95, use_ddim=use_ddim, generators=[torch.Generator().manual_seed(1)])
+                        threshold_percentile=0.95, use_ddim=use_ddim, generators=[torch.Generator().manual_seed(1)])
     assert torch.allclose(alone[0], x[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("cond_opt,kind", [("discrete_zero_uniform", "uniform"), ("", "gaussian")])
+def test_sampling_draws_the_label_noise_the_diffusion_asks_for(tiny_flags, cond_opt, kind, monkeypatch):
+    flags = dict(tiny_flags, cond_diffuse=True, cond_opt=cond_opt, timestep_respacing="ddim5")
+    model, diff = create_model_and_diffusion(**flags)
+    y = random_label_map(2, 4, 16, 16)
+    seen = []
+    diffuse = diff.diffuse_cond
+    monkeypatch.setattr(diff, "diffuse_cond", lambda y, t, noise=None: seen.append(noise) or diffuse(y, t, noise=noise))
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    x = sample_loop(model, diff, (2, 3, 16, 16), y, guidance_scale=1.5, generators=gens)
+    assert torch.isfinite(x).all() and len(seen) == diff.num_timesteps
+    shape = (2, 1, 16, 16) if kind == "uniform" else (2, 4, 16, 16)  # one-hot channels only, not the edge
+    assert all(u.shape == shape for u in seen)
+    if kind == "uniform":
+        assert all(u.min() >= 0 and u.max() < 1 for u in seen)
+    else:
+        assert any(u.min() < 0 for u in seen)

@@ -14,12 +14,11 @@ import torch
 from PIL import Image
 
 from scdm.checkpoint import save_atomic
+from scdm.presets import PRESETS, as_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-ARCH = ("--dataset_mode folder --image_size 32 --num_channels 32 --num_res_blocks 1 --channel_mult 1,2 "
-        "--attention_resolutions 16 --num_head_channels 16 --learn_sigma True --resblock_updown True "
-        "--use_scale_shift_norm True --cond_diffuse True --cond_opt discrete_zero_uniform").split()
+ARCH = as_argv(dict(PRESETS["toy"].model, cond_opt="discrete_zero_uniform"))  # no class schedule needed
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
@@ -38,7 +37,7 @@ def train_cmd(data, log_dir, *extra, launcher=()):
 @pytest.fixture(scope="session")
 def toy(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy")
-    run([sys.executable, "-m", "scdm.toy", "--out", out, "--num_train", 8, "--num_test", 5, "--size", 32])
+    run([sys.executable, "-m", "scdm.toy", "--out_dir", out, "--num_train", 8, "--num_test", 5, "--size", 32])
     return out
 
 
@@ -171,4 +170,4 @@ def test_presets_help_and_unknown(script):
     ok = run(["sh", ROOT / "scripts" / script, "--help"])
     assert "ade20k" in ok.stdout and "toy" in ok.stdout
     bad = run(["sh", ROOT / "scripts" / script, "imagenet"], check=False)
-    assert bad.returncode == 2 and "unknown preset 'imagenet'" in bad.stderr and "ade20k coco celeba toy" in bad.stderr
+    assert bad.returncode == 2 and "unknown preset 'imagenet'" in bad.stderr and "ade20k coco celeba cityscapes toy" in bad.stderr

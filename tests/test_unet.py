@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from scdm.script_util import create_model_and_diffusion
-from scdm.unet import FAST_PATHS
+from scdm.fast_paths import FastPaths
 
 from conftest import random_label_map
 
@@ -28,10 +28,11 @@ def _fixture_model(compat_dir):
     return model.eval(), fx
 
 
-@pytest.mark.parametrize("sdpa", [True, False])
-def test_reproduces_released_output(compat_dir, sdpa, monkeypatch):
-    monkeypatch.setitem(FAST_PATHS, "sdpa_attention", sdpa)
+@pytest.mark.parametrize("fast_paths", [FastPaths(), FastPaths().replace(sdpa_attention=False),
+                                        FastPaths.all_off()], ids=["fast", "no_sdpa", "plain"])
+def test_reproduces_released_output(compat_dir, fast_paths):
     model, fx = _fixture_model(compat_dir)
+    model.fast_paths = fast_paths
     with torch.no_grad():
         out = model(fx["x"], fx["t"], y=fx["y"].float())
     assert out.shape == fx["out"].shape

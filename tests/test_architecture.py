@@ -1,0 +1,118 @@
+"""The structure docs/architecture.md promises, checked on the source (ast), so it cannot drift:
+package layering without cycles, no private names across modules, one owner per shared fact."""
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("scdm", "image_process", "evaluations", "quickstart")
+# Who may import whom: scdm is the base; the tools build on it; the quickstart drives them all.
+ALLOWED = {
+    "scdm": set(),
+    "image_process": {"scdm"},
+    "evaluations": {"scdm"},
+    "quickstart": {"scdm", "image_process", "evaluations"},
+}
+
+
+def python_files(*tops):
+    for top in tops:
+        yield from sorted((ROOT / top).rglob("*.py"))
+
+
+def module_name(path):
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def imports(path):
+    """(imported module, names) for every import statement, wherever it is (functions included)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield alias.name, []
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")
+                parent = parent[: len(parent) - (node.level - 1)]
+                base = ".".join(parent + ([base] if base else []))
+            yield base, [a.name for a in node.names]
+
+
+def test_packages_are_layered_without_cycles():
+    edges = {p: set() for p in PACKAGES}
+    for pkg in PACKAGES:
+        for path in python_files(pkg):
+            for mod, _ in imports(path):
+                top = mod.split(".")[0]
+                if top in PACKAGES and top != pkg:
+                    edges[pkg].add(top)
+                    assert top in ALLOWED[pkg], f"{path.relative_to(ROOT)} imports {mod}: {pkg} may import {ALLOWED[pkg]}"
+    # The allowed graph itself is acyclic (a topological order exists).
+    order, remaining = [], dict(edges)
+    while remaining:
+        free = [p for p, deps in remaining.items() if deps <= set(order)]
+        assert free, f"import cycle among {sorted(remaining)}"
+        order += free
+        for p in free:
+            del remaining[p]
+
+
+def test_no_private_names_across_modules():
+    problems = []
+    for path in python_files(*PACKAGES, "tests", "benchmarks"):
+        for mod, names in imports(path):
+            if mod == module_name(path):
+                continue
+            problems += [f"{path.relative_to(ROOT)}: from {mod} import {n}" for n in names
+                         if n.startswith("_") and not n.startswith("__")]
+        tree = ast.parse(path.read_text())
+        imported_modules = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.Import)
+                            for a in n.names if a.name.split(".")[0] in PACKAGES}
+        imported_modules |= {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                             for a in n.names if (n.module or "").split(".")[0] in PACKAGES or n.level}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                    and node.value.id in imported_modules and node.attr.startswith("_")
+                    and not node.attr.startswith("__")):
+                problems.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value.id}.{node.attr}")
+    assert not problems, "private names used across modules:\n" + "\n".join(problems)
+
+
+def test_sampler_does_not_import_the_network():
+    mods = [m for m, _ in imports(ROOT / "scdm" / "sampling.py")]
+    assert not any(m.endswith("unet") for m in mods), mods
+
+
+@pytest.mark.parametrize("pattern, owner, what", [
+    (r"os\.replace\(|mkstemp\(|NamedTemporaryFile\(", "scdm/fileio.py", "atomic file writing"),
+    (r"^\s*(IMAGE_EXTENSIONS|IMAGE_EXTS)\s*=", None, "the image extensions"),
+    (r"^(RELEASED_ARCH|TOY_ARCH|ARCH)\s*=", "scdm/presets.py", "a model preset"),
+])
+def test_one_owner(pattern, owner, what):
+    rx = re.compile(pattern, re.M)
+    found = sorted(str(p.relative_to(ROOT)) for p in python_files(*PACKAGES, "benchmarks") if rx.search(p.read_text()))
+    if owner is None:  # exactly one definition, inside scdm
+        assert len(found) == 1 and found[0].startswith("scdm/"), f"{what} defined in {found}"
+    else:
+        assert found == [owner], f"{what} defined outside {owner}: {found}"
+
+
+def test_scripts_have_no_arch_flags():
+    """The shell scripts read the presets instead of spelling out architectures."""
+    for script in (ROOT / "scripts").glob("*.sh"):
+        assert "--num_channels" not in script.read_text(), script.name
+
+
+def test_no_references_outside_the_repository():
+    rx = re.compile(r"DESIGN\.md|DESIGN §|\bissue \d+\b", re.I)
+    files = [p for p in python_files(*PACKAGES, "tests", "benchmarks") if p.name != "test_architecture.py"]
+    files += list((ROOT / "scripts").glob("*.sh")) + [ROOT / "README.md"] + list((ROOT / "docs").glob("*.md"))
+    bad = [str(p.relative_to(ROOT)) for p in files if rx.search(p.read_text())]
+    assert not bad, f"references to files or issues outside the repository in {bad}"
