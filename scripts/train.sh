@@ -29,7 +29,7 @@ LOG_DIR=${LOG_DIR:-OUTPUT/$preset-SCDM$suffix}
 mkdir -p "$LOG_DIR"
 mode=$(preset_flags "$preset" model --get dataset_mode)
 if [ "$preset" = toy ]; then
-    [ -d "$DATA_DIR/train" ] || (cd "$ROOT" && "$PYTHON" -m scdm.toy --out "$DATA_DIR")
+    [ -d "$DATA_DIR/train" ] || (cd "$ROOT" && "$PYTHON" -m scdm.toy --out_dir "$DATA_DIR")
 fi
 if [ -z "${CLASS_SCHEDULE:-}" ]; then
     CLASS_SCHEDULE="$LOG_DIR/class_schedule.npy"
