@@ -94,6 +94,9 @@ def test_sampler_does_not_import_the_network():
     (r"os\.replace\(|mkstemp\(|NamedTemporaryFile\(", "scdm/fileio.py", "atomic file writing"),
     (r"^\s*(IMAGE_EXTENSIONS|IMAGE_EXTS)\s*=", None, "the image extensions"),
     (r"^(RELEASED_ARCH|TOY_ARCH|ARCH)\s*=", "scdm/presets.py", "a model preset"),
+    (r"^LAYOUTS\s*[:=]", "scdm/dataset_layouts.py", "the dataset layouts"),
+    (r"^def read_ids\(", "scdm/dataset_layouts.py", "the id-map reader"),
+    (r"^class \w*Error\((Exception|ValueError|RuntimeError)\)", "scdm/errors.py", "a user-error base class"),
 ])
 def test_one_owner(pattern, owner, what):
     rx = re.compile(pattern, re.M)

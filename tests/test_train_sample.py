@@ -143,6 +143,25 @@ def test_sampling_same_with_one_and_two_processes(toy, trained, tmp_path):
     assert all((tmp_path / "one" / f).stat().st_mtime_ns == before[f] for f in files), out.stderr[-500:]
 
 
+def test_outputs_honour_the_umask(toy, trained, tmp_path):
+    """Checkpoints, logs, args.json, samples and pictures get 0666 & ~umask (0644 under 022), not the
+    0600 of a temporary file; the released --gpus_per_node is accepted with one note."""
+    old = os.umask(0o022)
+    try:
+        log_dir = tmp_path / "run"
+        run(train_cmd(toy, log_dir, "--max_steps", 1, "--save_interval", 1))
+        p = run(sample_cmd(toy, log_dir / "model000001.pt", tmp_path / "res", "--batch_size", 5,
+                           "--timestep_respacing", "ddim2", "--gpus_per_node", 8))
+    finally:
+        os.umask(old)
+    assert p.stderr.count("--gpus_per_node 8 is ignored") == 1
+    files = [f for f in [*log_dir.iterdir(), *(tmp_path / "res").rglob("*")] if f.is_file()]
+    assert {"model000001.pt", "opt000001.pt", "args.json", "log.txt", "progress.csv", "overview.png"} <= {
+        f.name for f in files}
+    modes = {f.name: oct(f.stat().st_mode & 0o777) for f in files}
+    assert set(modes.values()) == {"0o644"}, modes
+
+
 def test_user_errors_exit_2_with_one_message(toy, trained, tmp_path):
     p = run(sample_cmd(toy, trained / "model000002.pt", tmp_path / "r", "--num_classes", 12), check=False)
     assert p.returncode == 2
