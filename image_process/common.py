@@ -119,6 +119,21 @@ def check_item(record: Record, fill: int) -> Item:
 
 # ----------------------------------------------------------------------------- the work
 
+# Below this share of changed label pixels a tree is not a noisy benchmark: say why and what to pass.
+NO_OP_FRACTION = 0.001
+NO_OP_HINTS: Dict[str, Callable[[dict, Optional[int], int], str]] = {
+    "downsample": lambda params, image_size, side: (
+        f"--size {params.get('size')} is not below the maps' {side} px; the paper stores DS maps at a quarter of "
+        f"the model's size: pass --size {max(1, side // 4)}"),
+    "edge": lambda params, image_size, side: (
+        f"--image_size {image_size} is larger than the maps ({side} px), so the noise drawn there vanishes when the "
+        f"model sees the map at its size: pass --image_size {side} (the model's size), or a larger --radius"),
+    "painter": lambda params, image_size, side: (
+        f"--image_size {image_size} is larger than the maps ({side} px): pass --image_size {side} (the model's "
+        "size), or a larger --max_shift"),
+    "random": lambda params, image_size, side: f"--p {params.get('p')} is (almost) zero",
+}
+
 @dataclass(frozen=True)
 class Job:
     noise: str
@@ -154,11 +169,13 @@ def output_paths(job: Job, item: Item) -> List[Path]:
     return [job.out_dir / rel[0]] + [job.out_dir / r.with_suffix(".png") for r in rel[1:]]
 
 
-def process(job: Job, item: Item) -> List[Path]:
-    """Write one sample of the noisy tree; returns the paths written."""
+def process(job: Job, item: Item) -> tuple:
+    """Write one sample of the noisy tree; returns (paths written, label pixels the noise changed,
+    pixels), counted at the stored size of the clean map: what a model at that size would see."""
     out = output_paths(job, item)
     link_or_copy(item.image, out[0])
     label, palette = read_map(item.label, item.label_bits)
+    clean = label
     inst, inst_palette = read_map(item.instance, item.instance_bits, "instance map") if item.instance else (None, None)
     if job.image_size:
         label = resize_nearest(label, job.image_size)
@@ -168,7 +185,8 @@ def process(job: Job, item: Item) -> List[Path]:
     write_map(label, out[1], palette)
     if inst is not None:
         write_map(inst, out[2], inst_palette)
-    return out
+    changed = int((resize_nearest(label, clean.shape) != clean).sum())
+    return out, changed, clean.size
 
 
 _JOB: Optional[Job] = None
@@ -235,20 +253,24 @@ def build_tree(noise: str, data_dir, out_dir, params: Optional[dict] = None, *,
     for d in folders:
         d.mkdir(parents=True, exist_ok=True)
 
-    start, written = time.perf_counter(), {}
+    start, written, changed, pixels = time.perf_counter(), {}, 0, 0
     bar = tqdm(total=len(items), desc=f"{noise} {dataset_mode}", unit="map", disable=not progress)
     try:
         if num_workers == 1:
             for item in items:
-                written.update(dict.fromkeys(process(job, item), item.key))
+                paths, n_changed, n_pixels = process(job, item)
+                written.update(dict.fromkeys(paths, item.key))
+                changed, pixels = changed + n_changed, pixels + n_pixels
                 bar.update()
         else:
             import multiprocessing as mp
 
             chunk = max(1, min(16, len(items) // (4 * num_workers)))
             with mp.get_context().Pool(num_workers, _init_worker, (job,)) as pool:
-                for key, paths in pool.imap_unordered(_process_in_worker, items, chunksize=chunk):
+                for key, (paths, n_changed, n_pixels) in pool.imap_unordered(_process_in_worker, items,
+                                                                               chunksize=chunk):
                     written.update(dict.fromkeys(paths, key))
+                    changed, pixels = changed + n_changed, pixels + n_pixels
                     bar.update()
     except BaseException:
         # Ctrl-C, or a bad file in one worker: the pool is terminated (and joined) by now, and a
@@ -269,7 +291,14 @@ def build_tree(noise: str, data_dir, out_dir, params: Optional[dict] = None, *,
         "noise": noise, "params": job.params, "seed": seed, "fill": fill, "image_size": image_size,
         "dataset_mode": dataset_mode, "split": split, "num": len(items),
         "data_dir": str(data_dir.resolve()), "seconds": round(time.perf_counter() - start, 3),
+        "changed_fraction": round(changed / max(pixels, 1), 6),
     }
+    if manifest["changed_fraction"] < NO_OP_FRACTION and noise in NO_OP_HINTS:
+        with Image.open(items[0].label) as first:
+            side = min(first.size)
+        print(f"warning: {noise} changed {100 * manifest['changed_fraction']:.3f}% of the label pixels at their "
+              f"stored size (e.g. {side}x{side}): at the model's size this noise is (almost) a no-op. "
+              + NO_OP_HINTS[noise](job.params, image_size, side), file=sys.stderr)
     write_json({k: v for k, v in manifest.items() if k != "seconds"}, out_dir / MANIFEST, sort_keys=True)
     return manifest
 

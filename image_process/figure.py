@@ -1,6 +1,8 @@
-"""Draw docs/corruptions.png: one synthetic label map, clean and under each noise, colourised.
+"""Draw the corruption figure: one synthetic label map, clean and under each noise, colourised.
 
-    python -m image_process.figure [--out docs/corruptions.png] [--seed 9] [--size 256]
+    python -m image_process.figure --out docs/corruptions.png [--seed 9] [--size 256]
+
+The default output is corruptions.png in the current folder (never inside the installed package).
 
 Unlabeled pixels are black. DS is shown brought back to full size with nearest, as the loader does.
 """
@@ -51,8 +53,8 @@ def draw(items: list, gap: int = 8, caption: int = 22) -> Image.Image:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m image_process.figure", description=__doc__.splitlines()[0],
                                 formatter_class=HelpFormatter)
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "corruptions.png",
-                   help="the PNG to write")
+    p.add_argument("--out", type=Path, default=Path("corruptions.png"),
+                   help="the PNG to write (the README's picture is docs/corruptions.png)")
     p.add_argument("--seed", type=int, default=9, help="seed of the synthetic map and the noises")
     p.add_argument("--size", type=int, default=256, help="side of each panel in pixels")
     args = p.parse_args(argv)

@@ -1,4 +1,5 @@
 """image_process CLIs on fake dataset trees: full tree, determinism, refusals, bad input."""
+import json
 import os
 import subprocess
 import sys
@@ -229,7 +230,8 @@ def test_webp_images_are_seen_like_the_loader_sees_them(tmp_path):
 
 def test_workers_alias_and_boolean_flags(ade, tmp_path, capsys):
     out = tmp_path / "out"
-    assert edge.main(["--data_dir", str(ade), "--out_dir", str(out), "--workers", "2", "--quiet", "True"]) == 0
+    assert edge.main(["--data_dir", str(ade), "--out_dir", str(out), "--workers", "2", "--quiet", "True",
+                      "--image_size", "24"]) == 0
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--workers is deprecated" in err and "--num_workers" in err
     assert run("edge", ade, out, "--num", 2) == 2 and "--overwrite" in capsys.readouterr().err
@@ -340,3 +342,27 @@ def test_folder_layout_fill_from_flag_or_clear_error(toy_folder, tmp_path, capsy
     (toy_folder / "test" / "labels").rename(toy_folder / "test" / "labelz")
     expect_error(capsys, run("edge", toy_folder, tmp_path / "c", "--dataset_mode", "folder", "--fill", 7),
                  toy_folder / "test" / "labels", "folder layout")
+
+
+@pytest.mark.parametrize("cli, flags, hint", [
+    ("downsample", [], "pass --size 4"),
+    ("edge", [], "pass --image_size 16"),
+    ("painter", [], "pass --image_size 16"),
+])
+def test_no_op_noise_is_reported(cli, flags, hint, toy_folder, tmp_path, capsys):
+    """Defaults made for 256 px ADE20K change nothing on 16 px maps: say so, and what to pass; the
+    manifest records the share of label pixels changed at the stored size."""
+    assert run(cli, toy_folder, tmp_path / "noop", "--dataset_mode", "folder", *flags) == 0
+    err = capsys.readouterr().err
+    manifest = json.loads((tmp_path / "noop" / "corruption.json").read_text())
+    assert manifest["changed_fraction"] < 0.001 and "(almost) a no-op" in err and hint in err
+    good = {"downsample": ["--size", 4], "edge": ["--image_size", 16, "--radius", 1],
+            "painter": ["--image_size", 16, "--max_shift", 2, "--small_area", 4]}[cli]
+    assert run(cli, toy_folder, tmp_path / "ok", "--dataset_mode", "folder", *good) == 0
+    assert "no-op" not in capsys.readouterr().err
+    manifest = json.loads((tmp_path / "ok" / "corruption.json").read_text())
+    changed = [(np.asarray(Image.open(p)) != np.asarray(Image.open(toy_folder / "test" / "labels" / p.name)))
+               for p in sorted((tmp_path / "ok" / "test" / "labels").glob("*.png"))] if cli != "downsample" else None
+    if changed is not None:  # stored at the clean size: the fraction is the plain share of differing pixels
+        assert manifest["changed_fraction"] == pytest.approx(np.mean(changed), abs=1e-6)
+    assert manifest["changed_fraction"] > 0.001
