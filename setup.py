@@ -17,6 +17,7 @@ setup(
     name="scdm",
     version="0.1.0",
     description="Stochastic Conditional Diffusion Models for robust semantic image synthesis",
+    license="MIT",
     packages=find_packages(include=["scdm", "scdm.*", "image_process", "evaluations", "evaluations.*", "quickstart"]),
     python_requires=">=3.9",
     install_requires=CORE,

@@ -55,13 +55,14 @@ class Preset:
 
     def flags(self, stage):
         """Flags of one stage: `model`, `train`/`finetune` (model + run flags), or
-        `sample25`/`sample1000` (model + the released sampling schedule + batch size)."""
+        `sample25`/`sample1000` (the released sampling schedule + batch size; the sampler takes the
+        architecture from the run's args.json, or from `--preset NAME` for the released checkpoints)."""
         if stage == "model":
             return dict(self.model)
         if stage in ("train", "finetune"):
             return dict(self.model, **getattr(self, stage))
         if stage.startswith("sample") and stage[len("sample"):] in SAMPLING:
-            return dict(self.model, **SAMPLING[stage[len("sample"):]], batch_size=self.sample_batch_size)
+            return dict(SAMPLING[stage[len("sample"):]], batch_size=self.sample_batch_size)
         raise ValueError(f"unknown preset stage {stage!r}; expected one of {STAGES}")
 
 

@@ -1,5 +1,6 @@
 # Shared by train.sh and sample.sh: the python to use, the presets, and how to launch N processes.
-# PYTHON: interpreter (default: ./.venv/bin/python when present, else python).
+# Commands run in the caller's folder, so relative DATA_DIR, LOG_DIR, MODEL, ... paths mean what they say.
+# PYTHON: interpreter (default: the repository's .venv/bin/python when present, else python).
 # NUM_GPUS: processes to launch (default: visible GPUs, or 1). More than one uses mpiexec,
 # or torchrun when LAUNCHER=torchrun.
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -10,10 +11,12 @@ if [ -z "${NUM_GPUS:-}" ]; then
     NUM_GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
     [ "${NUM_GPUS:-0}" -ge 1 ] 2>/dev/null || NUM_GPUS=1
 fi
+# The package is importable from any folder, also without an install.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 PRESET_NAMES="ade20k coco celeba cityscapes toy"
 
 preset_flags() {  # preset_flags PRESET STAGE [--get FLAG]: flags from scdm/presets.py (the one table)
-    (cd "$ROOT" && "$PYTHON" -m scdm.presets "$@")
+    "$PYTHON" -m scdm.presets "$@"
 }
 
 launch() {  # launch MODULE ARGS...: one process, or NUM_GPUS under mpiexec / torchrun
@@ -29,5 +32,5 @@ launch() {  # launch MODULE ARGS...: one process, or NUM_GPUS under mpiexec / to
         set -- "$PYTHON" -m "$module" "$@"
     fi
     echo "+ $*" >&2
-    cd "$ROOT" && exec "$@"
+    exec "$@"
 }

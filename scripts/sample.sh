@@ -7,6 +7,8 @@
 #   the *_psiphi.npy file released with them; for your own runs LOG_DIR/class_schedule.npy),
 #   DATA_DIR (default data/PRESET; point it at an image_process/ tree for noisy labels),
 #   RESULTS (default RESULTS/PRESET-SCDM-STEPS), NUM_SAMPLES (default all), BATCH_SIZE, NUM_GPUS, PYTHON.
+#   The architecture comes from the run's args.json beside MODEL, or from the preset for released models.
+#   Relative paths are taken from the folder you run the script in.
 set -eu
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 . "$(dirname "$0")/common.sh"
@@ -36,6 +38,9 @@ DATA_DIR=${DATA_DIR:-data/$preset}
 RESULTS=${RESULTS:-RESULTS/$preset-SCDM-$steps}
 flags=$(preset_flags "$preset" "sample$steps")
 [ -n "${BATCH_SIZE:-}" ] && set -- --batch_size "$BATCH_SIZE" "$@"
+# A noisy benchmark tree (it has a corruption.json): its holes reach the model as the all-zero [MASK]
+# state that label diffusion taught it, not as the unlabeled class (see the README, "Noisy label maps").
+if [ -f "$DATA_DIR/corruption.json" ]; then set -- --unlabeled_to_zero True "$@"; fi
 # shellcheck disable=SC2086
-launch scdm.image_sample --data_dir "$DATA_DIR" --model_path "$MODEL" --class_schedule "$CLASS_SCHEDULE" \
-    --results_path "$RESULTS" --num_samples "${NUM_SAMPLES:--1}" $flags "$@"
+launch scdm.image_sample --preset "$preset" --data_dir "$DATA_DIR" --model_path "$MODEL" \
+    --class_schedule "$CLASS_SCHEDULE" --results_path "$RESULTS" --num_samples "${NUM_SAMPLES:--1}" $flags "$@"

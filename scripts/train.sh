@@ -6,6 +6,8 @@
 # Environment: NUM_GPUS, DATA_DIR (default data/PRESET), LOG_DIR (default OUTPUT/PRESET-SCDM[-FINETUNE]),
 #   CLASS_SCHEDULE (per-class lambda .npy; computed from the data into LOG_DIR when unset), MAX_STEPS,
 #   RESUME (checkpoint for finetune, e.g. OUTPUT/ade20k-SCDM/model300000.pt), PYTHON, LAUNCHER=torchrun.
+#   A rerun continues from the latest complete checkpoint in LOG_DIR. Relative paths are taken from the
+#   folder you run the script in.
 set -eu
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 . "$(dirname "$0")/common.sh"
@@ -29,22 +31,28 @@ LOG_DIR=${LOG_DIR:-OUTPUT/$preset-SCDM$suffix}
 mkdir -p "$LOG_DIR"
 mode=$(preset_flags "$preset" model --get dataset_mode)
 if [ "$preset" = toy ]; then
-    [ -d "$DATA_DIR/train" ] || (cd "$ROOT" && "$PYTHON" -m scdm.toy --out_dir "$DATA_DIR")
+    [ -d "$DATA_DIR/train" ] || "$PYTHON" -m scdm.toy --out_dir "$DATA_DIR"
 fi
 if [ -z "${CLASS_SCHEDULE:-}" ]; then
     CLASS_SCHEDULE="$LOG_DIR/class_schedule.npy"
-    [ -f "$CLASS_SCHEDULE" ] || (cd "$ROOT" && "$PYTHON" -m scdm.class_schedule --dataset_mode "$mode" \
-        --data_dir "$DATA_DIR" --out "$CLASS_SCHEDULE")
+    [ -f "$CLASS_SCHEDULE" ] || "$PYTHON" -m scdm.class_schedule --dataset_mode "$mode" \
+        --data_dir "$DATA_DIR" --out "$CLASS_SCHEDULE"
 fi
+# A run continues from the latest complete checkpoint set in LOG_DIR (`--resume_checkpoint auto`, a
+# fresh start when there is none); a finetune run starts from RESUME until it has checkpoints of its own.
+resume=auto
 if [ "$stage" = finetune ]; then
-    if [ -z "${RESUME:-}" ]; then
-        echo "error: finetune needs RESUME=path/to/modelNNNNNN.pt (the scratch run's checkpoint)" >&2; exit 2
+    if ! ls "$LOG_DIR"/model*.pt >/dev/null 2>&1; then
+        if [ -z "${RESUME:-}" ]; then
+            echo "error: finetune needs RESUME=path/to/modelNNNNNN.pt (the scratch run's checkpoint)" >&2; exit 2
+        fi
+        resume=$RESUME
     fi
-    set -- --resume_checkpoint "$RESUME" "$@"
     flags=$(preset_flags "$preset" finetune)
 else
     flags=$(preset_flags "$preset" train)
 fi
+set -- --resume_checkpoint "$resume" "$@"
 [ -n "${MAX_STEPS:-}" ] && set -- --max_steps "$MAX_STEPS" "$@"
 # shellcheck disable=SC2086
 launch scdm.image_train --data_dir "$DATA_DIR" --log_dir "$LOG_DIR" --class_schedule "$CLASS_SCHEDULE" \
