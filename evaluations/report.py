@@ -19,6 +19,7 @@ from evaluations.miou import DATASETS as MIOU_DATASETS
 from scdm.cli import HelpFormatter, add_deprecated_alias
 from scdm.errors import UserError, run_cli
 from scdm.fileio import atomic_write, write_json
+from scdm.results_folder import MANIFEST, main_settings, read_manifest
 
 SIZE_POLICY = ("the ground truth defines the size: differing images are resized to it "
                "(images bicubic, label maps nearest)")
@@ -57,6 +58,13 @@ def evaluate(results, gt=None, dataset: Optional[str] = None, num_classes: Optio
                            "batch_size": batch_size, "fid_dims": dims, "num_sets": num_sets or "auto",
                            "dataset": dataset, "num_classes": num_classes, "ignore_index": ignore_index,
                            "size_policy": SIZE_POLICY}}
+    # What made the samples (the sampler's manifest), so that a score can be traced to its settings.
+    report["manifest"], report["manifest_status"] = None, f"no {MANIFEST} (settings unknown)"
+    if (results / MANIFEST).is_file():
+        try:
+            report["manifest"], report["manifest_status"] = read_manifest(results / MANIFEST), "ok"
+        except UserError as e:
+            report["manifest_status"] = f"unreadable: {e}"
 
     # FID: needs the Inception weights; the ground-truth statistics are cached in the results folder.
     entry = {"value": None, "dims": dims}
@@ -142,6 +150,11 @@ def markdown(report: dict) -> str:
     lines = [f"# Evaluation of {report['results']}", "", "| metric | value | notes |", "|---|---|---|"]
     lines += [f"| {a} | {b.replace('|', '/')} | {c} |" for a, b, c in rows]
     lines += ["", "Settings:", ""] + [f"- {k}: {v}" for k, v in report["settings"].items()]
+    lines += ["", "Samples made with:", ""]
+    if report.get("manifest"):
+        lines += [f"- {k}: {v}" for k, v in main_settings(report["manifest"])]
+    else:
+        lines.append(f"- {report.get('manifest_status')}")
     return "\n".join(lines) + "\n"
 
 

@@ -24,13 +24,13 @@ from PIL import Image
 from scdm.cli import HelpFormatter, add_bool_argument, add_deprecated_alias
 from scdm.corruptions import corrupt, derive_rng, resize_nearest
 from scdm.dataset_layouts import (
-    EIGHT_BIT_MAP_MODES, LAYOUTS, SIXTEEN_BIT_MAP_MODES, DatasetError, Record, get_layout, list_records,
+    CORRUPTION_FILE, EIGHT_BIT_MAP_MODES, LAYOUTS, SIXTEEN_BIT_MAP_MODES, DatasetError, Record, get_layout, list_records,
     raw_unlabeled_id, read_ids,
 )
 from scdm.errors import UserError, run_cli
 from scdm.fileio import copy_file, link_or_copy, remove_temp_files, save_image, write_json
 
-MANIFEST = "corruption.json"
+MANIFEST = CORRUPTION_FILE
 
 
 class InputError(UserError):

@@ -2,15 +2,23 @@
 
 File names follow the released code: model{step:06d}.pt, ema_{rate}_{step:06d}.pt, opt{step:06d}.pt
 (plain state dicts). The AMP grad scaler, when used, goes to scaler{step:06d}.pt.
+
+A checkpoint set is complete when its model, every EMA rate and its optimizer are there and readable
+(the scaler is optional: it exists only for fp16 on a GPU).
 """
 import os
 import re
+import sys
 from pathlib import Path
 
 import torch
 
 from .errors import UserError
 from .fileio import save_torch
+
+# Beside the checkpoints of a run: its flags (written by image_train) and its class schedule.
+RUN_CONFIG = "args.json"
+CLASS_SCHEDULE_COPY = "class_schedule.npy"
 
 # Every file of a checkpoint set: (kind, rate or "", step). The model file is written last.
 CHECKPOINT_FILE = re.compile(r"^(?P<kind>model|opt|scaler|ema_(?P<rate>[0-9.]+)_)(?P<step>\d{6,})\.pt$")
@@ -48,6 +56,58 @@ def checkpoint_steps(log_dir):
         if m and m.group("kind") == "model":
             steps.add(int(m.group("step")))
     return sorted(steps)
+
+
+def checkpoint_files(log_dir):
+    """Every checkpoint file in `log_dir` (model, EMA, optimizer, scaler) as (step, name), ascending."""
+    log_dir = Path(log_dir)
+    if not log_dir.is_dir():
+        return []
+    found = [(int(m.group("step")), f.name) for f in log_dir.iterdir() if (m := CHECKPOINT_FILE.match(f.name))]
+    return sorted(found)
+
+
+def set_names(step, ema_rates):
+    """The files a complete set of `step` must have: model, one EMA per rate name, optimizer."""
+    return [model_name(step), *(ema_name(r, step) for r in ema_rates), opt_name(step)]
+
+
+def is_readable(path):
+    """Whether torch.load can open `path`. mmap reads only the zip directory and the pickle, so a
+    truncated file is caught without reading gigabytes; legacy (non-zip) files get a full load."""
+    for mmap in (True, False):
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            return True
+        except Exception:
+            continue
+    return False
+
+
+def warn_stderr(line):
+    print(f"warning: {line}", file=sys.stderr, flush=True)
+
+
+def latest_complete_set(log_dir, ema_rates, warn=warn_stderr):
+    """(step, path of its model file) of the newest complete checkpoint set in `log_dir`, or None.
+
+    Newer sets with a missing or unreadable member are skipped with one `warn(line)` each (a run
+    killed mid-save, a truncated copy), so a resume falls back to the last set that can be used."""
+    log_dir = Path(log_dir)
+    for step in sorted({step for step, _ in checkpoint_files(log_dir)}, reverse=True):
+        problem = None
+        for name in set_names(step, ema_rates):
+            path = log_dir / name
+            if not path.is_file():
+                problem = f"{path} is missing"
+            elif not is_readable(path):
+                problem = f"{path} cannot be read (truncated or not a torch file)"
+            if problem:
+                break
+        if problem is None:
+            return step, log_dir / model_name(step)
+        warn(f"skipping the checkpoint set of step {step}: {problem}")
+    return None
 
 
 def prune_checkpoints(log_dir, keep_steps):

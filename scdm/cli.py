@@ -51,7 +51,12 @@ def add_deprecated_alias(parser, old, new, dest, type=None, nargs=None, const=No
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Help lines show each flag's default."""
+    """Help lines show each flag's default (an empty default is shown as nothing rather than "()")."""
+
+    def _get_help_string(self, action):
+        if action.default in ("", None) and "%(default)" not in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def accept_gpus_per_node(parser):

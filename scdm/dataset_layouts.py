@@ -23,6 +23,7 @@ from .errors import UserError
 # Every extension PIL decodes that datasets use; the whole project accepts exactly these.
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 DATASET_JSON = "dataset.json"
+CORRUPTION_FILE = "corruption.json"  # what image_process writes at the root of a noisy tree
 MAX_LISTED = 5  # how many offending names an error message lists
 # Image modes of id maps by the bits one id may take when written back (RGB(A) only when gray).
 EIGHT_BIT_MAP_MODES = ("1", "L", "P", "LA", "PA", "RGB", "RGBA")

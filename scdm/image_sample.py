@@ -1,32 +1,111 @@
 """Sample images for the label maps of a dataset split:
-`python -m scdm.image_sample --model_path .../ema_0.9999_050000.pt --data_dir ... --results_path ...`.
+`python -m scdm.image_sample --model_path LOG_DIR/ema_0.9999_050000.pt --data_dir ... --results_path ...`.
 
-Writes <results_path>/{images,labels,samples}/<name>.png (ground truth, raw label ids, sample), colourised
-labels in labels_color/, K sample sets in samples_0..samples_{K-1}/ with --num_sets K, and overview.png.
-Seeds are per image and set, so the output does not depend on the number of ranks or the batch size;
-a rerun skips the images already written.
+The model flags come from the run config (args.json) beside the checkpoint; a released checkpoint
+needs `--preset ade20k|coco|celeba|cityscapes|toy` (or every model flag, the released way).
+
+Writes <results_path>/{images,labels,samples}/<name>.png (ground truth, raw label ids, sample), coloured
+labels in labels_color/, K sample sets in samples_0..samples_{K-1}/ with --num_sets K, overview.png, and
+manifest.json (what made the folder). Seeds are per image and set, so the output does not depend on the
+number of ranks or the batch size; a rerun with the same settings skips the images already written, one
+with other settings is refused (or starts over with --overwrite). A noisy tree made by image_process
+(<data_dir>/corruption.json) turns on --label_resize by itself.
 """
 import argparse
+import json
+import sys
 import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from . import dist_util
-from .checkpoint import CheckpointError, ema_name, load_into_model, parse_step
-from .cli import HelpFormatter, accept_gpus_per_node, note_gpus_per_node, resolve_dataset_flags
+from . import dist_util, script_util
+from .checkpoint import CheckpointError, ema_name, parse_step
+from .cli import HelpFormatter, accept_gpus_per_node, add_bool_argument, note_gpus_per_node, resolve_dataset_flags
 from .conditioning import Conditioning
+from .dataset_layouts import CORRUPTION_FILE
 from .datasets import build_dataset
 from .errors import run_cli
 from .fast_paths import from_disable_spec
-from .fileio import check_writable, save_image
+from .fileio import save_image
+from .palettes import colorize, palette, palette_name
+from .overview import write_overview
 from .performance import maybe_compile, precision_context, resolve_precision
+from .presets import PRESETS
+from .results_folder import (
+    OUTPUT_DIRS, OUTPUT_FILES, build_manifest, check_results_path, plan_results, prepare_results, read_corruption,
+    sample_dirs,
+)
+from .run_config import ema_warning, given_flags, load_checked, preset_differences, resolve_model_flags
 from .sampling import sample_loop
 from .script_util import add_dict_to_argparser, args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
+
+# Formats the default as nothing: help lines that say their default in words get no "(default: ...)".
+NO_DEFAULT_LINE = "%(default).0s"
+SAMPLER_HELP = dict(
+    data_dir="(required) dataset root, or a noisy tree made by image_process (its corruption.json turns on "
+             "--label_resize)",
+    dataset_mode="dataset layout: ade20k, coco, celeba, cityscapes or folder (default: the run's, from args.json "
+                 "beside --model_path, or --preset's)",
+    clip_denoised="clip the x0 estimate to [-1, 1] at every step (released; not used with --dynamic_threshold)",
+    num_samples="label maps to sample, in name order; -1: the whole split",
+    batch_size="label maps per model call; samples do not depend on it (per-image seeds)",
+    model_path="(required) model*.pt or ema_*.pt; its args.json gives the model flags (released checkpoints: "
+               "--preset)",
+    results_path="(required) output folder; it gets manifest.json, and a rerun into it must use the same settings",
+    is_train="sample the training split, with its random crop and flip (released); False: the test split",
+    s="classifier-free guidance scale: eps(x, 0) + s (eps(x, y) - eps(x, 0)); 1: no guidance (released 1.5)",
+    extrapolation="x0 extrapolation e: x0 + e (x0 - previous x0); 0: off (released 25-step setting 0.8)",
+    dynamic_threshold="percentile p of the dynamic thresholding of x0; 0: plain clipping (released 25-step "
+                      "setting 0.95)",
+    seed="seed of the per-image noise (each label map and set has its own stream)",
+    unlabeled_to_zero="the unlabeled class becomes the all-zero [MASK] vector (as in training with it)",
+    label_resize="accept label maps of another size than their images, nearest-resized (the DS benchmark); "
+                 "on by itself for a tree with corruption.json",
+    use_ddim="DDIM updates instead of ancestral ones (use with a respacing such as ddim25)",
+    eta="DDIM noise: 0 deterministic, 1 as ancestral",
+    num_sets="sample sets K per label map: samples_0..samples_{K-1} (samples/ is set 0), for LPIPS diversity",
+    use_ema="with a model*.pt path, sample the EMA file of the same step (ema_<--ema_rate>_<step>.pt)",
+    ema_rate="the EMA rate whose file --use_ema picks",
+    num_workers="data-loading processes",
+    precision="fp32, fp16 or bf16 (autocast); empty: fp16 with --use_fp16 True, else fp32",
+    compile="torch.compile the model (falls back to eager where it cannot)",
+    disable_fast_paths="'all' or comma-separated names of scdm.fast_paths.FastPaths to turn off (debugging)",
+)
+
+
+SAMPLING_TIME_DEFAULTS = dict(
+    timestep_respacing="(default: %(default)r: all steps)",
+    class_schedule="(default: the run's, e.g. class_schedule.npy beside --model_path; may point elsewhere)"
+                   + NO_DEFAULT_LINE,
+    use_fp16="(default: the run's, else %(default)r; --precision wins)",
+    use_checkpoint="(not used when sampling; default: %(default)r)",
+)
+
+
+def model_flag_help(name):
+    text = getattr(script_util, "MODEL_FLAG_HELP", {}).get(name, "model/diffusion flag")
+    if "%(" not in text:
+        text = text.replace("%", "%%")
+    if name in SAMPLING_TIME_DEFAULTS:
+        return f"{text} {SAMPLING_TIME_DEFAULTS[name]}"
+    return f"{text} (default: from args.json beside --model_path, or --preset; else %(default)r)"
+
+
+def sampler_help(defaults):
+    """Help lines with their defaults; required flags say so instead."""
+    helps = {}
+    for k, v in defaults.items():
+        text = SAMPLER_HELP[k]
+        if "(default:" in text or text.startswith("(required)"):
+            text += NO_DEFAULT_LINE
+        else:
+            text += " (default: %(default)r)"
+        helps[k] = text
+    return helps
 
 
 def create_argparser():
@@ -34,17 +113,17 @@ def create_argparser():
         data_dir="",
         dataset_mode="",
         clip_denoised=True,
-        num_samples=-1,          # -1: the whole split
+        num_samples=-1,
         batch_size=1,
         model_path="",
         results_path="",
         is_train=False,
-        s=1.0,                   # classifier-free guidance scale
-        extrapolation=0.0,       # e; released 25-step setting 0.8
-        dynamic_threshold=0.0,   # percentile p; 0 disables; released 25-step setting 0.95
+        s=1.0,
+        extrapolation=0.0,
+        dynamic_threshold=0.0,
         seed=0,
-        unlabeled_to_zero=False,  # the unlabeled class becomes the all-zero [MASK] vector
-        label_resize=False,       # accept label maps smaller than their images (the DS benchmark)
+        unlabeled_to_zero=False,
+        label_resize=False,
         # additions
         use_ddim=False,
         eta=0.0,
@@ -52,24 +131,24 @@ def create_argparser():
         use_ema=False,
         ema_rate="0.9999",
         num_workers=0,
-        precision="",            # fp32 | fp16 | bf16; empty: fp16 with --use_fp16 True, else fp32
+        precision="",
         compile=False,
-        disable_fast_paths="",   # "all" or comma-separated names of scdm.fast_paths.FastPaths (debugging)
+        disable_fast_paths="",
     )
-    defaults.update(model_and_diffusion_defaults())
-    defaults["num_classes"] = -1
+    model_defaults = model_and_diffusion_defaults()
+    model_defaults["num_classes"] = -1
+    model_defaults.pop("dataset_mode")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    add_dict_to_argparser(parser, defaults)
+    add_dict_to_argparser(parser, defaults, helps=sampler_help(defaults))
+    parser.add_argument("--preset", default="", choices=["", *PRESETS], metavar="NAME",
+                        help=f"model flags of a released checkpoint (no args.json beside it): {', '.join(PRESETS)}; "
+                             "a run config beside the checkpoint wins (default: none)" + NO_DEFAULT_LINE)
+    add_bool_argument(parser, "--overwrite", default=False,
+                      help=f"start over in a --results_path written with other settings: removes what the sampler "
+                           f"wrote there ({', '.join(OUTPUT_DIRS)}, samples_*, {', '.join(OUTPUT_FILES)}) and nothing else (default: %(default)s)")
+    add_dict_to_argparser(parser, model_defaults, helps={k: model_flag_help(k) for k in model_defaults})
     accept_gpus_per_node(parser)
     return parser
-
-
-def palette(num_classes):
-    """A fixed, well-spread colour per class id (the same in every run)."""
-    rng = np.random.default_rng(12345)
-    colors = rng.integers(0, 256, size=(max(num_classes, 256), 3), dtype=np.uint8)
-    colors[0] = 0
-    return colors
 
 
 def to_uint8(x):
@@ -82,97 +161,113 @@ def save_png(array, path):
     save_image(array, path, format="PNG")
 
 
-def sample_dirs(num_sets):
-    return ["samples"] if num_sets == 1 else ["samples"] + [f"samples_{k}" for k in range(num_sets)]
-
-
 def image_seed(seed, name, k):
     return zlib.crc32(f"{seed}:{k}:{name}".encode()) & 0x7FFFFFFF
 
 
 def resolve_model_path(args):
     """--use_ema with a model*.pt path picks the EMA file of the same step beside it."""
-    path = Path(args.model_path)
     if not args.model_path:
         raise ValueError("--model_path is required (a model*.pt or ema_*.pt file)")
+    path = Path(args.model_path)
     if args.use_ema and path.name.startswith("model"):
         path = path.parent / ema_name(args.ema_rate, parse_step(path))
         if not path.exists():
             raise CheckpointError(f"--use_ema True: {path} does not exist beside --model_path {args.model_path}")
+    if not path.is_file():
+        raise CheckpointError(f"--model_path {path} does not exist" if not path.exists()
+                              else f"--model_path {path} is not a file")
     return path
 
 
-def prepare_results(results_path, num_sets):
-    if not results_path:
-        raise ValueError("--results_path is required")
-    root = Path(results_path)
-    check_writable(root, "--results_path")
-    for d in ["images", "labels", "labels_color", *sample_dirs(num_sets)]:
-        (root / d).mkdir(parents=True, exist_ok=True)
-    return root
-
-
-def write_overview(root, names, num_classes, max_rows=8):
-    """label | ground truth | samples, one row per label map."""
-    rows = []
-    sets = [d for d in sample_dirs(99) if (root / d).is_dir()][1:] or ["samples"]
-    for name in names[:max_rows]:
-        tiles = [root / "labels_color" / f"{name}.png", root / "images" / f"{name}.png"]
-        tiles += [root / d / f"{name}.png" for d in sets[:4]]
-        ims = [np.asarray(Image.open(p).convert("RGB")) for p in tiles if p.exists()]
-        if ims:
-            h = ims[0].shape[0]
-            ims = [np.asarray(Image.fromarray(im).resize((h * im.shape[1] // im.shape[0], h))) for im in ims]
-            rows.append(np.concatenate(ims, axis=1))
-    if rows:
-        width = max(r.shape[1] for r in rows)
-        rows = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
-        save_png(np.concatenate(rows, axis=0), root / "overview.png")
-
-
-def main(argv=None):
-    args = create_argparser().parse_args(argv)
-    note_gpus_per_node(args)
-    info = resolve_dataset_flags(args)
-    conditioning = Conditioning(args.num_classes, args.no_instance, info.unlabeled_id,
-                                unlabeled_to_zero=args.unlabeled_to_zero)
-    precision = resolve_precision(args.precision, args.use_fp16)
-    fast_paths = from_disable_spec(args.disable_fast_paths)
+# ----------------------------------------------------------------------------------------- main
+def check_sampling_flags(args):
     if args.num_sets < 1:
         raise ValueError(f"--num_sets {args.num_sets}: expected >= 1")
     if args.s < 0:
         raise ValueError(f"--s {args.s}: the guidance scale must be >= 0")
     if not 0 <= args.dynamic_threshold < 1:
         raise ValueError(f"--dynamic_threshold {args.dynamic_threshold}: expected a percentile in (0, 1), or 0 (off)")
+
+
+def info_line(rank, text, prefix="note"):
+    if rank == 0:
+        print(f"{prefix}: {text}", file=sys.stderr, flush=True)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    args = create_argparser().parse_args(argv)
+    given = given_flags(create_argparser, argv)
+    note_gpus_per_node(args)
+    fast_paths = from_disable_spec(args.disable_fast_paths)
+    check_sampling_flags(args)
     model_path = resolve_model_path(args)
-    root = prepare_results(args.results_path, args.num_sets)
+    root = check_results_path(args.results_path)
+    model_flags = resolve_model_flags(args, given, model_path, args.preset)
+    info = resolve_dataset_flags(args)
+    precision = resolve_precision(args.precision, args.use_fp16 if "use_fp16" in given or not args.precision
+                                  else False)
+
+    dist_util.setup_dist()
+    try:
+        run(args, given, root, model_path, model_flags, info, precision, fast_paths)
+    finally:
+        dist_util.cleanup()
+
+
+def run(args, given, root, model_path, model_flags, info, precision, fast_paths):
+    rank, world = dist_util.get_rank(), dist_util.get_world_size()
+    differs = preset_differences(model_flags, args)
+    if differs:
+        info_line(rank, f"--preset {args.preset} not used for {', '.join(differs)}: the {model_flags.source} gives "
+                        "the model flags")
+    corruption = read_corruption(args.data_dir)
+    if corruption is not None and not args.label_resize and "label_resize" not in given:
+        args.label_resize = True
+        info_line(rank, f"{Path(args.data_dir) / CORRUPTION_FILE}: a noisy tree ({corruption.get('noise')} "
+                        f"{json.dumps(corruption.get('params'))}); label maps are resized to their images "
+                        "(--label_resize True)")
+    conditioning = Conditioning(args.num_classes, args.no_instance, info.unlabeled_id,
+                                unlabeled_to_zero=args.unlabeled_to_zero)
     flags = args_to_dict(args, model_and_diffusion_defaults().keys())
     model, diffusion = create_model_and_diffusion(**dict(flags, use_fp16=False))
     model.fast_paths = fast_paths
-    load_into_model(model, model_path, flags)
+    load_checked(model, model_path, flags, model_flags)
+    warning = ema_warning(model_path, model_flags.run_config)
+    if warning:
+        info_line(rank, warning, "warning")
 
-    dist_util.setup_dist()
-    rank, world = dist_util.get_rank(), dist_util.get_world_size()
+    dataset = build_dataset(args.dataset_mode, args.data_dir, args.image_size, is_train=args.is_train,
+                            info=info, label_resize=args.label_resize, shard=0, num_shards=1)
+    manifest = build_manifest(args, model_path, model_flags, precision, corruption)
+    plan, old = plan_results(root, manifest, args.overwrite)
+    dist_util.barrier()
+    if rank == 0:
+        prepare_results(root, plan, old, manifest, args.num_sets)
+    dist_util.barrier()
+
     device = dist_util.dev()
     model.to(device).eval()
     if args.compile:
         model = maybe_compile(model, True)
-
-    dataset = build_dataset(args.dataset_mode, args.data_dir, args.image_size, is_train=args.is_train,
-                            info=info, label_resize=args.label_resize, shard=0, num_shards=1)
     total = len(dataset) if args.num_samples < 0 else min(args.num_samples, len(dataset))
     mine = list(range(rank, total, world))  # fixed order; shards never overlap, uneven counts are fine
     loader = DataLoader(Subset(dataset, mine), batch_size=args.batch_size, shuffle=False,
                         num_workers=args.num_workers)
-    colors = palette(args.num_classes + 1)
+    colors = palette(palette_name(args.dataset_mode, args.data_dir), args.num_classes, info.unlabeled_id)
     out_dirs = sample_dirs(args.num_sets)
-    bar = tqdm(total=len(mine), desc=f"sampling (rank {rank})", disable=rank != 0 and world > 1, dynamic_ncols=True)
+    steps = diffusion.num_timesteps
+    # One bar over images x sets x steps; quiet on other ranks and when stderr is not a terminal.
+    bar = tqdm(total=len(mine) * args.num_sets * steps, desc="sampling", unit="step", dynamic_ncols=True,
+               disable=None if rank == 0 else True)
+    new = 0
     for images, cond in loader:
         batch_names = [Path(p).stem for p in cond["path"]]
         todo = [i for i, n in enumerate(batch_names)
                 if not all((root / d / f"{n}.png").exists() for d in ["images", "labels", *out_dirs])]
+        bar.update((len(batch_names) - len(todo)) * args.num_sets * steps)
         if not todo:
-            bar.update(len(batch_names))
             continue
         y = conditioning.model_input(cond)[todo]
         for k in range(args.num_sets):
@@ -181,7 +276,8 @@ def main(argv=None):
                 x = sample_loop(model, diffusion, (len(todo), 3, args.image_size, args.image_size), y,
                                 guidance_scale=args.s, extrapolation=args.extrapolation,
                                 threshold_percentile=args.dynamic_threshold or None, clip_denoised=args.clip_denoised,
-                                use_ddim=args.use_ddim, eta=args.eta, generators=gens, device=device)
+                                use_ddim=args.use_ddim, eta=args.eta, generators=gens, device=device,
+                                on_step=lambda: bar.update(len(todo)))
             for j, i in enumerate(todo):
                 img = to_uint8(x[j].float())
                 targets = [f"samples_{k}"] if args.num_sets > 1 else []
@@ -194,16 +290,20 @@ def main(argv=None):
             raw = cond["label_ori"][i, 0].numpy().astype(np.int64)
             ids = cond["label"][i, 0].numpy().astype(np.int64)
             save_png(raw.astype(np.uint8 if raw.max() < 256 else np.uint16), root / "labels" / f"{n}.png")
-            save_png(colors[np.clip(ids, 0, len(colors) - 1)], root / "labels_color" / f"{n}.png")
+            save_png(colorize(ids, colors), root / "labels_color" / f"{n}.png")
             save_png(to_uint8(images[i]), root / "images" / f"{n}.png")
-        bar.update(len(batch_names))
+        new += len(todo)
     bar.close()
     dist_util.barrier()
     if rank == 0:
         all_names = sorted(p.stem for p in (root / "samples").glob("*.png"))
-        write_overview(root, all_names, args.num_classes)
-        print(f"wrote {len(all_names)} samples to {root}", flush=True)
-    dist_util.cleanup()
+        write_overview(root, all_names)
+        if world == 1:
+            earlier = len(all_names) - new
+            print(f"wrote {new} samples to {root}" + (f"; {earlier} more are from an earlier run with the same "
+                                                      "settings" if earlier > 0 else ""), flush=True)
+        else:
+            print(f"{root} holds {len(all_names)} samples", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,25 +1,73 @@
 """Train an SCDM/SDM model: `python -m scdm.image_train --data_dir ... --dataset_mode ... [flags]`.
 
 Runs as one process, under `mpiexec -n N` or under `torchrun --nproc_per_node N` (one code path).
+A log dir holds one run: starting again in it needs `--resume_checkpoint auto` (or another --log_dir).
+The run's config is LOG_DIR/args.json (every flag, resolved), with its class schedule copied beside it.
 """
 import argparse
+import json
 import os
 import random
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import dist_util
+from .checkpoint import CLASS_SCHEDULE_COPY, RUN_CONFIG, CheckpointError
 from .cli import HelpFormatter, accept_gpus_per_node, note_gpus_per_node, resolve_dataset_flags
 from .conditioning import Conditioning
 from .errors import run_cli
-from .fileio import check_writable, write_json
+from .fileio import check_writable, copy_file, write_json
 from .datasets import load_data
 from .fast_paths import from_disable_spec
+from .label_diffusion import DISCRETE_CLASSWISE
 from .performance import maybe_compile, resolve_precision
 from .resample import create_named_schedule_sampler
-from .script_util import add_dict_to_argparser, args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
-from .train_util import TrainingDiverged, TrainLoop
+from .script_util import (MODEL_FLAG_HELP, add_dict_to_argparser, architecture_conflicts, args_to_dict,
+                          create_model_and_diffusion, model_and_diffusion_defaults)
+from .train_util import TrainingDiverged, TrainLoop, parse_ema_rates, resolve_resume
+
+TRAIN_FLAG_HELP = dict(
+    data_dir="required: the dataset root, in the layout of --dataset_mode",
+    dataset_mode="required: ade20k, coco, celeba, cityscapes or folder",
+    schedule_sampler="how training timesteps are drawn: uniform or loss-second-moment (released)",
+    lr="AdamW learning rate",
+    weight_decay="AdamW weight decay",
+    lr_anneal_steps="released: decay the learning rate linearly to 0 over this many steps and stop there; "
+                    "0: constant",
+    batch_size="images per process and step (the global batch is this times the number of processes)",
+    microbatch="released: split each batch into chunks of this size and accumulate their gradients (same "
+               "update, less memory); -1: no split",
+    ema_rate="comma-separated EMA decay rates; each writes ema_RATE_STEP.pt",
+    ema_warmup="EMA decay min(rate, (1 + step) / (10 + step)), so that short runs get a usable EMA (the "
+               "released models were trained without it)",
+    drop_rate="classifier-free guidance training: probability of replacing a label map by the all-zero map "
+              "(released fine-tuning: 0.2)",
+    log_interval="steps between lines of log.txt and progress.csv",
+    save_interval="steps between checkpoint sets (model, EMA per rate, optimizer)",
+    resume_checkpoint="auto: continue from the newest complete checkpoint set in --log_dir (a fresh run when "
+                      "it holds none); a model*.pt path: continue from it; empty: a fresh run, refused when "
+                      "--log_dir already holds one",
+    fp16_scale_growth="released: loss-scale growth rate of its fp16 trainer; here the grad scaler doubles "
+                      "its scale after round(1/this) good steps (0: 2000)",
+    is_train="released: read the training split with training augmentation (keep True)",
+    log_dir="where checkpoints, log.txt, progress.csv and args.json go; empty: $OPENAI_LOGDIR, else logs/scdm",
+    num_workers="data loader processes per rank",
+    max_steps="stop at this step (a resumed run counts from its checkpoint's step); 0: no limit",
+    precision="fp32, fp16 or bf16 (autocast on fp32 weights); empty: fp16 with --use_fp16 True, else fp32",
+    max_bad_steps="stop (exit 1, keeping the last good checkpoint) after this many consecutive steps with a "
+                  "non-finite loss or gradient",
+    seed="random seed (each rank adds its rank)",
+    compile="torch.compile the model (falls back to eager with a warning where it cannot)",
+    disable_fast_paths="debugging: 'all' or comma-separated names of scdm.fast_paths.FastPaths to turn off",
+    num_classes="label classes, the unlabeled one included; -1: from the dataset layout (or "
+                "<data_dir>/dataset.json)",
+    use_fp16="released: train in fp16; here autocast fp16 with a grad scaler on fp32 master weights (same "
+             "checkpoint layout)",
+)
+
 
 def create_argparser():
     defaults = dict(
@@ -46,14 +94,30 @@ def create_argparser():
         max_bad_steps=50,
         seed=0,
         compile=False,
-        disable_fast_paths="",   # "all" or comma-separated names of scdm.fast_paths.FastPaths (debugging)
+        disable_fast_paths="",
+        ema_warmup=False,
     )
     defaults.update(model_and_diffusion_defaults())
-    defaults["num_classes"] = -1  # -1: from the dataset layout (or <root>/dataset.json)
+    defaults["num_classes"] = -1
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    add_dict_to_argparser(parser, defaults)
+    add_dict_to_argparser(parser, defaults, {**MODEL_FLAG_HELP, **TRAIN_FLAG_HELP})
     accept_gpus_per_node(parser)
     return parser
+
+
+def check_same_architecture(resume_checkpoint, flags):
+    """A resume must build the network its checkpoint's run built (as recorded in its args.json)."""
+    config = Path(resume_checkpoint).parent / RUN_CONFIG
+    if not config.is_file():
+        return
+    try:
+        saved = json.loads(config.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{config} cannot be read as the run's config (JSON): {e}") from None
+    conflicts = architecture_conflicts(saved, flags)
+    if conflicts:
+        raise CheckpointError(f"--resume_checkpoint {resume_checkpoint}: flags contradict the run in {config}: "
+                              f"{', '.join(conflicts)}; resume with the run's model and diffusion flags")
 
 
 def main(argv=None):
@@ -63,7 +127,13 @@ def main(argv=None):
     note_gpus_per_node(args)
     info = resolve_dataset_flags(args)
     conditioning = Conditioning(args.num_classes, args.no_instance, info.unlabeled_id, drop_rate=args.drop_rate)
-    log_dir = args.log_dir or os.environ.get("OPENAI_LOGDIR") or os.path.join("logs", "scdm")
+    log_dir = Path(args.log_dir or os.environ.get("OPENAI_LOGDIR") or os.path.join("logs", "scdm")).absolute()
+    flags = args_to_dict(args, model_and_diffusion_defaults().keys())
+    # Decided before anything is written, so that a refused run leaves the log dir as it was.
+    warnings = []
+    resume = resolve_resume(log_dir, args.resume_checkpoint, parse_ema_rates(args.ema_rate), warn=warnings.append)
+    if resume:
+        check_same_architecture(resume, flags)
     check_writable(log_dir, "--log_dir")
 
     dist_util.setup_dist()
@@ -72,12 +142,12 @@ def main(argv=None):
     np.random.seed(args.seed + rank)
     random.seed(args.seed + rank)
 
-    flags = args_to_dict(args, model_and_diffusion_defaults().keys())
     # fp16 is done with autocast + a grad scaler on fp32 master weights (same checkpoint layout).
     model, diffusion = create_model_and_diffusion(**dict(flags, use_fp16=False))
     model.fast_paths = fast_paths
     if dist_util.is_main():
-        write_json(vars(args), os.path.join(log_dir, "args.json"))
+        for line in warnings:
+            print(f"warning: {line}", file=sys.stderr, flush=True)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"scdm: {n_params / 1e6:.2f}M parameters, {dist_util.get_world_size()} process(es) on "
               f"{dist_util.dev()}, precision {precision}, log dir {log_dir}", flush=True)
@@ -89,11 +159,14 @@ def main(argv=None):
         model=model, diffusion=diffusion, data=data, conditioning=conditioning,
         batch_size=args.batch_size, microbatch=args.microbatch, lr=args.lr, ema_rate=args.ema_rate,
         log_interval=args.log_interval, save_interval=args.save_interval,
-        resume_checkpoint=args.resume_checkpoint, precision=precision, fp16_scale_growth=args.fp16_scale_growth,
+        resume_checkpoint=resume, precision=precision, fp16_scale_growth=args.fp16_scale_growth,
         schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
         weight_decay=args.weight_decay, lr_anneal_steps=args.lr_anneal_steps, max_steps=args.max_steps,
-        max_bad_steps=args.max_bad_steps, log_dir=log_dir, flags=flags,
+        max_bad_steps=args.max_bad_steps, log_dir=log_dir, flags=flags, ema_warmup=args.ema_warmup,
+        notes=[f"warning: {line}" for line in warnings],
     )
+    if dist_util.is_main():
+        write_run_config(args, log_dir, resume)
     if args.compile:
         loop.ddp = maybe_compile(loop.ddp, True)
     try:
@@ -103,6 +176,21 @@ def main(argv=None):
         raise SystemExit(1)
     finally:
         dist_util.cleanup()
+
+
+def write_run_config(args, log_dir, resume):
+    """LOG_DIR/args.json: every flag as resolved for this run (class count, unlabeled id, the
+    checkpoint resumed from), with the class schedule copied into the log dir and named by its
+    absolute path, so a sampler started anywhere can rebuild the diffusion from this file alone."""
+    if args.cond_diffuse and args.cond_opt == DISCRETE_CLASSWISE and args.class_schedule:
+        copy = log_dir / CLASS_SCHEDULE_COPY
+        src = Path(args.class_schedule)
+        if not (copy.exists() and os.path.samefile(src, copy)):
+            copy_file(src, copy)
+        args.class_schedule = str(copy)
+    args.log_dir = str(log_dir)
+    args.resume_checkpoint = str(Path(resume).absolute()) if resume else ""
+    write_json(vars(args), log_dir / RUN_CONFIG)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ TOY_ARCH = dict(
     learn_sigma=True, noise_schedule="linear", diffusion_steps=1000, class_cond=True, no_instance=False,
     cond_diffuse=True, cond_opt="discrete_zero_classwise",
 )
-TOY_TRAIN = dict(lr=2e-4, batch_size=8, log_interval=20, save_interval=500, max_steps=1000, num_workers=0)
+TOY_TRAIN = dict(lr=2e-4, batch_size=8, log_interval=20, save_interval=500, max_steps=1000, num_workers=0,
+                 ema_warmup=True)
 
 # Sampling schedules of the released scripts, by number of steps.
 SAMPLING = {

@@ -8,7 +8,7 @@ only through its call (and `forward_with_cfg` where it has one) and the diffusio
 public methods.
 """
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -129,9 +129,11 @@ def _draw(shape_per_item, batch, device, generators, kind="gaussian"):
 def sample_loop(model, diffusion, shape, y, *, noise=None, guidance_scale=1.0, extrapolation=0.0,
                 threshold_percentile=None, clip_denoised=True, use_ddim=False, eta=0.0,
                 generators: Optional[Sequence[torch.Generator]] = None, device=None, progress=False,
-                batched_guidance=True):
+                batched_guidance=True, on_step: Optional[Callable[[], None]] = None):
     """Full reverse process from x_T ~ N(0, I) (or `noise`) to x_0, over all of this diffusion's
-    steps (respaced when the diffusion is respaced). Returns x_0 clamped to [-1, 1]."""
+    steps (respaced when the diffusion is respaced). Returns x_0 clamped to [-1, 1].
+    `progress`: a bar of its own over the steps; `on_step`: called after each step, for a caller's
+    bar that spans many batches."""
     device = device or next(model.parameters()).device
     b = shape[0]
     if y.shape[0] != b:
@@ -152,4 +154,6 @@ def sample_loop(model, diffusion, shape, y, *, noise=None, guidance_scale=1.0, e
             z = _draw(shape[1:], b, device, generators)
             x = ddim_update(diffusion, x, t, step, z, eta) if use_ddim else ancestral_update(x, t, step, z)
         prev = step.prev_xstart
+        if on_step is not None:
+            on_step()
     return x.clamp(-1, 1)

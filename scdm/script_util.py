@@ -51,6 +51,66 @@ def model_and_diffusion_defaults():
     )
 
 
+# Help lines of the flags above, shared by image_train and image_sample. "released:" says what a
+# flag did in the released code where ours differs or where the flag is kept only for compatibility.
+MODEL_FLAG_HELP = dict(
+    image_size="image side in pixels (square images)",
+    num_classes="label classes, the unlabeled one included; the model gets one one-hot channel per class "
+                "(plus an edge channel unless --no_instance)",
+    num_channels="base channel count of the UNet",
+    num_res_blocks="residual blocks per resolution",
+    channel_mult="comma-separated channel multipliers per resolution, e.g. 1,1,2,2,4,4; empty: the default "
+                 "for --image_size",
+    num_heads="attention heads (used when --num_head_channels is -1)",
+    num_head_channels="channels per attention head; -1: a fixed number of heads (--num_heads)",
+    num_heads_upsample="released: attention heads in the decoder; -1: same as --num_heads",
+    attention_resolutions="comma-separated resolutions in pixels that get self-attention, e.g. 32,16,8",
+    dropout="dropout rate inside the residual blocks",
+    class_cond="released: must stay True (SCDM models are conditioned on a label map)",
+    use_checkpoint="gradient checkpointing: less memory, about a third slower",
+    use_scale_shift_norm="the timestep embedding scales and shifts the normalised features (released: True)",
+    resblock_updown="residual blocks for up- and downsampling (released: True)",
+    use_fp16="released: run the model in fp16; here fp16 autocast on fp32 weights (same checkpoint layout), "
+             "the same as --precision fp16",
+    use_new_attention_order="split q, k, v before the heads instead of after (released: False)",
+    no_instance="no instance-edge channel in the model input (ADE20K has no instance maps)",
+    dataset_mode="dataset layout: ade20k, coco, celeba, cityscapes or folder (sets the class count and the "
+                 "unlabeled class)",
+    learn_sigma="the model also predicts the variance (6 output channels; released: True)",
+    diffusion_steps="number of diffusion steps T of training",
+    noise_schedule="beta schedule: linear or cosine",
+    timestep_respacing="use a subset of the T steps when sampling: e.g. ddim25 or 250; empty: all of them",
+    use_kl="released: train on the variational bound instead of the noise MSE",
+    predict_xstart="the model predicts x0 instead of the noise",
+    rescale_timesteps="released: the model sees timesteps scaled to 0..1000 whatever T is",
+    rescale_learned_sigmas="released: with --learn_sigma, scale the variational-bound term as the released "
+                           "hybrid loss does",
+    cond_diffuse="diffuse the label map too (SCDM); False: plain SDM conditioning on the clean map",
+    cond_opt="label diffusion: discrete_zero_classwise (SCDM, needs --class_schedule), discrete_zero_uniform, "
+             "or empty for Gaussian noise",
+    class_schedule="per-class lambda .npy for discrete_zero_classwise (the released *_psiphi.npy, or one made "
+                   "by `python -m scdm.class_schedule`)",
+    unlabeled_id="class id of 'unlabeled' (it always diffuses uniformly); -1: from --dataset_mode (ade20k 150, "
+                 "coco 182, folder: its dataset.json, else none)",
+)
+
+# The flags that fix the network and its diffusion: a resume or a sampler must use the values the
+# checkpoint was trained with.
+ARCHITECTURE_FLAGS = (
+    "image_size", "num_classes", "num_channels", "num_res_blocks", "channel_mult", "attention_resolutions",
+    "num_head_channels", "num_heads", "learn_sigma", "no_instance", "resblock_updown", "use_scale_shift_norm",
+    "use_new_attention_order", "diffusion_steps", "noise_schedule", "predict_xstart", "cond_diffuse",
+    "cond_opt", "dataset_mode",
+)
+
+
+def architecture_conflicts(saved, flags):
+    """The architecture flags whose value in `flags` differs from a run's saved config `saved`
+    (args.json), as ["name=flag (run: saved)", ...]; flags the saved config lacks are not compared."""
+    return [f"{k}={flags[k]} (run: {saved[k]})" for k in ARCHITECTURE_FLAGS
+            if k in saved and k in flags and saved[k] != flags[k]]
+
+
 def resolve_unlabeled_id(unlabeled_id, dataset_mode):
     """The flag when given (>= 0), else the layout's unlabeled class (ade20k 150, coco 182), else None."""
     if unlabeled_id is not None and unlabeled_id >= 0:
@@ -169,13 +229,15 @@ def create_gaussian_diffusion(*, steps=1000, learn_sigma=False, noise_schedule="
 
 # ----- argparse helpers ---------------------------------------------------------------------------
 def add_dict_to_argparser(parser, default_dict, helps=None):
-    """One flag per key; booleans take `--flag`, `--flag True` or `--flag False`."""
+    """One flag per key; booleans take `--flag`, `--flag True` or `--flag False`. A flag without a
+    text in `helps` still gets a help line, so that its default shows."""
     helps = helps or {}
     for k, v in default_dict.items():
+        text = helps.get(k) or "(default: %(default)s)"
         if isinstance(v, bool):
-            add_bool_argument(parser, f"--{k}", default=v, help=helps.get(k))
+            add_bool_argument(parser, f"--{k}", default=v, help=text)
         else:
-            parser.add_argument(f"--{k}", default=v, type=str if v is None else type(v), help=helps.get(k))
+            parser.add_argument(f"--{k}", default=v, type=str if v is None else type(v), help=text)
 
 
 def args_to_dict(args, keys):

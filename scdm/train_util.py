@@ -3,6 +3,7 @@ checkpoints with resume, divergence guard, and logging (see docs/architecture.md
 import contextlib
 import copy
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -11,8 +12,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from . import dist_util
-from .checkpoint import (CheckpointError, ema_name, load_file, load_into_model, model_name, opt_name, parse_step,
-                         save_atomic, scaler_name)
+from .checkpoint import (CheckpointError, checkpoint_files, ema_name, latest_complete_set, load_file,
+                         load_into_model, model_name, opt_name, parse_step, save_atomic, scaler_name, warn_stderr)
 from .conditioning import Conditioning
 from .logger import MetricLogger
 from .performance import precision_context
@@ -23,11 +24,55 @@ class TrainingDiverged(RuntimeError):
     """The loss stayed non-finite for too many consecutive steps."""
 
 
+RUN_FILES = ("progress.csv",)  # besides checkpoints, what shows that a log dir holds a run
+
+
+def parse_ema_rates(ema_rate):
+    """`--ema_rate "0.9999,0.999"` -> the rate names as they appear in ema_{rate}_{step}.pt."""
+    return [r.strip() for r in str(ema_rate).split(",") if r.strip()]
+
+
+def ema_decay(rate, step, warmup=False):
+    """The EMA decay of the update made at `step` (0 for the first update). Warm-up caps it at
+    (1 + step) / (10 + step), so the initial weights fade out after a few hundred steps instead of
+    dominating the EMA for ~1/(1 - rate) steps."""
+    return min(rate, (1 + step) / (10 + step)) if warmup else rate
+
+
+def resolve_resume(log_dir, resume_checkpoint, ema_rates, warn=warn_stderr):
+    """The checkpoint to resume from ("" for a fresh run), refusing to restart over an existing run.
+
+    `auto`: the newest complete set in `log_dir` (sets with a missing or unreadable member are
+    skipped with one warning each), or a fresh run when the log dir holds no run at all."""
+    log_dir = Path(log_dir)
+    if resume_checkpoint and resume_checkpoint != "auto":
+        return str(resume_checkpoint)
+    found = checkpoint_files(log_dir)
+    evidence = [name for _, name in found] + [n for n in RUN_FILES if (log_dir / n).exists()]
+    if not evidence:
+        return ""
+    if resume_checkpoint == "auto":
+        latest = latest_complete_set(log_dir, ema_rates, warn=warn)
+        if latest is not None:
+            return str(latest[1])
+        raise CheckpointError(
+            f"--resume_checkpoint auto: --log_dir {log_dir} holds a run ({', '.join(evidence[-3:])}) but no "
+            f"complete checkpoint set (model, ema_{{{','.join(ema_rates)}}}, opt) to resume from; "
+            "pass another --log_dir")
+    models = [name for _, name in found if name.startswith("model")]
+    last = (models or [name for _, name in found] or [None])[-1]
+    what = f"last checkpoint: {last}" if last else f"{', '.join(evidence)}, no checkpoint"
+    raise CheckpointError(
+        f"--log_dir {log_dir} already holds a run ({what}); pass --resume_checkpoint auto to continue it, "
+        "or another --log_dir to start a new run")
+
+
 class TrainLoop:
     def __init__(self, *, model, diffusion, data, conditioning: Conditioning, batch_size, lr, log_dir,
                  microbatch=-1, ema_rate="0.9999", log_interval=10, save_interval=10000,
                  resume_checkpoint="", precision="fp32", fp16_scale_growth=1e-3, schedule_sampler=None,
-                 weight_decay=0.0, lr_anneal_steps=0, max_steps=0, max_bad_steps=50, flags=None):
+                 weight_decay=0.0, lr_anneal_steps=0, max_steps=0, max_bad_steps=50, flags=None,
+                 ema_warmup=False, notes=()):
         self.model = model
         self.diffusion = diffusion
         self.data = data
@@ -35,8 +80,9 @@ class TrainLoop:
         self.batch_size = batch_size
         self.microbatch = microbatch if microbatch > 0 else batch_size
         self.lr = lr
-        self.ema_rate_names = [r.strip() for r in str(ema_rate).split(",") if r.strip()]
+        self.ema_rate_names = parse_ema_rates(ema_rate)
         self.ema_rate = [float(r) for r in self.ema_rate_names]
+        self.ema_warmup = ema_warmup
         self.log_interval = log_interval
         self.save_interval = save_interval
         self.precision = precision
@@ -56,6 +102,8 @@ class TrainLoop:
         self._stop_requested = False
 
         self.model.to(self.device)
+        for line in notes:  # e.g. the checkpoint sets a resume skipped
+            self.logger.text(line)
         if resume_checkpoint:
             self.step = parse_step(resume_checkpoint)
             load_into_model(self.model, resume_checkpoint, self.flags)
@@ -68,6 +116,7 @@ class TrainLoop:
         self.ema_params = [self._initial_ema(resume_checkpoint, name) for name in self.ema_rate_names]
         if resume_checkpoint:
             self._load_optimizer_state(resume_checkpoint)
+            self.logger.resume(self.step)
             self.logger.text(f"resumed from {resume_checkpoint} at step {self.step}")
         self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
@@ -115,15 +164,21 @@ class TrainLoop:
         total = self.max_steps or self.lr_anneal_steps or None
         bar = tqdm(total=total, initial=self.step, desc="training", disable=not dist_util.is_main(),
                    dynamic_ncols=True)
+        images_seen, since = 0, time.perf_counter()
         try:
             while not self.done():
                 images, cond = next(self.data)
                 self.run_step(images, cond)
                 self.step += 1
+                images_seen += images.shape[0] * dist_util.get_world_size()
                 bar.update(1)
                 if self.step % self.log_interval == 0:
                     means = self.logger.dump(self.step)
-                    bar.set_postfix({k: f"{means[k]:.4f}" for k in ("loss", "mse") if k in means})
+                    now = time.perf_counter()
+                    postfix = {k: f"{means[k]:.4f}" for k in ("loss", "mse") if k in means}
+                    postfix["img/s"] = f"{images_seen / max(now - since, 1e-9):.1f}"
+                    images_seen, since = 0, now
+                    bar.set_postfix(postfix)
                 if self.step % self.save_interval == 0:
                     self.save()
                 if dist_util.all_reduce_flag(self._stop_requested):
@@ -197,10 +252,11 @@ class TrainLoop:
 
     @torch.no_grad()
     def _update_ema(self):
-        params = [p.detach() for p in self.model.parameters()]
+        params = [p.detach().float() for p in self.model.parameters()]
         for rate, ema in zip(self.ema_rate, self.ema_params):
-            torch._foreach_mul_(ema, rate)
-            torch._foreach_add_(ema, [p.float() for p in params], alpha=1 - rate)
+            decay = ema_decay(rate, self.step, self.ema_warmup)
+            torch._foreach_mul_(ema, decay)
+            torch._foreach_add_(ema, params, alpha=1 - decay)
 
     # ----- checkpoints -----------------------------------------------------------------------
     def _state_dict_from(self, params):

@@ -1,0 +1,243 @@
+"""Runs you can trust: a log dir holds one run (refused restarts, `--resume_checkpoint auto` that skips
+broken checkpoint sets), EMA warm-up, the run config in args.json, and flag help."""
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scdm.checkpoint import latest_complete_set, model_name
+from scdm.image_train import create_argparser
+from scdm.presets import PRESETS, as_argv
+from scdm.script_util import MODEL_FLAG_HELP, architecture_conflicts, model_and_diffusion_defaults
+from scdm.train_util import ema_decay, resolve_resume
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+UNIFORM = as_argv(dict(PRESETS["toy"].model, cond_opt="discrete_zero_uniform"))
+RATES = "0.9999,0.2"  # 0.2 < (1 + s) / (10 + s) from s = 2 on: warm-up takes both branches of min()
+STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \S")
+
+
+def run(args, cwd=ROOT, check=True):
+    p = subprocess.run([str(a) for a in args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=240)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def train(data, log_dir, *extra, arch=UNIFORM, cwd=ROOT, check=True):
+    return run([sys.executable, "-m", "scdm.image_train", *arch, "--data_dir", data, "--log_dir", log_dir,
+                "--batch_size", 2, "--num_workers", 0, "--log_interval", 1, "--save_interval", 1,
+                "--ema_rate", RATES, *extra], cwd=cwd, check=check)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy")
+    run([sys.executable, "-m", "scdm.toy", "--out_dir", out, "--num_train", 8, "--num_test", 2, "--size", 32])
+    return out
+
+
+@pytest.fixture(scope="module")
+def base(toy, tmp_path_factory):
+    """A finished 3-step run without EMA warm-up, checkpoint sets at steps 1, 2, 3."""
+    log_dir = tmp_path_factory.mktemp("base")
+    p = train(toy, log_dir, "--max_steps", 3)
+    assert "img/s" in p.stderr  # the progress bar shows the throughput
+    return log_dir
+
+
+@pytest.fixture
+def copy_of_base(base, tmp_path):
+    return Path(shutil.copytree(base, tmp_path / "run"))
+
+
+def snapshot(folder):
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+
+
+def progress_steps(log_dir):
+    text = (log_dir / "progress.csv").read_text()
+    assert sum(line.startswith("step,") for line in text.splitlines()) == 1, text
+    return [int(float(r["step"])) for r in csv.DictReader(text.splitlines())]
+
+
+def states(log_dir, name):
+    return torch.load(log_dir / name, map_location="cpu")
+
+
+# ----- a log dir holds one run ---------------------------------------------------------------------
+def test_restart_over_an_existing_run_is_refused_and_changes_nothing(toy, copy_of_base):
+    before = snapshot(copy_of_base)
+    p = train(toy, copy_of_base, "--max_steps", 4, check=False)
+    assert p.returncode == 2, p.stderr[-2000:]
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    assert str(copy_of_base) in lines[0] and "model000003.pt" in lines[0]
+    assert "--resume_checkpoint auto" in lines[0] and "another --log_dir" in lines[0]
+    assert snapshot(copy_of_base) == before
+
+
+def test_resume_contradicting_the_run_config_is_refused(toy, copy_of_base):
+    before = snapshot(copy_of_base)
+    p = train(toy, copy_of_base, "--max_steps", 4, "--resume_checkpoint", "auto", "--num_channels", 64,
+              "--diffusion_steps", 500, check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "num_channels=64 (run: 32)" in p.stderr and "diffusion_steps=500 (run: 1000)" in p.stderr
+    assert snapshot(copy_of_base) == before
+
+
+def test_auto_resumes_at_the_last_step_and_continues_the_logs(toy, copy_of_base):
+    train(toy, copy_of_base, "--max_steps", 4, "--resume_checkpoint", "auto")
+    log = (copy_of_base / "log.txt").read_text().splitlines()
+    assert f"resumed from {copy_of_base / 'model000003.pt'} at step 3" in "\n".join(log)
+    assert all(STAMP.match(line) for line in log[-3:]), log[-3:]  # lines written by this version
+    assert progress_steps(copy_of_base) == [1, 2, 3, 4]
+    assert (copy_of_base / "model000004.pt").exists()
+    config = json.loads((copy_of_base / "args.json").read_text())
+    assert config["resume_checkpoint"] == str(copy_of_base / "model000003.pt")
+    assert config["num_classes"] == 8 and config["unlabeled_id"] == 7 and config["ema_warmup"] is False
+
+
+@pytest.mark.parametrize("damage", ["optimizer missing", "ema truncated"])
+def test_auto_skips_an_incomplete_last_set(toy, copy_of_base, damage):
+    if damage == "optimizer missing":
+        bad = copy_of_base / "opt000003.pt"
+        bad.unlink()
+    else:
+        bad = copy_of_base / "ema_0.2_000003.pt"
+        bad.write_bytes(bad.read_bytes()[:10])
+    p = train(toy, copy_of_base, "--max_steps", 3, "--resume_checkpoint", "auto")
+    warnings = [line for line in p.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and str(bad) in warnings[0] and "step 3" in warnings[0], p.stderr[-2000:]
+    log = (copy_of_base / "log.txt").read_text()
+    assert f"resumed from {copy_of_base / 'model000002.pt'} at step 2" in log and str(bad) in log
+    assert progress_steps(copy_of_base) == [1, 2, 3]  # the old step-3 row gave way to the new one
+    assert torch.load(copy_of_base / "opt000003.pt")  # the set of step 3 is whole again
+
+
+def fake_set(folder, step, rates=("0.9999",), skip=()):
+    names = [model_name(step), *(f"ema_{r}_{step:06d}.pt" for r in rates), f"opt{step:06d}.pt"]
+    for name in names:
+        if name not in skip:
+            torch.save({"w": torch.full((2,), float(step))}, folder / name)
+
+
+def test_resolve_resume_rules(tmp_path):
+    log_dir = tmp_path / "run"
+    assert resolve_resume(log_dir, "auto", ["0.9999"]) == ""  # no folder yet
+    log_dir.mkdir()
+    (log_dir / "class_schedule.npy").write_bytes(b"x")
+    (log_dir / "args.json").write_text("{}")
+    assert resolve_resume(log_dir, "", ["0.9999"]) == ""       # a fresh run, as scripts/train.sh prepares it
+    assert resolve_resume(log_dir, "auto", ["0.9999"]) == ""
+    assert resolve_resume(log_dir, "/else/model000007.pt", ["0.9999"]) == "/else/model000007.pt"
+    (log_dir / "progress.csv").write_text("step\n1\n")
+    for flag in ("", "auto"):  # a curve without weights: neither restart over it nor resume it
+        with pytest.raises(ValueError, match="--log_dir"):
+            resolve_resume(log_dir, flag, ["0.9999"])
+    fake_set(log_dir, 5)
+    fake_set(log_dir, 10, skip=("model000010.pt",))  # killed while saving: the model goes last
+    warnings = []
+    assert resolve_resume(log_dir, "auto", ["0.9999"], warn=warnings.append) == str(log_dir / "model000005.pt")
+    assert len(warnings) == 1 and "model000010.pt is missing" in warnings[0]
+    assert latest_complete_set(log_dir, ["0.9999", "0.5"], warn=warnings.append) is None  # no EMA 0.5 anywhere
+    with pytest.raises(ValueError, match=r"last checkpoint: model000005.pt\); pass --resume_checkpoint auto"):
+        resolve_resume(log_dir, "", ["0.9999"])
+
+
+# ----- EMA warm-up ---------------------------------------------------------------------------------
+def test_ema_decay_formula():
+    assert ema_decay(0.9999, 0) == 0.9999
+    assert ema_decay(0.9999, 0, warmup=True) == pytest.approx(0.1)
+    assert ema_decay(0.9999, 590, warmup=True) == pytest.approx(591 / 600)
+    assert ema_decay(0.2, 1, warmup=True) == pytest.approx(2 / 11) and ema_decay(0.2, 2, warmup=True) == 0.2
+
+
+def replay_ema(log_dir, rate, first, last, warmup):
+    """The EMA of step `last` from the saved EMA of step `first` and the saved raw weights after it,
+    in float64: ema_k = d * ema_{k-1} + (1 - d) * w_k, d the decay of the update made at step k - 1."""
+    ema = {k: v.double() for k, v in states(log_dir, f"ema_{rate}_{first:06d}.pt").items()}
+    for k in range(first + 1, last + 1):
+        d = min(float(rate), k / (9 + k)) if warmup else float(rate)
+        weights = states(log_dir, model_name(k))
+        ema = {n: d * e + (1 - d) * weights[n].double() for n, e in ema.items()}
+    return ema
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for n in a:
+        assert torch.allclose(a[n], b[n].double(), rtol=1e-5, atol=1e-6), n
+
+
+@pytest.fixture(scope="module")
+def warm(toy, tmp_path_factory):
+    """A 4-step run of the toy architecture (class-wise label diffusion) with EMA warm-up, started
+    from another directory with relative paths for its log dir and class schedule."""
+    cwd = tmp_path_factory.mktemp("elsewhere")
+    np.save(cwd / "lambdas.npy", np.linspace(0.5, 3.0, 8))
+    train(toy, "warm", "--max_steps", 4, "--ema_warmup", "--class_schedule", "lambdas.npy",
+          arch=as_argv(PRESETS["toy"].model), cwd=cwd)
+    return cwd
+
+
+def test_ema_with_warmup_follows_the_recurrence(warm):
+    log_dir = warm / "warm"
+    for rate in RATES.split(","):
+        assert_same(replay_ema(log_dir, rate, 1, 4, warmup=True), states(log_dir, f"ema_{rate}_000004.pt"))
+    plain = replay_ema(log_dir, "0.9999", 1, 4, warmup=False)
+    assert not all(torch.allclose(plain[n], v.double()) for n, v in states(log_dir, "ema_0.9999_000004.pt").items())
+
+
+def test_ema_without_warmup_is_the_plain_recurrence(base):
+    for rate in RATES.split(","):
+        assert_same(replay_ema(base, rate, 1, 3, warmup=False), states(base, f"ema_{rate}_000003.pt"))
+
+
+# ----- the run config ------------------------------------------------------------------------------
+def test_args_json_holds_the_run_config_with_an_absolute_schedule_copy(warm):
+    log_dir = warm / "warm"
+    config = json.loads((log_dir / "args.json").read_text())
+    schedule = Path(config["class_schedule"])
+    assert schedule.is_absolute() and schedule.parent.samefile(log_dir) and schedule.name == "class_schedule.npy"
+    assert np.array_equal(np.load(schedule), np.load(warm / "lambdas.npy"))
+    assert Path(config["log_dir"]).is_absolute() and Path(config["log_dir"]).samefile(log_dir)
+    assert config["ema_warmup"] is True and config["num_classes"] == 8 and config["unlabeled_id"] == 7
+    assert config["cond_opt"] == "discrete_zero_classwise" and config["resume_checkpoint"] == ""
+    assert oct((log_dir / "args.json").stat().st_mode & 0o777) == oct(0o666 & ~current_umask())
+
+
+def current_umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_architecture_conflicts_compare_only_what_was_saved():
+    saved = dict(model_and_diffusion_defaults(), num_classes=8, channel_mult="1,2")
+    assert architecture_conflicts(saved, dict(saved, lr=5, class_schedule="x", timestep_respacing="ddim4")) == []
+    assert architecture_conflicts({"image_size": 32}, dict(saved, image_size=64)) == ["image_size=64 (run: 32)"]
+
+
+# ----- flag help -----------------------------------------------------------------------------------
+def test_every_training_flag_has_a_help_line_with_its_default(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per flag: no wrapping at hyphens
+    parser = create_argparser()
+    actions = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    undocumented = [a.dest for a in actions if not (a.help and a.help.strip())]
+    assert not undocumented
+    assert set(model_and_diffusion_defaults()) <= set(MODEL_FLAG_HELP)
+    text = " ".join(parser.format_help().split())
+    assert "(default: 0.9999)" in text and "loss-second-moment (released)" in text
+    assert "grad scaler on fp32 master weights" in text
+    for flag in ("data_dir", "dataset_mode"):
+        assert next(a for a in actions if a.dest == flag).help.startswith("required")
