@@ -55,6 +55,9 @@ def build_parser():
     p.add_argument("--lr", type=float, default=argparse.SUPPRESS, help=budget("lr", "learning rate"))
     p.add_argument("--ema_rate", default="0.99",
                    help="EMA rate of training (0.9999 is far too slow for a few hundred steps)")
+    add_bool_argument(p, "--ema_warmup", default=True,
+                      help="EMA decay min(rate, (1+s)/(10+s)): a short run's EMA is not mostly its initial weights "
+                           "(default: %(default)s)")
     p.add_argument("--sample_from", choices=("ema", "model"), default="ema",
                    help="sample the EMA weights (ema_<rate>_*.pt) or the raw model*.pt")
     p.add_argument("--respacing", default=argparse.SUPPRESS, help=budget("respacing", "sampler timestep respacing"))
@@ -78,7 +81,7 @@ def resolve_config(args):
     """The run's settings: the budget's values unless a flag was given, checked."""
     budget = BUDGETS["quick" if args.quick else "default"]
     cfg = {k: v if getattr(args, k, None) is None else getattr(args, k) for k, v in budget.items()}
-    cfg.update(ema_rate=str(args.ema_rate), sample_from=args.sample_from, s=args.s, extrapolation=args.extrapolation,
+    cfg.update(ema_rate=str(args.ema_rate), ema_warmup=bool(args.ema_warmup), sample_from=args.sample_from, s=args.s, extrapolation=args.extrapolation,
                dynamic_threshold=args.dynamic_threshold, sdm_unlabeled_to_zero=args.sdm_unlabeled_to_zero,
                edge_radius=args.edge_radius, random_p=args.random_p, painter=args.painter,
                grid_maps=args.grid_maps, seed=args.seed, num_channels=args.num_channels, quick=args.quick,
@@ -136,7 +139,7 @@ def model_flags(cfg, model, schedule=None):
 def training_key(cfg):
     """What the checkpoints depend on (all but the number of steps): a folder holding models trained
     with another key is refused instead of being mixed with new ones."""
-    keys = ("size", "num_train", "seed", "batch_size", "lr", "ema_rate", "drop_rate", "num_channels")
+    keys = ("size", "num_train", "seed", "batch_size", "lr", "ema_rate", "ema_warmup", "drop_rate", "num_channels")
     return {k: cfg[k] for k in keys}
 
 

@@ -100,7 +100,7 @@ def results_markdown(cfg, results, floor, timing, machine):
              f"{cfg['num_test']} held-out toy maps ({cfg['size']}x{cfg['size']}); both models: the same "
              f"{arch_flags(cfg)['num_channels']}-channel SPADE UNet, {cfg['steps']} steps of batch {cfg['batch_size']} "
              f"(lr {cfg['lr']}, dropout of the label map {cfg['drop_rate']}), sampled from "
-             f"{'EMA ' + cfg['ema_rate'] if cfg['sample_from'] == 'ema' else 'the raw'} weights with "
+             f"{'EMA ' + cfg['ema_rate'] + (' with warm-up' if cfg.get('ema_warmup') else '') if cfg['sample_from'] == 'ema' else 'the raw'} weights with "
              f"{cfg['respacing']}, s={cfg['s']}, extrapolation {cfg['extrapolation']}, dynamic threshold "
              f"{cfg['dynamic_threshold']}.", "",
              "| noise | mIoU SDM | mIoU SCDM | FD SDM | FD SCDM |", "|---|---:|---:|---:|---:|"]

@@ -191,12 +191,16 @@ def plan(out, cfg, runner):
                 return  # an earlier run ended right after its last save
             argv = ["--data_dir", toy, *as_argv(model_flags(cfg, model, schedule)),
                     "--batch_size", cfg["batch_size"], "--lr", cfg["lr"], "--ema_rate", cfg["ema_rate"],
+                    "--ema_warmup", cfg["ema_warmup"],
                     "--drop_rate", cfg["drop_rate"], "--max_steps", cfg["steps"], "--log_dir", log_dir,
                     "--save_interval", max(25, math.ceil(cfg["steps"] / 4)), "--log_interval", 10,
                     "--num_workers", 0, "--seed", cfg["seed"]]
             if last is not None:
                 log(f"  resuming {MODEL_NAMES[model]} from step {last} of {cfg['steps']}")
                 argv += ["--resume_checkpoint", log_dir / model_name(last)]
+            else:  # stopped before its first checkpoint: nothing to resume, so no curve to continue either
+                for name in ("progress.csv", "log.txt"):
+                    (log_dir / name).unlink(missing_ok=True)
             runner("scdm.image_train", argv, f"training {MODEL_NAMES[model]}")
             if not ckpt.is_file():
                 raise QuickstartError(f"training {MODEL_NAMES[model]} stopped before step {cfg['steps']} "
