@@ -4,7 +4,7 @@
 #   25: ddim25 respacing, s=1.5, extrapolation 0.8, dynamic threshold 0.95 (default);
 #   1000: all steps, s=1.5, plain clipping.
 # Environment: MODEL (required: model*.pt or ema_*.pt), CLASS_SCHEDULE (required for released models:
-#   the *_psiphi.npy file released with them; for your own runs LOG_DIR/class_schedule.npy),
+#   the *_psiphi.npy file released with them; your own runs carry theirs),
 #   DATA_DIR (default data/PRESET; point it at an image_process/ tree for noisy labels),
 #   RESULTS (default RESULTS/PRESET-SCDM-STEPS), NUM_SAMPLES (default all), BATCH_SIZE, NUM_GPUS, PYTHON.
 #   The architecture comes from the run's args.json beside MODEL, or from the preset for released models.
@@ -27,13 +27,8 @@ steps=25
 case "${1:-}" in 25|1000) steps=$1; shift ;; esac
 
 if [ -z "${MODEL:-}" ]; then echo "error: set MODEL=path/to/ema_0.9999_NNNNNN.pt" >&2; exit 2; fi
-if [ -z "${CLASS_SCHEDULE:-}" ]; then
-    guess="$(dirname "$MODEL")/class_schedule.npy"
-    if [ -f "$guess" ]; then CLASS_SCHEDULE=$guess; else
-        echo "error: set CLASS_SCHEDULE=path/to/${preset}_psiphi.npy (the per-class lambda file of the model)" >&2
-        exit 2
-    fi
-fi
+# Without CLASS_SCHEDULE the sampler uses the run's own (args.json, or class_schedule.npy beside MODEL).
+if [ -n "${CLASS_SCHEDULE:-}" ]; then set -- --class_schedule "$CLASS_SCHEDULE" "$@"; fi
 DATA_DIR=${DATA_DIR:-data/$preset}
 RESULTS=${RESULTS:-RESULTS/$preset-SCDM-$steps}
 flags=$(preset_flags "$preset" "sample$steps")
@@ -43,4 +38,4 @@ flags=$(preset_flags "$preset" "sample$steps")
 if [ -f "$DATA_DIR/corruption.json" ]; then set -- --unlabeled_to_zero True "$@"; fi
 # shellcheck disable=SC2086
 launch scdm.image_sample --preset "$preset" --data_dir "$DATA_DIR" --model_path "$MODEL" \
-    --class_schedule "$CLASS_SCHEDULE" --results_path "$RESULTS" --num_samples "${NUM_SAMPLES:--1}" $flags "$@"
+    --results_path "$RESULTS" --num_samples "${NUM_SAMPLES:--1}" $flags "$@"

@@ -1,5 +1,6 @@
 """Training and sampling entry points on toy data: launchers, replicas, resume, atomic checkpoints,
 rank-independent sampling, and user errors (exit code 2, one message)."""
+import json
 import os
 import shutil
 import signal
@@ -190,3 +191,20 @@ def test_presets_help_and_unknown(script):
     assert "ade20k" in ok.stdout and "toy" in ok.stdout
     bad = run(["sh", ROOT / "scripts" / script, "imagenet"], check=False)
     assert bad.returncode == 2 and "unknown preset 'imagenet'" in bad.stderr and "ade20k coco celeba cityscapes toy" in bad.stderr
+
+
+def test_sample_script_takes_relative_paths_from_the_callers_folder(toy, trained, tmp_path):
+    """sample.sh run from another folder: MODEL, DATA_DIR and RESULTS are relative to that folder, and the
+    checkpoint alone (its args.json) gives the architecture."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "run").symlink_to(trained)
+    (work / "data").symlink_to(toy)
+    env = dict(ENV, MODEL="run/model000002.pt", DATA_DIR="data", RESULTS="out", NUM_SAMPLES="1",
+               PYTHON=sys.executable, NUM_GPUS="1")
+    p = subprocess.run(["sh", str(ROOT / "scripts" / "sample.sh"), "toy", "--timestep_respacing", "ddim2"],
+                       cwd=work, env=env, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert len(list((work / "out" / "samples").glob("*.png"))) == 1
+    manifest = json.loads((work / "out" / "manifest.json").read_text())
+    assert manifest["model_flags_from"] != "preset" and manifest["labels"]["data_dir"] == str((work / "data").resolve())
