@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .checkpoint import CHECKPOINT_FILE, CLASS_SCHEDULE_COPY, RUN_CONFIG, CheckpointError, load_into_model, model_name, parse_step
+from .checkpoint import (
+    CHECKPOINT_FILE, CLASS_SCHEDULE_COPY, RUN_CONFIG, CheckpointError, load_into_model, model_name, parse_step,
+)
 from .cli import str2bool
 from .errors import UserError
 from .presets import PRESETS
