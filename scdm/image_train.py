@@ -25,6 +25,7 @@ from .fast_paths import from_disable_spec
 from .label_diffusion import DISCRETE_CLASSWISE
 from .performance import maybe_compile, resolve_precision
 from .resample import create_named_schedule_sampler
+from .run_config import given_flags
 from .script_util import (MODEL_FLAG_HELP, add_dict_to_argparser, architecture_conflicts, args_to_dict,
                           create_model_and_diffusion, model_and_diffusion_defaults)
 from .train_util import TrainingDiverged, TrainLoop, parse_ema_rates, resolve_resume
@@ -120,14 +121,43 @@ def check_same_architecture(resume_checkpoint, flags):
                               f"{', '.join(conflicts)}; resume with the run's model and diffusion flags")
 
 
+# Flags a resumed run never takes from its run config: where it is and what it resumes from.
+NOT_INHERITED = ("log_dir", "resume_checkpoint")
+
+
+def inherit_run_flags(args, argv, log_dir):
+    """A resumed run continues as it was: flags not given on the command line come from the run's
+    args.json (so `--log_dir X --resume_checkpoint auto` alone continues it). Returns their names."""
+    flag = args.resume_checkpoint
+    if not flag:
+        return []
+    config = (log_dir if flag == "auto" else Path(flag).parent) / RUN_CONFIG
+    if not config.is_file():
+        return []
+    try:
+        saved = json.loads(config.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{config} cannot be read as the run's config (JSON): {e}") from None
+    given = given_flags(create_argparser, argv)
+    inherited = [k for k, v in saved.items() if hasattr(args, k) and k not in given and k not in NOT_INHERITED
+                 and getattr(args, k) != v]
+    for k in inherited:
+        setattr(args, k, saved[k])
+    return inherited
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = create_argparser().parse_args(argv)
+    log_dir = Path(args.log_dir or os.environ.get("OPENAI_LOGDIR") or os.path.join("logs", "scdm")).absolute()
+    inherited = inherit_run_flags(args, argv, log_dir)
+    if inherited:
+        print(f"note: resuming with the run's own {', '.join(inherited)} (from its {RUN_CONFIG})", file=sys.stderr)
     precision = resolve_precision(args.precision, args.use_fp16)
     fast_paths = from_disable_spec(args.disable_fast_paths)
     note_gpus_per_node(args)
     info = resolve_dataset_flags(args)
     conditioning = Conditioning(args.num_classes, args.no_instance, info.unlabeled_id, drop_rate=args.drop_rate)
-    log_dir = Path(args.log_dir or os.environ.get("OPENAI_LOGDIR") or os.path.join("logs", "scdm")).absolute()
     flags = args_to_dict(args, model_and_diffusion_defaults().keys())
     # Decided before anything is written, so that a refused run leaves the log dir as it was.
     warnings = []
@@ -189,6 +219,7 @@ def write_run_config(args, log_dir, resume):
             copy_file(src, copy)
         args.class_schedule = str(copy)
     args.log_dir = str(log_dir)
+    args.data_dir = str(Path(args.data_dir).absolute()) if args.data_dir else ""
     args.resume_checkpoint = str(Path(resume).absolute()) if resume else ""
     write_json(vars(args), log_dir / RUN_CONFIG)
 

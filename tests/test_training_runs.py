@@ -107,6 +107,19 @@ def test_auto_resumes_at_the_last_step_and_continues_the_logs(toy, copy_of_base)
     assert config["num_classes"] == 8 and config["unlabeled_id"] == 7 and config["ema_warmup"] is False
 
 
+def test_auto_alone_continues_the_run_as_it_was(toy, copy_of_base, tmp_path):
+    """`--log_dir X --resume_checkpoint auto` with no other flag, from another folder: data, architecture,
+    EMA rates and batch size come from the run's args.json (one note names them)."""
+    p = run([sys.executable, "-m", "scdm.image_train", "--log_dir", copy_of_base, "--resume_checkpoint", "auto",
+             "--max_steps", 4], cwd=tmp_path)
+    assert "note: resuming with the run's own" in p.stderr and "num_channels" in p.stderr
+    assert progress_steps(copy_of_base) == [1, 2, 3, 4]
+    assert (copy_of_base / "model000004.pt").exists() and (copy_of_base / "ema_0.2_000004.pt").exists()
+    config = json.loads((copy_of_base / "args.json").read_text())
+    assert config["data_dir"] == str(toy) and config["cond_opt"] == "discrete_zero_uniform"
+    assert config["batch_size"] == 2 and config["ema_rate"] == RATES and config["max_steps"] == 4
+
+
 @pytest.mark.parametrize("damage", ["optimizer missing", "ema truncated"])
 def test_auto_skips_an_incomplete_last_set(toy, copy_of_base, damage):
     if damage == "optimizer missing":
