@@ -86,14 +86,6 @@ def folder_fingerprint(paths: Iterable[Path]) -> str:
     return h.hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _open(path: Path) -> Image.Image:
     try:
         img = Image.open(path)

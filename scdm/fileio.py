@@ -8,6 +8,7 @@ created 0600 by `mkstemp`; the finished file gets the permissions the umask give
 at the target instead of writing through it.
 """
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -101,6 +102,15 @@ def copy_file(src, dst):
     """A real copy, atomically (the copy must not change when the source does)."""
     with atomic_path(dst) as tmp:
         shutil.copyfile(src, tmp)
+
+
+def file_sha256(path, chunk=1 << 20):
+    """The sha256 of a file's bytes, read in chunks (checkpoints are hundreds of MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def check_writable(folder, flag):

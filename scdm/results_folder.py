@@ -5,7 +5,6 @@ sha256), every flag, the label maps (and the corruption of a noisy tree), the co
 with the same settings resumes; one with other settings is refused before anything is written, naming
 the settings that differ; `--overwrite` removes only what an earlier sampler run wrote.
 """
-import hashlib
 import json
 import os
 import re
@@ -21,7 +20,7 @@ from . import dist_util
 from .checkpoint import CHECKPOINT_FILE, parse_step
 from .dataset_layouts import CORRUPTION_FILE, DatasetError
 from .errors import UserError
-from .fileio import check_writable, write_json
+from .fileio import check_writable, file_sha256, write_json
 from .label_diffusion import DISCRETE_CLASSWISE
 from .performance import autocast_dtype
 from .run_config import SAMPLING_TIME_FLAGS
@@ -65,16 +64,6 @@ def check_results_path(results_path):
     if not os.access(base, os.W_OK | os.X_OK):
         raise PermissionError(f"--results_path {root} is not writable: no write permission in {base}")
     return root
-
-
-def file_sha256(path, chunk=1 << 20):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                return h.hexdigest()
-            h.update(block)
 
 
 def code_version():

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from evaluations.common import (
-    EvalError, default_device, file_sha256, folder_fingerprint, image_size, list_images, load_rgb,
+    EvalError, default_device, folder_fingerprint, image_size, list_images, load_rgb,
     match_names, note_resized, resolve_weights,
 )
-from scdm.fileio import atomic_write
+from scdm.fileio import atomic_write, file_sha256
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE
