@@ -5,7 +5,6 @@ A log dir holds one run: starting again in it needs `--resume_checkpoint auto` (
 The run's config is LOG_DIR/args.json (every flag, resolved), with its class schedule copied beside it.
 """
 import argparse
-import json
 import os
 import random
 import sys
@@ -25,7 +24,7 @@ from .fast_paths import from_disable_spec
 from .label_diffusion import DISCRETE_CLASSWISE
 from .performance import maybe_compile, resolve_precision
 from .resample import create_named_schedule_sampler
-from .run_config import given_flags
+from .run_config import given_flags, read_run_config
 from .script_util import (MODEL_FLAG_HELP, add_dict_to_argparser, architecture_conflicts, args_to_dict,
                           create_model_and_diffusion, model_and_diffusion_defaults)
 from .train_util import TrainingDiverged, TrainLoop, parse_ema_rates, resolve_resume
@@ -106,18 +105,18 @@ def create_argparser():
     return parser
 
 
+# What to do about an unreadable args.json of the run being resumed.
+RESUME_CONFIG_FIX = "restore it, or resume with every model and diffusion flag of the run"
+
+
 def check_same_architecture(resume_checkpoint, flags):
     """A resume must build the network its checkpoint's run built (as recorded in its args.json)."""
-    config = Path(resume_checkpoint).parent / RUN_CONFIG
-    if not config.is_file():
+    config = read_run_config(Path(resume_checkpoint).parent, RESUME_CONFIG_FIX)
+    if config is None:
         return
-    try:
-        saved = json.loads(config.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{config} cannot be read as the run's config (JSON): {e}") from None
-    conflicts = architecture_conflicts(saved, flags)
+    conflicts = architecture_conflicts(config.flags, flags)
     if conflicts:
-        raise CheckpointError(f"--resume_checkpoint {resume_checkpoint}: flags contradict the run in {config}: "
+        raise CheckpointError(f"--resume_checkpoint {resume_checkpoint}: flags contradict the run in {config.path}: "
                               f"{', '.join(conflicts)}; resume with the run's model and diffusion flags")
 
 
@@ -131,18 +130,14 @@ def inherit_run_flags(args, argv, log_dir):
     flag = args.resume_checkpoint
     if not flag:
         return []
-    config = (log_dir if flag == "auto" else Path(flag).parent) / RUN_CONFIG
-    if not config.is_file():
+    config = read_run_config(log_dir if flag == "auto" else Path(flag).parent, RESUME_CONFIG_FIX)
+    if config is None:
         return []
-    try:
-        saved = json.loads(config.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{config} cannot be read as the run's config (JSON): {e}") from None
     given = given_flags(create_argparser, argv)
-    inherited = [k for k, v in saved.items() if hasattr(args, k) and k not in given and k not in NOT_INHERITED
-                 and getattr(args, k) != v]
+    inherited = [k for k, v in config.flags.items() if hasattr(args, k) and k not in given
+                 and k not in NOT_INHERITED and getattr(args, k) != v]
     for k in inherited:
-        setattr(args, k, saved[k])
+        setattr(args, k, config.flags[k])
     return inherited
 
 

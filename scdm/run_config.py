@@ -52,21 +52,26 @@ class ModelFlags:
     contradictions: dict = field(default_factory=dict)  # flag -> (given, run's value)
 
 
-def find_run_config(model_path):
-    """The run config beside a checkpoint, or None when there is none (a released checkpoint)."""
-    path = Path(model_path).parent / RUN_CONFIG
+def read_run_config(folder, fix="restore it, or move the checkpoint out and pass --preset or the model flags"):
+    """The run config (`args.json`) in a run's folder, or None when there is none; `fix` says what
+    to do when it is there but unreadable."""
+    path = Path(folder) / RUN_CONFIG
     if not path.exists():
         return None
     try:
         flags = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"run config {path} cannot be read ({e}); it is the {RUN_CONFIG} image_train "
-                              "wrote beside the checkpoint: restore it, or move the checkpoint out and pass "
-                              "--preset or the model flags") from None
+                              f"wrote beside the checkpoint: {fix}") from None
     if not isinstance(flags, dict):
         raise CheckpointError(f"run config {path} must hold a JSON object of flags (the {RUN_CONFIG} "
                               "image_train writes)")
     return RunConfig(path, flags)
+
+
+def find_run_config(model_path):
+    """The run config beside a checkpoint, or None when there is none (a released checkpoint)."""
+    return read_run_config(Path(model_path).parent)
 
 
 def given_flags(make_parser, argv):
