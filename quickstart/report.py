@@ -11,7 +11,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from evaluations.image_stats import distribution_distance, image_statistics, load_images
+from scdm import palettes
 from scdm.fileio import atomic_write, save_image, write_json
+from scdm.toy import TOY_NUM_CLASSES
 
 from .config import MODELS, NOISE_NAMES, arch_flags, noise_params
 
@@ -45,10 +47,7 @@ def score_all(out, cfg):
 
 def colorize(ids):
     """Toy label ids as RGB in the class colours, the unlabeled class (noise) black."""
-    from scdm.toy import TOY_COLORS, TOY_UNLABELED_ID
-    colors = TOY_COLORS.copy()
-    colors[TOY_UNLABELED_ID] = 0
-    return colors[np.clip(np.asarray(ids, dtype=np.int64), 0, len(colors) - 1)]
+    return palettes.colorize(ids, palettes.palette(palettes.TOY, TOY_NUM_CLASSES))
 
 
 def write_grid(out, cfg, path):
