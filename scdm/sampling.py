@@ -115,6 +115,17 @@ def ancestral_update(x, t, step: StepOutput, noise):
 
 _DRAW = {"gaussian": torch.randn, "uniform": torch.rand}
 
+# Names accepted by `sample_loop(sampler=...)` and the `--sampler` flags.
+SAMPLERS = ("ancestral", "ddim")
+
+
+def resolve_sampler(sampler=None, use_ddim=False):
+    """The sampler name; `use_ddim=True` (the released flag) means "ddim" when no name is given."""
+    name = sampler or ("ddim" if use_ddim else "ancestral")
+    if name not in SAMPLERS:
+        raise ValueError(f"--sampler {name!r}: expected one of {', '.join(SAMPLERS)}")
+    return name
+
 
 def _draw(shape_per_item, batch, device, generators, kind="gaussian"):
     """Random tensor of shape (batch, *shape_per_item); one generator per item when given."""
@@ -129,11 +140,13 @@ def _draw(shape_per_item, batch, device, generators, kind="gaussian"):
 def sample_loop(model, diffusion, shape, y, *, noise=None, guidance_scale=1.0, extrapolation=0.0,
                 threshold_percentile=None, clip_denoised=True, use_ddim=False, eta=0.0,
                 generators: Optional[Sequence[torch.Generator]] = None, device=None, progress=False,
-                batched_guidance=True, on_step: Optional[Callable[[], None]] = None):
+                batched_guidance=True, on_step: Optional[Callable[[], None]] = None, sampler=None):
     """Full reverse process from x_T ~ N(0, I) (or `noise`) to x_0, over all of this diffusion's
     steps (respaced when the diffusion is respaced). Returns x_0 clamped to [-1, 1].
     `progress`: a bar of its own over the steps; `on_step`: called after each step, for a caller's
-    bar that spans many batches."""
+    bar that spans many batches. `sampler`: one of SAMPLERS (None: "ancestral", or "ddim" with
+    `use_ddim`)."""
+    sampler = resolve_sampler(sampler, use_ddim)
     device = device or next(model.parameters()).device
     b = shape[0]
     if y.shape[0] != b:
@@ -152,7 +165,7 @@ def sample_loop(model, diffusion, shape, y, *, noise=None, guidance_scale=1.0, e
                                 threshold_percentile=threshold_percentile, clip_denoised=clip_denoised,
                                 batched_guidance=batched_guidance)
             z = _draw(shape[1:], b, device, generators)
-            x = ddim_update(diffusion, x, t, step, z, eta) if use_ddim else ancestral_update(x, t, step, z)
+            x = ddim_update(diffusion, x, t, step, z, eta) if sampler == "ddim" else ancestral_update(x, t, step, z)
         prev = step.prev_xstart
         if on_step is not None:
             on_step()
