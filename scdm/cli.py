@@ -9,6 +9,7 @@
 - Errors: see `scdm.errors` (one `error: ...` line, exit code 2).
 """
 import argparse
+import math
 import sys
 
 from .errors import UserError
@@ -26,6 +27,58 @@ def str2bool(v):
     if s in FALSE_WORDS:
         return False
     raise argparse.ArgumentTypeError(f"boolean value expected (True/False/1/0/yes/no), got {v!r}")
+
+
+def _number(v, kind):
+    try:
+        return kind(v)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{'an integer' if kind is int else 'a number'} expected, got {v!r}")
+
+
+def int_at_least(n):
+    """argparse `type=`: an integer >= n."""
+    def check(v):
+        x = _number(v, int)
+        if x < n:
+            raise argparse.ArgumentTypeError(f"an integer >= {n} expected, got {v!r}")
+        return x
+    check.__name__ = f"int_at_least_{n}"
+    return check
+
+
+positive_int = int_at_least(1)
+positive_int.__name__ = "positive_int"
+nonnegative_int = int_at_least(0)
+nonnegative_int.__name__ = "nonnegative_int"
+
+
+def float_in(lo, hi, lo_open=False, hi_open=False):
+    """argparse `type=`: a finite float in the interval [lo, hi] (ends open when asked; None = unbounded)."""
+    left = "(" if lo_open or lo is None else "["
+    right = ")" if hi_open or hi is None else "]"
+    span = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+
+    def check(v):
+        x = _number(v, float)
+        ok = math.isfinite(x)
+        if ok and lo is not None:
+            ok = x > lo if lo_open else x >= lo
+        if ok and hi is not None:
+            ok = x < hi if hi_open else x <= hi
+        if not ok:
+            raise argparse.ArgumentTypeError(f"a number in {span} expected, got {v!r}")
+        return x
+    check.__name__ = f"float_in_{span}"
+    return check
+
+
+probability = float_in(0.0, 1.0)
+probability.__name__ = "probability"
+positive_float = float_in(0.0, None, lo_open=True)
+positive_float.__name__ = "positive_float"
+nonnegative_float = float_in(0.0, None)
+nonnegative_float.__name__ = "nonnegative_float"
 
 
 def add_bool_argument(parser, *names, default=False, help=None, **kwargs):
