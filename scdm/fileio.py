@@ -113,15 +113,50 @@ def file_sha256(path, chunk=1 << 20):
     return h.hexdigest()
 
 
-def check_writable(folder, flag):
-    """Create `folder` and prove a file can be written there, before any long work starts."""
+def first_non_folder(path):
+    """The first existing path on the way to `path` that is not a folder (None when there is
+    none): a path "under a regular file" cannot be created, and saying which file is in the way
+    beats "Not a directory"."""
+    path = Path(path)
+    for p in [*reversed(path.parents), path]:
+        if p.exists() and not p.is_dir():
+            return p
+    return None
+
+
+def folder_problem(folder):
+    """Why no file can be written in `folder` (created when missing), or None when one can."""
+    blocker = first_non_folder(folder)
+    if blocker is not None:
+        return f"{blocker} is a file, not a folder"
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write_test.", suffix=TEMP_SUFFIX, dir=folder)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise PermissionError(f"{flag} {folder} is not writable: {e.strerror or e}") from None
+        return str(e.strerror or e)
+    return None
+
+
+def check_writable(folder, flag):
+    """Create `folder` and prove a file can be written there, before any long work starts."""
+    why = folder_problem(folder)
+    if why:
+        raise PermissionError(f"{flag} {folder} is not writable: {why}")
+
+
+def check_writable_file(path, flag):
+    """The single-file counterpart of `check_writable`: `path` is not a folder and its folder takes
+    a new file (created when missing), so an output flag fails before the work, not after it."""
+    path = Path(path)
+    if path.is_dir():
+        raise PermissionError(f"{flag} {path} is a folder; expected the path of a file to write")
+    if path.name in ("", ".", ".."):
+        raise PermissionError(f"{flag} {str(path)!r} has no file name; expected the path of a file to write")
+    why = folder_problem(path.parent)
+    if why:
+        raise PermissionError(f"{flag} {path} cannot be written: {why}")
 
 
 def remove_temp_files(folder):
