@@ -54,6 +54,34 @@ ADE20K_CLASSES = (
     "clock", "flag",
     "unlabeled",
 )
+# COCO-Stuff 164k label PNGs (as SPADE/SDM use them): stored id = class id 0..181, 255 = unlabeled
+# (class 182 after remapping). Ids 0..90 are the 91 COCO thing ids minus one, the 11 ids COCO never
+# annotates included ("street sign", "hat", "shoe", "eye glasses", "plate", "mirror", "window", "desk",
+# "door", "blender", "hair brush"); ids 91..181 are the 91 stuff classes.
+COCO_STUFF_CLASSES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "street sign", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep",
+    "cow", "elephant", "bear", "zebra", "giraffe", "hat", "backpack", "umbrella", "shoe", "eye glasses",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat",
+    "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle", "plate", "wine glass", "cup", "fork",
+    "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza",
+    "donut", "cake", "chair", "couch", "potted plant", "bed", "mirror", "dining table", "window", "desk",
+    "toilet", "door", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone", "microwave", "oven",
+    "toaster", "sink", "refrigerator", "blender", "book", "clock", "vase", "scissors", "teddy bear",
+    "hair drier", "toothbrush", "hair brush",
+    "banner", "blanket", "branch", "bridge", "building-other", "bush", "cabinet", "cage", "cardboard", "carpet",
+    "ceiling-other", "ceiling-tile", "cloth", "clothes", "clouds", "counter", "cupboard", "curtain",
+    "desk-stuff", "dirt", "door-stuff", "fence", "floor-marble", "floor-other", "floor-stone", "floor-tile",
+    "floor-wood", "flower", "fog", "food-other", "fruit", "furniture-other", "grass", "gravel", "ground-other",
+    "hill", "house", "leaves", "light", "mat", "metal", "mirror-stuff", "moss", "mountain", "mud", "napkin",
+    "net", "paper", "pavement", "pillow", "plant-other", "plastic", "platform", "playingfield", "railing",
+    "railroad", "river", "road", "rock", "roof", "rug", "salad", "sand", "sea", "shelf", "sky-other",
+    "skyscraper", "snow", "solid-other", "stairs", "stone", "straw", "structural-other", "table", "tent",
+    "textile-other", "towel", "tree", "vegetable", "wall-brick", "wall-concrete", "wall-other", "wall-panel",
+    "wall-stone", "wall-tile", "wall-wood", "water-other", "waterdrops", "window-blind", "window-other", "wood",
+    "unlabeled",
+)
+COCO_UNUSED_THING_IDS = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)  # class ids no COCO annotation uses
 CELEBAMASK_HQ_CLASSES = (
     "background", "skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear", "r_ear", "mouth",
     "u_lip", "l_lip", "hair", "hat", "ear_r", "neck_l", "neck", "cloth",
@@ -116,7 +144,7 @@ LAYOUTS = {
         description="<root>/images/{training,validation}/*.jpg and <root>/annotations/{training,validation}/*.png"),
     "coco": Layout(
         ("train", "val"), "{split}_img", "{split}_label", "{split}_inst",
-        num_classes=183, raw_unlabeled_id=255, unlabeled_class=182,
+        num_classes=183, raw_unlabeled_id=255, unlabeled_class=182, class_names=COCO_STUFF_CLASSES,
         description="<root>/{train,val}_img/*.jpg, <root>/{train,val}_label/*.png and <root>/{train,val}_inst/*.png"),
     "celeba": Layout(
         ("train", "test"), "{split}/images", "{split}/labels", label_is_instance=True,
@@ -234,12 +262,26 @@ def raw_unlabeled_id(dataset_mode, data_dir=None):
 
 
 def class_names(dataset_mode, data_dir=None):
-    """Names by class id, or None where not known (COCO-Stuff; folder without "classes" in dataset.json)."""
+    """Names by class id, or None where not known (folder without "classes" in dataset.json)."""
     layout = get_layout(dataset_mode)
     if layout.metadata_file:
         names = read_metadata(dataset_mode, data_dir).get("classes")
         return tuple(str(n) for n in names) if isinstance(names, list) else None
     return layout.class_names
+
+
+def display_names(dataset_mode, num_classes, data_dir=None, unlabeled_id=None):
+    """A name for every class id 0..num_classes-1, for legends and reports: the layout's names where
+    known, "unlabeled" for the unlabeled class, "class k" elsewhere (so a legend never has holes)."""
+    known = None
+    if dataset_mode in LAYOUTS:
+        known = class_names(dataset_mode, data_dir)
+    names = [f"class {k}" for k in range(int(num_classes))]
+    for k, name in enumerate((known or ())[: len(names)]):
+        names[k] = str(name)
+    if unlabeled_id is not None and 0 <= unlabeled_id < len(names) and not known:
+        names[unlabeled_id] = "unlabeled"
+    return tuple(names)
 
 
 # ----------------------------------------------------------------------------------------------

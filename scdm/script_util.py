@@ -134,7 +134,14 @@ def create_model_and_diffusion(**kwargs):
         dropout=args["dropout"], resblock_updown=args["resblock_updown"], use_fp16=args["use_fp16"],
         use_new_attention_order=args["use_new_attention_order"], no_instance=args["no_instance"],
     )
-    diffusion = create_gaussian_diffusion(
+    return model, create_diffusion(**args)
+
+
+def create_diffusion(**kwargs):
+    """The diffusion alone from flag values (model flags are ignored), e.g. to respace it again."""
+    args = model_and_diffusion_defaults()
+    args.update(kwargs)
+    return create_gaussian_diffusion(
         steps=args["diffusion_steps"], learn_sigma=args["learn_sigma"], noise_schedule=args["noise_schedule"],
         use_kl=args["use_kl"], predict_xstart=args["predict_xstart"], rescale_timesteps=args["rescale_timesteps"],
         rescale_learned_sigmas=args["rescale_learned_sigmas"], timestep_respacing=args["timestep_respacing"],
@@ -142,7 +149,6 @@ def create_model_and_diffusion(**kwargs):
         class_schedule=args["class_schedule"],
         unlabeled_id=resolve_unlabeled_id(args["unlabeled_id"], args["dataset_mode"]),
     )
-    return model, diffusion
 
 
 def parse_channel_mult(channel_mult, image_size):
