@@ -1,15 +1,20 @@
-"""One launch path for `mpiexec -n N`, `torchrun --nproc_per_node N` and plain `python`.
+"""One launch path for `torchrun --nproc_per_node N`, `mpiexec -n N`, `srun` and plain `python`.
 
 Every run gets a torch.distributed process group (of size 1 for a plain run), so training and
-sampling code has no special cases. NCCL on GPU, gloo on CPU; rank r uses local GPU r % visible GPUs.
+sampling code has no special cases. NCCL on GPU, gloo on CPU; local rank r uses GPU r % visible GPUs.
+Launchers are recognised in this order: torchrun, MPI, Slurm (see `scdm.slurm` for what counts as an
+srun task), one process; rank 0 says on stderr which one it found.
 """
 import datetime
+import importlib.util
 import os
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
 
+from . import slurm
 from .errors import UserError
 
 MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
@@ -23,12 +28,18 @@ class LaunchError(UserError, RuntimeError):
 
 
 def detect_launcher(environ=os.environ):
-    """'torchrun', 'mpi' or 'single', from the environment the launcher leaves."""
+    """'torchrun', 'mpi', 'slurm' or 'single', from the environment the launcher leaves.
+
+    A site's MPI plugin may add PMI_RANK to srun tasks: MPI then wins (the same ranks), unless mpi4py
+    is not installed, where the Slurm variables are enough and need no MPI."""
     if "TORCHELASTIC_RUN_ID" in environ or ("RANK" in environ and "WORLD_SIZE" in environ and "MASTER_ADDR" in environ):
         return "torchrun"
-    if any(v in environ for v in MPI_RANK_VARS):
+    mpi = any(v in environ for v in MPI_RANK_VARS)
+    if mpi and importlib.util.find_spec("mpi4py") is not None:
         return "mpi"
-    return "single"
+    if slurm.srun_task(environ) is not None:
+        return "slurm"
+    return "mpi" if mpi else "single"  # MPI without mpi4py: setup_dist says how to install it
 
 
 def _free_port():
@@ -61,6 +72,16 @@ def setup_dist(backend=None, timeout_minutes=30):
         _local_rank = int(os.environ.get("LOCAL_RANK", 0))
         _set_device()
         dist.init_process_group(backend, init_method="env://", timeout=timeout)
+        _say_launcher("torchrun", f"rendezvous {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}")
+        return
+    if launcher == "slurm":
+        task = slurm.srun_task(os.environ)
+        addr, port = slurm.rendezvous(task, os.environ)
+        _local_rank = task.local_rank
+        _set_device()
+        dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=task.rank,
+                                world_size=task.world_size, timeout=timeout)
+        _say_launcher("slurm", f"srun step {task.job_id}.{task.step_id}, rendezvous {addr}:{port}")
         return
     if launcher == "mpi":
         MPI = _mpi_comm()
@@ -79,11 +100,26 @@ def setup_dist(backend=None, timeout_minutes=30):
         _set_device()
         dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=size,
                                 timeout=timeout)
+        _say_launcher("mpi", f"rendezvous {addr}:{port}")
         return
     _local_rank = 0
     _set_device()
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
                             timeout=timeout)
+    _say_launcher("single", _single_note(os.environ))
+
+
+def _say_launcher(launcher, detail):
+    """The one line that tells which launcher was found (rank 0, stderr)."""
+    if dist.get_rank() == 0:
+        print(f"launch: {launcher}, {dist.get_world_size()} process(es), {detail}", file=sys.stderr, flush=True)
+
+
+def _single_note(environ):
+    if environ.get("SLURM_JOB_ID"):
+        return (f"inside Slurm job {environ['SLURM_JOB_ID']} but not one of several srun tasks "
+                "(for one task per GPU, start it with srun)")
+    return "no launcher variables"
 
 
 def _set_device():
