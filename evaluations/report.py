@@ -16,9 +16,9 @@ from typing import Optional
 
 from evaluations.common import EvalError, list_images
 from evaluations.miou import DATASETS as MIOU_DATASETS
-from scdm.cli import HelpFormatter, add_deprecated_alias
+from scdm.cli import HelpFormatter, add_deprecated_alias, nonnegative_int, positive_int
 from scdm.errors import UserError, run_cli
-from scdm.fileio import atomic_write, write_json
+from scdm.fileio import atomic_write, check_writable_file, write_json
 from scdm.results_folder import MANIFEST, main_settings, read_manifest
 
 SIZE_POLICY = ("the ground truth defines the size: differing images are resized to it "
@@ -167,20 +167,20 @@ def parse_args(argv=None):
     p.add_argument("--dataset_mode", "--dataset-mode", default=None, choices=MIOU_DATASETS,
                    help="dataset of the labels (mIoU's id mapping, ignored id and class count; toy: the toy segmenter)")
     add_deprecated_alias(p, "--dataset", "--dataset_mode", dest="dataset_mode")
-    p.add_argument("--num_classes", "--num-classes", type=int, default=None,
+    p.add_argument("--num_classes", "--num-classes", type=positive_int, default=None,
                    help="mIoU classes; None: the dataset's")
-    p.add_argument("--ignore_index", "--ignore-index", type=int, default=None,
+    p.add_argument("--ignore_index", "--ignore-index", type=nonnegative_int, default=None,
                    help="raw label id not scored by mIoU; None: the dataset's raw unlabeled id")
-    p.add_argument("--num_sets", "--num-sets", type=int, default=None,
+    p.add_argument("--num_sets", "--num-sets", type=positive_int, default=None,
                    help="LPIPS sample sets K; None: every consecutive samples_<k> folder")
     p.add_argument("--fid-weights", "--fid_weights", default=None,
                    help="pytorch-fid Inception weights ('random': tests)")
     p.add_argument("--lpips-weights", "--lpips_weights", default=None,
                    help="torchvision AlexNet weights ('random': tests)")
     p.add_argument("--dims", type=int, default=2048, choices=(64, 192, 768, 2048), help="FID Inception features")
-    p.add_argument("-b", "--batch-size", "--batch_size", type=int, default=50, help="images per network call")
+    p.add_argument("-b", "--batch-size", "--batch_size", type=positive_int, default=50, help="images per network call")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1; None: cuda when available")
-    p.add_argument("--num-workers", "--num_workers", type=int, default=0, help="data-loading processes")
+    p.add_argument("--num-workers", "--num_workers", type=nonnegative_int, default=0, help="data-loading processes")
     p.add_argument("--out-prefix", "--out_prefix", default="report",
                    help="output path prefix; a relative one is inside RESULTS_DIR")
     args = p.parse_args(argv)
@@ -191,15 +191,20 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    report = evaluate(args.results, args.gt, args.dataset_mode, args.num_classes, args.ignore_index,
-                      args.fid_weights, args.lpips_weights, args.num_sets, args.batch_size, args.device,
-                      args.dims, args.num_workers)
     prefix = Path(args.out_prefix)
     if not prefix.is_absolute():
         prefix = Path(args.results) / prefix
+    if not Path(args.results).is_dir():
+        raise EvalError(f"results folder not found: {args.results}")
+    outputs = [prefix.with_name(prefix.name + ext) for ext in (".json", ".md")]
+    for out in outputs:
+        check_writable_file(out, "--out-prefix")
+    report = evaluate(args.results, args.gt, args.dataset_mode, args.num_classes, args.ignore_index,
+                      args.fid_weights, args.lpips_weights, args.num_sets, args.batch_size, args.device,
+                      args.dims, args.num_workers)
     md = markdown(report)
-    write_json(report, prefix.with_name(prefix.name + ".json"))
-    atomic_write(prefix.with_name(prefix.name + ".md"), md)
+    write_json(report, outputs[0])
+    atomic_write(outputs[1], md)
     print(md, end="")
     print(f"wrote {prefix}.json and {prefix}.md", file=sys.stderr)
     failed = [k for k in ("fid", "lpips", "miou") if report[k]["status"].startswith("failed")]

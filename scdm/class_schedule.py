@@ -29,10 +29,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .cli import HelpFormatter
-from .datasets import DatasetError, build_dataset, clean_worker_error
+from .cli import HelpFormatter, float_in, int_at_least, nonnegative_float, nonnegative_int, positive_int
+from .datasets import build_dataset, iter_user_errors_clean
 from .errors import run_cli
-from .fileio import save_npy
+from .dataset_layouts import LAYOUTS
+from .fileio import check_writable_file, save_npy
 
 UNIFORM_LAMBDA = 0.5     # absent and unlabeled classes: diffuse uniformly
 MIN_LAMBDA = 1.001
@@ -91,13 +92,10 @@ def collect_class_stats(dataset_mode, data_dir, num_classes=None, unlabeled_id=N
     if progress:
         from tqdm import tqdm
         loader = tqdm(loader, total=len(dataset), desc="label statistics", unit="map")
-    try:
-        for fractions in loader:
-            fractions = fractions.numpy()
-            images_with += fractions > 0
-            area_sum += fractions
-    except DatasetError as e:
-        raise clean_worker_error(e) from None
+    for fractions in iter_user_errors_clean(loader):
+        fractions = fractions.numpy()
+        images_with += fractions > 0
+        area_sum += fractions
     mean_area = np.divide(area_sum, images_with, out=np.zeros(c), where=images_with > 0)
     return ClassStats(len(dataset), images_with, mean_area), dataset.info
 
@@ -140,16 +138,18 @@ def format_table(stats, lambdas, unlabeled_id=None, max_rows=24):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m scdm.class_schedule", formatter_class=HelpFormatter,
                                 description="Compute the per-class lambda file for discrete_zero_classwise.")
-    p.add_argument("--dataset_mode", required=True, help="ade20k, coco, celeba, cityscapes or folder")
+    p.add_argument("--dataset_mode", required=True, choices=sorted(LAYOUTS), help="layout of --data_dir")
     p.add_argument("--data_dir", required=True, help="dataset root")
     p.add_argument("--out", required=True, help="output .npy path (written atomically)")
-    p.add_argument("--num_classes", type=int, default=None, help="default: from the layout or dataset.json")
-    p.add_argument("--unlabeled_id", type=int, default=None, help="default: from the layout; -1 also means that")
-    p.add_argument("--num_workers", type=int, default=0, help="label-reading processes")
+    p.add_argument("--num_classes", type=positive_int, default=None, help="default: from the layout or dataset.json")
+    p.add_argument("--unlabeled_id", type=int_at_least(-1), default=None, help="default: from the layout; -1 also means that")
+    p.add_argument("--num_workers", type=nonnegative_int, default=0, help="label-reading processes")
     p.add_argument("--split", choices=("train", "test"), default="train", help="which split's labels to count")
-    p.add_argument("--rarity_exponent", type=float, default=RARITY_EXPONENT, help="exponent of the frequency term")
-    p.add_argument("--max_lambda", type=float, default=MAX_LAMBDA, help="upper clip of lambda")
+    p.add_argument("--rarity_exponent", type=nonnegative_float, default=RARITY_EXPONENT, help="exponent of the frequency term")
+    p.add_argument("--max_lambda", type=float_in(MIN_LAMBDA, None), default=MAX_LAMBDA,
+                   help=f"upper clip of lambda (at least the floor {MIN_LAMBDA})")
     args = p.parse_args(argv)
+    check_writable_file(args.out, "--out")
     stats, info = collect_class_stats(args.dataset_mode, args.data_dir, args.num_classes, args.unlabeled_id,
                                       args.split == "train", args.num_workers, progress=True)
     lambdas = lambdas_from_stats(stats, info.unlabeled_id, args.rarity_exponent, MIN_LAMBDA, args.max_lambda)

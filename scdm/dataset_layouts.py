@@ -238,6 +238,8 @@ def dataset_info(dataset_mode, data_dir=None, num_classes=None, unlabeled_id=Non
     if unlabeled_id is not None:
         unl = unlabeled_id
     if nc is None:
+        if data_dir and not os.path.isdir(data_dir):  # the real problem, not the class count
+            require_data_dir(dataset_mode, data_dir)
         where = os.path.join(data_dir, DATASET_JSON) if data_dir else "<root>/dataset.json"
         raise DatasetError(
             f"--dataset_mode {dataset_mode} needs the number of classes: pass --num_classes N "

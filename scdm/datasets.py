@@ -20,6 +20,7 @@ from .dataset_layouts import (  # noqa: F401  (re-exported: the loader's public 
     DatasetNotFoundError, Layout, Record, check_int, check_label_ids, class_names, dataset_info, get_layout,
     list_records, raw_unlabeled_id, read_ids, read_rgb, remap_labels, require_data_dir, resize_ids,
 )
+from .errors import UserError
 
 FLOAT_EXACT = 2 ** 24  # ids at or above this do not survive the float32 cond tensors
 
@@ -172,24 +173,35 @@ def default_shard():
 
 
 def clean_worker_error(err):
-    """DataLoader re-raises a worker's error with the worker's traceback pasted into the
-    message; keep only our own message so the user sees one clear line."""
+    """DataLoader re-raises a worker's error as a new exception of its type whose message is
+    "Caught X in DataLoader worker process N" plus the worker's traceback; give back the user
+    error with only its own message, so the user sees the one line they would see without workers."""
     msg = str(err)
     marker = f"{type(err).__name__}: "
-    if msg.startswith("Caught ") and marker in msg:
-        return type(err)(msg.rsplit(marker, 1)[1].strip())
-    return err
+    if not (msg.startswith("Caught ") and marker in msg):
+        return err
+    text = msg.rsplit(marker, 1)[1].strip()
+    try:
+        return type(err)(text)
+    except Exception:  # a subclass with another constructor: keep the family
+        return UserError(text)
+
+
+def iter_user_errors_clean(iterable):
+    """Iterate a DataLoader (or anything wrapping one, e.g. tqdm); a `UserError` raised in a
+    worker process comes out as itself, with its own one-line message."""
+    try:
+        yield from iterable
+    except UserError as e:
+        raise clean_worker_error(e) from None
 
 
 def _endless(loader, class_cond):
     while True:
-        try:
-            for images, cond in loader:
-                if not class_cond:
-                    cond = {"path": cond["path"]}
-                yield images, cond
-        except DatasetError as e:
-            raise clean_worker_error(e) from None
+        for images, cond in iter_user_errors_clean(loader):
+            if not class_cond:
+                cond = {"path": cond["path"]}
+            yield images, cond
 
 
 def load_data(*, dataset_mode, data_dir, batch_size, image_size, class_cond=True, deterministic=False,

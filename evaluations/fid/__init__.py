@@ -23,6 +23,7 @@ from evaluations.common import (
     EvalError, default_device, folder_fingerprint, image_size, list_images, load_rgb,
     match_names, note_resized, resolve_weights,
 )
+from scdm.datasets import iter_user_errors_clean
 from scdm.fileio import atomic_write, file_sha256
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -123,8 +124,8 @@ def features_of(files: List[Path], feature_fn: FeatureFn, size, batch_size: int 
                                          shuffle=False, num_workers=num_workers)
     out, resized = [], 0
     with torch.no_grad():
-        for batch, was_resized in tqdm(loader, desc=desc, leave=False, file=sys.stderr,
-                                       disable=not sys.stderr.isatty()):
+        for batch, was_resized in iter_user_errors_clean(tqdm(loader, desc=desc, leave=False, file=sys.stderr,
+                                                              disable=not sys.stderr.isatty())):
             resized += int(was_resized.sum())
             f = feature_fn(batch.to(device))
             out.append(f.reshape(len(batch), -1).double().cpu().numpy())

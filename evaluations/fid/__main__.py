@@ -3,8 +3,9 @@ import argparse
 import os
 
 from evaluations.fid import DIMS, INCEPTION_FILE, compute_fid
-from scdm.cli import HelpFormatter, add_bool_argument
+from scdm.cli import HelpFormatter, add_bool_argument, nonnegative_int, positive_int
 from scdm.errors import run_cli
+from scdm.fileio import check_writable_file
 
 
 def parse_args(argv=None):
@@ -13,7 +14,7 @@ def parse_args(argv=None):
         "Either path may be an .npz of statistics (mu, sigma)."))
     p.add_argument("--path", nargs=2, required=True, metavar=("SAMPLES", "GT"),
                    help="the samples and the ground truth: image folders or .npz statistics")
-    p.add_argument("-b", "--batch-size", "--batch_size", type=int, default=50, help="images per network call")
+    p.add_argument("-b", "--batch-size", "--batch_size", type=positive_int, default=50, help="images per network call")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1; None: cuda when available")
     p.add_argument("--weights", default=None, help=(
         f"the pytorch-fid Inception state dict '{INCEPTION_FILE}' (None: from $TORCH_HOME/hub/checkpoints/); "
@@ -22,7 +23,7 @@ def parse_args(argv=None):
                    help="cache of the ground-truth statistics; reused while the folder and weights are unchanged")
     p.add_argument("--dims", type=int, default=2048, choices=DIMS,
                    help="Inception features (2048: pool3, the standard)")
-    p.add_argument("--num-workers", "--num_workers", type=int, default=None,
+    p.add_argument("--num-workers", "--num_workers", type=nonnegative_int, default=None,
                    help="data-loading processes; None: min(8, CPUs)")
     add_bool_argument(p, "--unpaired", default=False,
                       help="allow different file names in the two folders (not the released protocol)")
@@ -31,6 +32,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.save_stats is not None:
+        check_writable_file(args.save_stats, "--save-stats")
     workers = args.num_workers if args.num_workers is not None else min(8, len(os.sched_getaffinity(0)))
     fid = compute_fid(args.path[0], args.path[1], weights=args.weights, dims=args.dims,
                       batch_size=args.batch_size, device=args.device, num_workers=workers,

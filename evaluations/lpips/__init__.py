@@ -19,6 +19,7 @@ import torch
 from evaluations.common import (
     EvalError, default_device, list_images, load_rgb, match_names, note_resized, resolve_weights,
 )
+from scdm.datasets import iter_user_errors_clean
 
 DistanceFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (B,3,H,W) in [-1,1] x2 -> (B,)
 NETS = ("alex", "vgg", "squeeze")
@@ -153,8 +154,8 @@ def lpips_diversity(sets: Sequence[Path], distance_fn: Optional[DistanceFn] = No
             for buf in (buf_a, buf_b, buf_idx):
                 buf.clear()
 
-    for n, (imgs, r) in enumerate(tqdm(loader, desc="lpips", leave=False, file=sys.stderr,
-                                       disable=not sys.stderr.isatty())):
+    for n, (imgs, r) in enumerate(iter_user_errors_clean(tqdm(loader, desc="lpips", leave=False, file=sys.stderr,
+                                                              disable=not sys.stderr.isatty()))):
         resized += int(r)
         imgs = imgs * 2 - 1
         if buf_a and buf_a[0].shape != imgs.shape[1:]:

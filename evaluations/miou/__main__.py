@@ -5,9 +5,9 @@ import argparse
 
 from evaluations.common import EvalError
 from evaluations.miou import DATASETS, dataset_preset, miou_of_folders, miou_of_toy_samples
-from scdm.cli import HelpFormatter, add_deprecated_alias
+from scdm.cli import HelpFormatter, add_deprecated_alias, nonnegative_int, positive_int
 from scdm.errors import run_cli
-from scdm.fileio import write_json
+from scdm.fileio import check_writable, check_writable_file, write_json
 
 
 def _presets() -> str:
@@ -27,9 +27,9 @@ def parse_args(argv=None):
         "(raw dataset ids; --dataset_mode picks the id mapping and the ignored id)."))
     p.add_argument("--pred", default=None, metavar="PRED_DIR", help="predicted class ids 0..N-1, <name>.png")
     p.add_argument("--gt", required=True, metavar="GT_DIR", help="ground-truth label ids, <name>.png")
-    p.add_argument("--num_classes", "--num-classes", type=int, default=None,
+    p.add_argument("--num_classes", "--num-classes", type=positive_int, default=None,
                    help=f"scored classes; default the dataset's: {_presets()}")
-    p.add_argument("--ignore_index", "--ignore-index", type=int, default=None,
+    p.add_argument("--ignore_index", "--ignore-index", type=nonnegative_int, default=None,
                    help="raw ground-truth id that is not scored; None: the dataset's raw unlabeled id")
     p.add_argument("--dataset_mode", "--dataset-mode", default="folder", choices=DATASETS,
                    help="dataset of the ground truth (its id mapping, ignored id and class count)")
@@ -50,6 +50,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.out:
+        check_writable_file(args.out, "--out")
+    if args.save_pred_dir:
+        check_writable(args.save_pred_dir, "--save_pred_dir")
     if args.segmenter == "toy":
         if args.samples is None or args.pred is not None:
             raise EvalError("--segmenter toy takes --samples DIR (the images to segment), not --pred")
