@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage
 
-from .cli import HelpFormatter, add_deprecated_alias
+from .cli import HelpFormatter, add_deprecated_alias, int_at_least, nonnegative_int, positive_int
 from .errors import UserError, run_cli
 from .fileio import save_image, write_json
 
@@ -214,10 +214,10 @@ def main(argv=None):
                                 description="Write the synthetic toy dataset (folder layout + dataset.json).")
     p.add_argument("--out_dir", help="output folder (new, empty, or a previous toy dataset); required")
     add_deprecated_alias(p, "--out", "--out_dir", dest="out_dir")
-    p.add_argument("--num_train", type=int, default=256, help="training maps")
-    p.add_argument("--num_test", type=int, default=32, help="held-out test maps")
-    p.add_argument("--size", type=int, default=64, help="image side in pixels")
-    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same bytes")
+    p.add_argument("--num_train", type=positive_int, default=256, help="training maps")
+    p.add_argument("--num_test", type=nonnegative_int, default=32, help="held-out test maps")
+    p.add_argument("--size", type=int_at_least(8), default=64, help="image side in pixels")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="the same seed gives the same bytes")
     args = p.parse_args(argv)
     if not args.out_dir:
         p.error("the following argument is required: --out_dir")
