@@ -2,7 +2,7 @@
 # Commands run in the caller's folder, so relative DATA_DIR, LOG_DIR, MODEL, ... paths mean what they say.
 # PYTHON: interpreter (default: the repository's .venv/bin/python when present, else python).
 # NUM_GPUS: processes to launch (default: visible GPUs, or 1). More than one uses mpiexec,
-# or torchrun when LAUNCHER=torchrun.
+# or torchrun when LAUNCHER=torchrun. LAUNCHER=srun (inside a Slurm job): srun starts the job's tasks.
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 if [ -z "${PYTHON:-}" ]; then
     if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python; fi
@@ -19,9 +19,11 @@ preset_flags() {  # preset_flags PRESET STAGE [--get FLAG]: flags from scdm/pres
     "$PYTHON" -m scdm.presets "$@"
 }
 
-launch() {  # launch MODULE ARGS...: one process, or NUM_GPUS under mpiexec / torchrun
+launch() {  # launch MODULE ARGS...: one process, NUM_GPUS under mpiexec / torchrun, or the job's srun tasks
     module=$1; shift
-    if [ "$NUM_GPUS" -gt 1 ]; then
+    if [ "${LAUNCHER:-}" = srun ]; then
+        set -- "${SRUN:-srun}" --kill-on-bad-exit=1 "$PYTHON" -m "$module" "$@"
+    elif [ "$NUM_GPUS" -gt 1 ]; then
         if [ "${LAUNCHER:-mpiexec}" = torchrun ]; then
             set -- "$(dirname "$PYTHON")/torchrun" --standalone --nproc_per_node "$NUM_GPUS" -m "$module" "$@"
         else

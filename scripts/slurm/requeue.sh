@@ -1,0 +1,40 @@
+# Sourced (bash) by train.sbatch and sample.sbatch: run one command in the background of the batch
+# shell, pass Slurm's warning signal on to it, and requeue the job when the warning came.
+#
+# Slurm sends the warning (`#SBATCH --signal=B:USR1@120`) to the batch shell only ("B:"): bash runs a
+# trap only between commands, so the command runs in the background and the shell waits for it.
+#
+# run_requeueable STOP_SIGNAL COMMAND...
+#   USR1 (the time-limit warning): send STOP_SIGNAL to COMMAND (srun passes signals on to every task),
+#     wait for it, then `scontrol requeue $SLURM_JOB_ID` unless it failed on its own: exit 1 (training
+#     diverged) or 2 (a user error) would fail the same way again. Training saves a checkpoint and exits
+#     0 on USR1; the requeued job reruns this script and continues from that checkpoint.
+#   TERM (scancel, or preemption with a grace time): passed on as TERM, no requeue (a site whose
+#     PreemptMode is REQUEUE requeues preempted jobs itself).
+# Returns COMMAND's exit status. SCONTROL overrides the scontrol command (the tests use a stand-in).
+
+scdm_on_signal() {
+    echo "scdm: $(date '+%F %T') SIG$1 to job ${SLURM_JOB_ID:-?}: sending SIG$2 to the running step" >&2
+    if [ "$1" = USR1 ]; then scdm_warned=1; fi
+    if [ -n "${scdm_child:-}" ]; then kill -s "$2" "$scdm_child" 2>/dev/null || true; fi
+}
+
+run_requeueable() {
+    stop_signal=$1; shift
+    scdm_warned=0; scdm_child=""
+    trap 'scdm_on_signal USR1 "$stop_signal"' USR1
+    trap 'scdm_on_signal TERM TERM' TERM
+    "$@" &
+    scdm_child=$!
+    # A trap interrupts `wait`; wait again until the command has ended, then read its status (bash
+    # keeps it). Written so that `set -e` in the caller does not end the shell on a failed step.
+    while kill -0 "$scdm_child" 2>/dev/null; do wait "$scdm_child" || true; done
+    status=0; wait "$scdm_child" || status=$?
+    trap - USR1 TERM
+    if [ "$scdm_warned" = 1 ] && [ "$status" != 1 ] && [ "$status" != 2 ]; then
+        echo "scdm: requeueing job ${SLURM_JOB_ID:-?} (step exit status $status); the next run continues" \
+            "from the last checkpoint" >&2
+        ${SCONTROL:-scontrol} requeue "$SLURM_JOB_ID" || return $?
+    fi
+    return "$status"
+}
