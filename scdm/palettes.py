@@ -3,7 +3,7 @@
 The toy data keeps its own class colours (`scdm.toy.TOY_COLORS`), so a coloured map can be held
 against a toy photo. Other datasets get colours spread around the hue circle by the golden ratio,
 so neighbouring ids differ and every class stays bright enough to tell from black. Black means
-"unlabeled" and nothing else.
+"unlabeled" and nothing else; mid-grey means [MASK] (a hole SCDM fills freely).
 """
 import colorsys
 
@@ -14,6 +14,8 @@ from .toy import GENERATOR as TOY_GENERATOR, TOY_COLORS, TOY_UNLABELED_ID
 
 GOLDEN_RATIO = 0.6180339887498949
 TOY = "toy"
+# [MASK] pixels (SCDM's absorbing state) in pictures: a grey no palette colour is (they are all bright).
+MASK_COLOR = (128, 128, 128)
 
 
 def spread_colors(n):
@@ -56,3 +58,28 @@ def colorize(ids, colors):
     ok = (ids >= 0) & (ids < len(colors))
     out[ok] = colors[ids[ok]]
     return out
+
+
+def to_hex(colors):
+    """'#rrggbb' strings by class id, for web pages and legends."""
+    return ["#%02x%02x%02x" % tuple(int(v) for v in c) for c in np.asarray(colors)]
+
+
+def ids_from_colors(rgb, colors, what="label map"):
+    """(H, W, 3) colours -> (H, W) class ids by exact match with `colors` (a map drawn in the
+    dataset's palette). A colour shared by two classes takes the lower id; a colour outside the
+    palette is a ValueError naming it, since guessing the nearest class would invent labels."""
+    rgb = np.asarray(rgb)[..., :3].astype(np.int64)
+    colors = np.asarray(colors).astype(np.int64)
+    codes = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+    table = (colors[:, 0] << 16) | (colors[:, 1] << 8) | colors[:, 2]
+    uniq, first = np.unique(table[::-1], return_index=True)  # reversed: the lowest id wins a shared colour
+    ids_of = len(table) - 1 - first
+    pos = np.clip(np.searchsorted(uniq, codes), 0, len(uniq) - 1)
+    ok = uniq[pos] == codes
+    if not ok.all():
+        bad = np.unique(codes[~ok])[:5]
+        listed = ", ".join("#%06x" % int(c) for c in bad)
+        raise ValueError(f"{what}: {int((~ok).sum())} pixels have colours outside the palette ({listed}); "
+                         "expected a map of class ids, or colours of this model's palette only")
+    return ids_of[pos]
