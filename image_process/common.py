@@ -10,8 +10,11 @@ a folder-layout tree gets its ``dataset.json`` copied so that it stays readable 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import signal
+import tempfile
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,16 +24,21 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from scdm.cli import HelpFormatter, add_bool_argument, add_deprecated_alias
+from scdm.cli import (
+    HelpFormatter, add_bool_argument, add_deprecated_alias, nonnegative_int, positive_int,
+)
 from scdm.corruptions import corrupt, derive_rng, resize_nearest
 from scdm.dataset_layouts import (
     CORRUPTION_FILE, EIGHT_BIT_MAP_MODES, LAYOUTS, SIXTEEN_BIT_MAP_MODES, DatasetError, Record, get_layout, list_records,
     raw_unlabeled_id, read_ids,
 )
 from scdm.errors import UserError, run_cli
-from scdm.fileio import copy_file, link_or_copy, remove_temp_files, save_image, write_json
+from scdm.fileio import copy_file, folder_problem, link_or_copy, save_image, write_json
 
 MANIFEST = CORRUPTION_FILE
+# Every file a builder wrote into its tree, relative to the tree's root: the only files a later
+# --overwrite run removes, so that a user's own files in the tree survive it.
+WRITTEN_LIST = "image_process_files.json"
 
 
 class InputError(UserError):
@@ -67,16 +75,78 @@ def default_fill(dataset_mode: str, data_dir: Path) -> int:
 
 
 def check_dirs(data_dir: Path, out_dir: Path, overwrite: bool) -> None:
+    """--out_dir is writable, is no link, and is neither --data_dir nor inside it (resolved)."""
     if not data_dir.is_dir():
         raise InputError(f"--data_dir {data_dir} is not a folder")
     data, out = data_dir.resolve(), out_dir.resolve()
     if out == data or data in out.parents:
-        raise InputError(f"--out_dir {out_dir} is inside --data_dir {data_dir}; write the noisy "
-                         f"copy outside the source dataset")
-    if out.exists() and not out.is_dir():
+        raise InputError(f"--out_dir {out_dir} is inside --data_dir {data_dir}"
+                         + (f" (it resolves to {out})" if out_dir.absolute() != out else "")
+                         + "; write the noisy copy outside the source dataset")
+    if out_dir.is_symlink():
+        raise InputError(f"--out_dir {out_dir} is a symbolic link (to {os.readlink(out_dir)}); image_process never "
+                         "writes through a link: pass the folder it points to, or another --out_dir")
+    if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--out_dir {out_dir} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise InputError(f"--out_dir {out_dir} is not empty; pass --overwrite to write into it")
+    for folder in (out_dir.parent, out_dir) if out_dir.is_dir() else (out_dir.parent,):
+        why = folder_problem(folder)
+        if why:
+            raise InputError(f"--out_dir {out_dir} cannot be written: {why}")
+
+
+def check_output_paths(out_dir: Path, data_dir: Path, rels) -> None:
+    """No output path in the tree goes through a symbolic link (a link to the source labels would
+    have the run rewrite the input annotations) or resolves into --data_dir."""
+    data, out = data_dir.resolve(), out_dir.resolve()
+    seen = set()
+    for rel in rels:
+        parts = Path(rel).parts
+        for depth in range(1, len(parts) + 1):
+            sub = Path(*parts[:depth])
+            if sub in seen:
+                continue
+            seen.add(sub)
+            path = out_dir / sub
+            if path.is_symlink():
+                raise InputError(f"{path} in --out_dir is a symbolic link (to {os.readlink(path)}); image_process "
+                                 "never writes through a link: remove the link or choose another --out_dir")
+            if (out / sub).is_relative_to(data):
+                raise InputError(f"{path} would be written inside --data_dir {data_dir}")
+            leaf = depth == len(parts)
+            if leaf and path.is_dir():
+                raise InputError(f"{path} in --out_dir is a folder where this run writes a file; move it away")
+            if not leaf and path.exists() and not path.is_dir():
+                raise InputError(f"{path} in --out_dir is a file where this run needs a folder; move it away")
+
+
+def safe_recorded_path(out_dir: Path, rel: str) -> Optional[Path]:
+    """The file an earlier run recorded at `rel`, when it is a plain file inside the tree reached
+    without links (a record edited by hand or a link put there since is not followed)."""
+    parts = Path(rel).parts
+    if not parts or Path(rel).is_absolute() or ".." in parts:
+        return None
+    for depth in range(1, len(parts) + 1):
+        if (out_dir / Path(*parts[:depth])).is_symlink():
+            return None
+    path = out_dir / rel
+    return path if path.is_file() else None
+
+
+def read_written_list(out_dir: Path) -> Optional[List[str]]:
+    """What an earlier run recorded it wrote into `out_dir`, or None when there is no record."""
+    path = out_dir / WRITTEN_LIST
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        files = json.loads(path.read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        files = None
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise InputError(f"{path} is not a list of written files (image_process's record of its tree); "
+                         "remove it, or choose an empty --out_dir")
+    return files
 
 
 def _map_bits(path: Path, image: Path, size: tuple, fill: int) -> int:
@@ -202,19 +272,41 @@ def _process_in_worker(item: Item) -> tuple:
     return item.key, process(_JOB, item)
 
 
-def remove_stale(written: Dict[Path, str]) -> int:
-    """Delete files an earlier run left in the folders just written, if they look like this
-    run's (same name ending, e.g. ``_gtFine_labelIds.png``): the loader would pair them up.
-    ``written`` maps each path written to its sample key."""
+def looks_like_earlier_run(out_dir: Path, written: Dict[str, str]) -> List[Path]:
+    """Files in the folders just written that look like this run's (same name ending, e.g.
+    ``_gtFine_labelIds.png``) but are not: an earlier run's, which the loader would pair up.
+    ``written`` maps each path written (relative) to its sample key."""
     endings: Dict[Path, set] = {}
-    for path, key in written.items():
-        endings.setdefault(path.parent, set()).add(path.name[len(key):])
-    removed = 0
+    for rel, key in written.items():
+        endings.setdefault((out_dir / rel).parent, set()).add(Path(rel).name[len(key):])
+    found = []
     for folder, ends in endings.items():
-        for f in folder.iterdir():
-            if f.is_file() and f not in written and not f.name.startswith(".") and f.name.endswith(tuple(ends)):
-                f.unlink()
-                removed += 1
+        if folder.is_dir():
+            found += [f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")
+                      and f.name.endswith(tuple(ends)) and str(f.relative_to(out_dir)) not in written]
+    return sorted(found)
+
+
+def commit_tree(staging: Path, out_dir: Path, files: List[str]) -> int:
+    """Put the tree built in `staging` at `out_dir`: a rename when `out_dir` is new or empty; else
+    the files the earlier run recorded are removed and the new ones moved in, file by file, so
+    anything else in the tree (a user's own files) stays. Returns how many earlier files were removed."""
+    if out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+    if not out_dir.exists():
+        os.rename(staging, out_dir)
+        return 0
+    earlier = read_written_list(out_dir) or []
+    removed = 0
+    for rel in sorted(set(earlier) - set(files)):
+        path = safe_recorded_path(out_dir, rel)
+        if path is not None:
+            path.unlink()
+            removed += 1
+    for rel in files:
+        (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / rel, out_dir / rel)
+    shutil.rmtree(staging)
     return removed
 
 
@@ -225,7 +317,10 @@ def build_tree(noise: str, data_dir, out_dir, params: Optional[dict] = None, *,
     """Write the noisy dataset tree; returns the manifest (also saved as out_dir/corruption.json).
 
     The first ``num`` samples in sorted name order are used. Each file's noise is seeded by
-    (seed, file stem), so results do not depend on ``num_workers``.
+    (seed, file stem), so results do not depend on ``num_workers``. The tree is built in a hidden
+    sibling of ``out_dir`` and moved into place only when complete, so a run stopped by a bad file
+    or Ctrl-C leaves ``out_dir`` as it was; ``--overwrite`` removes only files that an earlier run
+    recorded in ``image_process_files.json``, and nothing is written through a symbolic link.
     """
     from tqdm import tqdm
 
@@ -241,6 +336,7 @@ def build_tree(noise: str, data_dir, out_dir, params: Optional[dict] = None, *,
     if image_size is not None and image_size < 1:
         raise InputError(f"--image_size must be >= 1, got {image_size}")
     check_dirs(data_dir, out_dir, overwrite)
+    had_record = not out_dir.is_dir() or read_written_list(out_dir) is not None or not any(out_dir.iterdir())
     if fill is None:
         fill = default_fill(dataset_mode, data_dir)
     records = list_records(dataset_mode, data_dir, split=split)
@@ -248,58 +344,67 @@ def build_tree(noise: str, data_dir, out_dir, params: Optional[dict] = None, *,
     if len(items) < num and progress:
         print(f"note: only {len(items)} samples in {data_dir} (--num {num})", file=sys.stderr)
 
-    job = Job(noise, dict(params or {}), data_dir, out_dir, seed, fill, image_size)
-    folders = {p.parent for it in items for p in output_paths(job, it)}
-    for d in folders:
-        d.mkdir(parents=True, exist_ok=True)
-
-    start, written, changed, pixels = time.perf_counter(), {}, 0, 0
-    bar = tqdm(total=len(items), desc=f"{noise} {dataset_mode}", unit="map", disable=not progress)
+    meta = layout.metadata_file if layout.metadata_file and (data_dir / layout.metadata_file).is_file() else None
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    job = Job(noise, dict(params or {}), data_dir, staging, seed, fill, image_size)
+    rels = {str(p.relative_to(staging)): it.key for it in items for p in output_paths(job, it)}
+    extra = [MANIFEST, WRITTEN_LIST] + ([meta] if meta else [])
     try:
-        if num_workers == 1:
-            for item in items:
-                paths, n_changed, n_pixels = process(job, item)
-                written.update(dict.fromkeys(paths, item.key))
-                changed, pixels = changed + n_changed, pixels + n_pixels
-                bar.update()
-        else:
-            import multiprocessing as mp
+        check_output_paths(out_dir, data_dir, [*rels, *extra])
+        for d in {p.parent for it in items for p in output_paths(job, it)}:
+            d.mkdir(parents=True, exist_ok=True)
 
-            chunk = max(1, min(16, len(items) // (4 * num_workers)))
-            with mp.get_context().Pool(num_workers, _init_worker, (job,)) as pool:
-                for key, (paths, n_changed, n_pixels) in pool.imap_unordered(_process_in_worker, items,
-                                                                               chunksize=chunk):
-                    written.update(dict.fromkeys(paths, key))
+        start, changed, pixels = time.perf_counter(), 0, 0
+        bar = tqdm(total=len(items), desc=f"{noise} {dataset_mode}", unit="map", disable=not progress)
+        try:
+            if num_workers == 1:
+                for item in items:
+                    _, n_changed, n_pixels = process(job, item)
                     changed, pixels = changed + n_changed, pixels + n_pixels
                     bar.update()
-    except BaseException:
-        # Ctrl-C, or a bad file in one worker: the pool is terminated (and joined) by now, and a
-        # killed worker may have left a half-written temporary file behind.
-        for d in folders:
-            remove_temp_files(d)
-        raise
-    finally:
-        bar.close()
+            else:
+                import multiprocessing as mp
 
-    if layout.metadata_file and (data_dir / layout.metadata_file).is_file():
-        copy_file(data_dir / layout.metadata_file, out_dir / layout.metadata_file)
-    if overwrite:
-        stale = remove_stale(written)
-        if stale and progress:
-            print(f"note: removed {stale} maps/images of an earlier run from {out_dir}", file=sys.stderr)
-    manifest = {
-        "noise": noise, "params": job.params, "seed": seed, "fill": fill, "image_size": image_size,
-        "dataset_mode": dataset_mode, "split": split, "num": len(items),
-        "data_dir": str(data_dir.resolve()), "seconds": round(time.perf_counter() - start, 3),
-        "changed_fraction": round(changed / max(pixels, 1), 6),
-    }
+                chunk = max(1, min(16, len(items) // (4 * num_workers)))
+                with mp.get_context().Pool(num_workers, _init_worker, (job,)) as pool:
+                    for _, (_, n_changed, n_pixels) in pool.imap_unordered(_process_in_worker, items,
+                                                                            chunksize=chunk):
+                        changed, pixels = changed + n_changed, pixels + n_pixels
+                        bar.update()
+        finally:
+            bar.close()
+
+        if meta:
+            copy_file(data_dir / meta, staging / meta)
+        manifest = {
+            "noise": noise, "params": job.params, "seed": seed, "fill": fill, "image_size": image_size,
+            "dataset_mode": dataset_mode, "split": split, "num": len(items),
+            "data_dir": str(data_dir.resolve()), "seconds": round(time.perf_counter() - start, 3),
+            "changed_fraction": round(changed / max(pixels, 1), 6),
+        }
+        write_json({k: v for k, v in manifest.items() if k != "seconds"}, staging / MANIFEST, sort_keys=True)
+        files = sorted([*rels, *extra])
+        write_json({"files": files}, staging / WRITTEN_LIST)
+        removed = commit_tree(staging, out_dir, files)
+    except BaseException:
+        # a bad file, Ctrl-C, a full disk: what this run wrote goes; the pool is terminated by now
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+    if removed and progress:
+        print(f"note: removed {removed} files an earlier run recorded in {out_dir / WRITTEN_LIST}", file=sys.stderr)
+    if not had_record:
+        others = looks_like_earlier_run(out_dir, rels)
+        if others:
+            print(f"warning: {len(others)} files in {out_dir} look like an earlier run's (e.g. {others[0]}) but no "
+                  f"{WRITTEN_LIST} says image_process wrote them, so they were kept; the loader will read them "
+                  "with this tree: remove them, or use an empty --out_dir", file=sys.stderr)
     if manifest["changed_fraction"] < NO_OP_FRACTION and noise in NO_OP_HINTS:
         with Image.open(items[0].label) as first:
             side = min(first.size)
         print(f"warning: {noise} changed {100 * manifest['changed_fraction']:.3f}% of the label pixels at their "
               f"stored size (e.g. {side}x{side}): at the model's size this noise is (almost) a no-op. "
               + NO_OP_HINTS[noise](job.params, image_size, side), file=sys.stderr)
-    write_json({k: v for k, v in manifest.items() if k != "seconds"}, out_dir / MANIFEST, sort_keys=True)
     return manifest
 
 
@@ -337,14 +442,14 @@ def parser(noise: Noise) -> argparse.ArgumentParser:
     p.add_argument("--split", default=None,
                    help="split to read; default the dataset's test split: "
                         + ", ".join(f"{m} {lay.test_split}" for m, lay in LAYOUTS.items()))
-    p.add_argument("--num", type=int, default=2000, help="first N samples in sorted name order")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (each file's noise depends on it and its name)")
-    p.add_argument("--image_size", type=int, default=256,
+    p.add_argument("--num", type=positive_int, default=2000, help="first N samples in sorted name order")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="noise seed (each file's noise depends on it and its name)")
+    p.add_argument("--image_size", type=positive_int, default=256,
                    help="labels are resized to this (nearest) before the noise"
                    + ("" if noise.resize else " (not used by this noise)"))
-    p.add_argument("--fill", type=int, default=None, help=_fill_help())
-    p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="worker processes")
-    add_deprecated_alias(p, "--workers", "--num_workers", dest="num_workers", type=int)
+    p.add_argument("--fill", type=nonnegative_int, default=None, help=_fill_help())
+    p.add_argument("--num_workers", type=positive_int, default=min(8, os.cpu_count() or 1), help="worker processes")
+    add_deprecated_alias(p, "--workers", "--num_workers", dest="num_workers", type=positive_int)
     add_bool_argument(p, "--overwrite", default=False,
                       help="write into a non-empty --out_dir, replacing an earlier tree there")
     add_bool_argument(p, "--quiet", default=False, help="no progress bar or summary")
@@ -369,9 +474,3 @@ def _build_from_args(noise: Noise, argv: Optional[Sequence[str]]) -> int:
 def run_noise_cli(noise: Noise, argv: Optional[Sequence[str]] = None) -> int:
     """Run one CLI; returns 0, or ends with one `error: ...` line and exit code 2 on bad input."""
     return run_cli(lambda a: _build_from_args(noise, a), argv)
-
-
-def require(ok: bool, message: str) -> None:
-    """Flag validation for the CLIs' ``params`` functions."""
-    if not ok:
-        raise InputError(message)

@@ -4,15 +4,15 @@
 """
 import sys
 
-from image_process.common import Noise, require, run_noise_cli
+from image_process.common import Noise, run_noise_cli
+from scdm.cli import positive_int
 
 
 def _add_args(p):
-    p.add_argument("--size", type=int, default=64, help="side of the downsampled map (paper: 64)")
+    p.add_argument("--size", type=positive_int, default=64, help="side of the downsampled map (paper: 64)")
 
 
 def _params(args):
-    require(args.size >= 1, f"--size must be >= 1, got {args.size}")
     return {"size": args.size}
 
 

@@ -7,15 +7,15 @@ Boundaries come from the instance maps (coco, cityscapes, folder with instances/
 """
 import sys
 
-from image_process.common import Noise, require, run_noise_cli
+from image_process.common import Noise, run_noise_cli
+from scdm.cli import nonnegative_int
 
 
 def _add_args(p):
-    p.add_argument("--radius", type=int, default=2, help="diamond radius |dx|+|dy| <= r (paper: 2)")
+    p.add_argument("--radius", type=nonnegative_int, default=2, help="diamond radius |dx|+|dy| <= r (paper: 2)")
 
 
 def _params(args):
-    require(args.radius >= 0, f"--radius must be >= 0, got {args.radius}")
     return {"radius": args.radius}
 
 

@@ -16,8 +16,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 from image_process.synthetic import colorize, scene
 from scdm import corruptions as C
-from scdm.cli import HelpFormatter
-from scdm.fileio import save_image
+from scdm.cli import HelpFormatter, int_at_least, nonnegative_int
+from scdm.errors import run_cli
+from scdm.fileio import check_writable_file, save_image
+
+MIN_SIZE = 64  # the DS panel is a 64x64 map
 
 
 def panels(size: int = 256, seed: int = 9) -> list:
@@ -55,9 +58,10 @@ def main(argv=None) -> int:
                                 formatter_class=HelpFormatter)
     p.add_argument("--out", type=Path, default=Path("corruptions.png"),
                    help="the PNG to write (the README's picture is docs/corruptions.png)")
-    p.add_argument("--seed", type=int, default=9, help="seed of the synthetic map and the noises")
-    p.add_argument("--size", type=int, default=256, help="side of each panel in pixels")
+    p.add_argument("--seed", type=nonnegative_int, default=9, help="seed of the synthetic map and the noises")
+    p.add_argument("--size", type=int_at_least(MIN_SIZE), default=256, help="side of each panel in pixels")
     args = p.parse_args(argv)
+    check_writable_file(args.out, "--out")
     image = draw(panels(args.size, args.seed))
     # few colours: a palette PNG is a fraction of the RGB one's size
     save_image(image.quantize(colors=256, method=Image.Quantize.MAXCOVERAGE), args.out, optimize=True)
@@ -66,4 +70,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_cli(main)

@@ -8,19 +8,17 @@ smaller than --small_area pixels are forgotten with probability --drop_prob.
 """
 import sys
 
-from image_process.common import Noise, require, run_noise_cli
+from image_process.common import Noise, run_noise_cli
+from scdm.cli import nonnegative_int, probability
 
 
 def _add_args(p):
-    p.add_argument("--max_shift", type=int, default=3, help="largest border move in pixels")
-    p.add_argument("--small_area", type=int, default=64, help="regions below this many pixels may be dropped")
-    p.add_argument("--drop_prob", type=float, default=0.5, help="probability a small region is dropped")
+    p.add_argument("--max_shift", type=nonnegative_int, default=3, help="largest border move in pixels")
+    p.add_argument("--small_area", type=nonnegative_int, default=64, help="regions below this many pixels may be dropped")
+    p.add_argument("--drop_prob", type=probability, default=0.5, help="probability a small region is dropped")
 
 
 def _params(args):
-    require(args.max_shift >= 0, f"--max_shift must be >= 0, got {args.max_shift}")
-    require(args.small_area >= 0, f"--small_area must be >= 0, got {args.small_area}")
-    require(0.0 <= args.drop_prob <= 1.0, f"--drop_prob must be in [0, 1], got {args.drop_prob}")
     return {"max_shift": args.max_shift, "small_area": args.small_area, "drop_prob": args.drop_prob}
 
 

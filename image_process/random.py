@@ -6,15 +6,15 @@ Run it as ``python -m image_process.random`` (as a module it does not shadow Pyt
 """
 import sys
 
-from image_process.common import Noise, require, run_noise_cli
+from image_process.common import Noise, run_noise_cli
+from scdm.cli import probability
 
 
 def _add_args(p):
-    p.add_argument("--p", type=float, default=0.1, help="probability per pixel (paper: 0.1)")
+    p.add_argument("--p", type=probability, default=0.1, help="probability per pixel (paper: 0.1)")
 
 
 def _params(args):
-    require(0.0 <= args.p <= 1.0, f"--p must be in [0, 1], got {args.p}")
     return {"p": args.p}
 
 

@@ -157,9 +157,17 @@ def test_out_dir_inside_data_dir(ade, capsys):
 
 
 def test_bad_flag_values(ade, tmp_path, capsys):
-    expect_error(capsys, run("random", ade, tmp_path / "o", "--p", 2), "--p")
-    expect_error(capsys, run("edge", ade, tmp_path / "o", "--radius", -1), "--radius")
+    def parse_error(code, flag, expected):
+        err = capsys.readouterr().err
+        assert code == 2 and f"error: argument {flag}" in err and expected in err and "Traceback" not in err, err
+
+    parse_error(run("random", ade, tmp_path / "o", "--p", 2), "--p", "[0.0, 1.0] expected, got '2'")
+    parse_error(run("edge", ade, tmp_path / "o", "--radius", -1), "--radius", ">= 0 expected, got '-1'")
+    parse_error(run("painter", ade, tmp_path / "o", "--drop_prob", "abc"), "--drop_prob", "a number expected")
+    parse_error(run("downsample", ade, tmp_path / "o", "--size", 0), "--size", ">= 1 expected")
+    parse_error(run("edge", ade, tmp_path / "o", workers=0), "--num_workers", ">= 1 expected, got '0'")
     expect_error(capsys, run("edge", ade, tmp_path / "o", "--fill", 300), "--fill 300")
+    assert not (tmp_path / "o").exists()
 
 
 def test_unreadable_map_stops_cleanly_without_partial_files(ade, tmp_path, capsys):
@@ -167,9 +175,7 @@ def test_unreadable_map_stops_cleanly_without_partial_files(ade, tmp_path, capsy
     bad.write_bytes(bad.read_bytes()[:60])  # header intact, pixel data cut
     out = tmp_path / "out"
     expect_error(capsys, run("edge", ade, out, workers=2), bad)
-    assert not list(out.rglob(".*"))
-    for path in (out / ADE[1]).iterdir():
-        Image.open(path).load()  # every file that was written is whole
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ADEChallengeData2016"]
 
 
 def test_module_entry_point_exit_code(tmp_path):
@@ -206,9 +212,10 @@ def test_celeba_tree_needs_fill_and_uses_label_boundaries(tmp_path, capsys):
     expect_error(capsys, code, "--dataset_mode celeba has no unlabeled id", "--fill ID")
     assert not out.exists()
     assert run("edge", data, out, "--dataset_mode", "celeba", "--image_size", 16, "--fill", 0, "--radius", 1) == 0
-    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.*")) == sorted(
-        ["corruption.json"] + [f"test/{sub}/{i}.{ext}" for i in range(3) for sub, ext in (("images", "jpg"),
-                                                                                        ("labels", "png"))])
+    expected = sorted(["corruption.json", "image_process_files.json"]
+                      + [f"test/{sub}/{i}.{ext}" for i in range(3) for sub, ext in (("images", "jpg"), ("labels", "png"))])
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.*")) == expected
+    assert json.loads((out / "image_process_files.json").read_text())["files"] == expected  # the record of the run
     for i in range(3):
         label = ids(data / "test" / "labels" / f"{i}.png")  # the label map doubles as instance map
         np.testing.assert_array_equal(ids(out / "test" / "labels" / f"{i}.png"),
