@@ -45,3 +45,19 @@ def write_overview(root, names, max_rows=OVERVIEW_ROWS):
             with Image.open(path) as im:
                 canvas.paste(im.convert("RGB").resize((tile, tile), resample), (c * (tile + gap), head + r * (tile + gap)))
     save_image(np.asarray(canvas), root / "overview.png", format="PNG")
+
+
+def side_by_side(tiles, titles, min_tile=OVERVIEW_TILE):
+    """One row of pictures with a title over each: the label map first (enlarged with nearest, so
+    every pixel stays one class), then its samples (bicubic). Returns a PIL image."""
+    side = max(min_tile, max(t.size[0] for t in tiles))
+    gap, head = 4, 24
+    canvas = Image.new("RGB", (len(tiles) * (side + gap) - gap, head + side), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = header_font(14)
+    for c, (tile, title) in enumerate(zip(tiles, titles)):
+        x = c * (side + gap)
+        draw.text((x + (side - draw.textlength(title, font=font)) / 2, 5), title, fill="black", font=font)
+        resample = Image.NEAREST if c == 0 else Image.BICUBIC
+        canvas.paste(tile.convert("RGB").resize((side, side), resample), (x, head))
+    return canvas

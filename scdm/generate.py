@@ -1,0 +1,115 @@
+"""Photos for your own label maps, no dataset tree needed:
+`python -m scdm.generate --model_path RUN/ema_0.99_000400.pt --labels maps/ --out generated/`.
+
+Each label map (a PNG of class ids, of raw dataset ids with --raw_ids, or a picture in the model's
+palette; a folder means every image in it) gets <out>/samples/<name>_<k>.png for k < --num_samples,
+its colourised map <out>/labels_color/<name>.png and <out>/side_by_side/<name>.png (map | samples).
+Seeds are per map name and sample (as in scdm.image_sample): the same seed gives the same files,
+whatever else is in the folder. A map of another size than the model's is nearest-resized (a note says so).
+"""
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from .cli import HelpFormatter, add_bool_argument, float_in, nonnegative_float, nonnegative_int, positive_int
+from .dataset_layouts import IMAGE_EXTENSIONS
+from .errors import UserError, run_cli
+from .fileio import check_writable, save_image
+from .overview import side_by_side
+from .pipeline import (
+    DEFAULT_EXTRAPOLATION, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_THRESHOLD, SCDMPipeline,
+)
+from .performance import PRECISIONS
+from .presets import PRESETS
+from .sampling import SAMPLERS
+
+
+def create_argparser():
+    p = argparse.ArgumentParser(prog="python -m scdm.generate", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--model_path", required=True, help="model*.pt or ema_*.pt; its args.json gives the model "
+                                                       "(released checkpoints: --preset)")
+    p.add_argument("--labels", required=True, nargs="+", metavar="PATH",
+                   help="label map files, or folders whose images are all label maps")
+    p.add_argument("--out", required=True, help="output folder (samples/, labels_color/, side_by_side/)")
+    p.add_argument("--num_samples", type=positive_int, default=1, help="samples per label map")
+    p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, help="sampling steps")
+    p.add_argument("--s", type=float_in(0.0, 100.0), default=DEFAULT_GUIDANCE,
+                   help="classifier-free guidance scale (1: no guidance)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the per-map, per-sample noise")
+    p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER, help="reverse-step update")
+    p.add_argument("--eta", type=float_in(0.0, 1.0), default=0.0, help="DDIM noise: 0 deterministic, 1 as ancestral")
+    p.add_argument("--extrapolation", type=nonnegative_float, default=DEFAULT_EXTRAPOLATION,
+                   help="x0 extrapolation e (0: off)")
+    p.add_argument("--dynamic_threshold", type=float_in(0.0, 1.0, hi_open=True), default=DEFAULT_THRESHOLD,
+                   help="dynamic-thresholding percentile (0: plain clipping)")
+    add_bool_argument(p, "--unlabeled_to_zero", default=False,
+                      help="unlabeled pixels become SCDM's [MASK] state (holes the model fills) (default: %(default)s)")
+    add_bool_argument(p, "--raw_ids", default=False,
+                      help="maps hold stored dataset ids, remapped by the layout (ADE20K 0 -> unlabeled, k -> k-1; "
+                           "COCO 255 -> unlabeled) (default: %(default)s)")
+    p.add_argument("--batch_size", type=positive_int, default=4, help="samples per model call (results do not depend on it)")
+    p.add_argument("--preset", default="", choices=["", *PRESETS], metavar="NAME",
+                   help=f"model flags of a released checkpoint without args.json: {', '.join(PRESETS)}")
+    p.add_argument("--class_schedule", default="", help="class schedule .npy (default: the run's)")
+    add_bool_argument(p, "--use_ema", default=False,
+                      help="with a model*.pt path, use the EMA file of the same step (default: %(default)s)")
+    p.add_argument("--device", default="", help="torch device, e.g. cpu or cuda:0 (default: cuda when available)")
+    p.add_argument("--precision", default="", choices=["", *PRECISIONS],
+                   help="fp32, fp16 or bf16 autocast (default: the run's)")
+    return p
+
+
+def list_label_maps(paths):
+    """(name stem, path) of every label map named, folders expanded (sorted); stems must be unique."""
+    found = []
+    for given in paths:
+        path = Path(given)
+        if path.is_dir():
+            files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+                           and not f.name.startswith("."))
+            if not files:
+                raise UserError(f"--labels {path}: no label maps ({'/'.join(IMAGE_EXTENSIONS)}) in this folder")
+            found += files
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise UserError(f"--labels {path} does not exist (expected label map files or folders)")
+    stems = {}
+    for f in found:
+        if f.stem in stems and stems[f.stem] != f:
+            raise UserError(f"--labels: {stems[f.stem]} and {f} share the name {f.stem!r}; outputs are named by it")
+        stems[f.stem] = f
+    return list(stems.items())
+
+
+def main(argv=None):
+    args = create_argparser().parse_args(argv)
+    maps = list_label_maps(args.labels)
+    out = Path(args.out)
+    check_writable(out, "--out")
+    pipe = SCDMPipeline.from_checkpoint(args.model_path, device=args.device or None, precision=args.precision or None,
+                                        preset=args.preset, class_schedule=args.class_schedule or None,
+                                        use_ema=args.use_ema)
+    for name, path in maps:
+        with warnings.catch_warnings(record=True) as notes:
+            warnings.simplefilter("always")
+            ids = pipe.read_label_map(path, raw_ids=args.raw_ids, what=str(path))
+            images = pipe(ids, num_samples=args.num_samples, steps=args.steps, guidance_scale=args.s, seed=args.seed,
+                          sampler=args.sampler, eta=args.eta, extrapolation=args.extrapolation,
+                          dynamic_threshold=args.dynamic_threshold, unlabeled_to_zero=args.unlabeled_to_zero,
+                          batch_size=args.batch_size, names=[name])
+        for n in notes:
+            print(f"note: {n.message}", file=sys.stderr, flush=True)
+        colour = pipe.colorize(ids)
+        for k, img in enumerate(images):
+            save_image(img, out / "samples" / f"{name}_{k}.png", format="PNG")
+        save_image(colour, out / "labels_color" / f"{name}.png", format="PNG")
+        titles = ["label map"] + [f"sample {k}" for k in range(len(images))]
+        save_image(side_by_side([colour, *images], titles), out / "side_by_side" / f"{name}.png", format="PNG")
+        print(f"{name}: {len(images)} sample(s)", flush=True)
+    print(f"wrote {len(maps) * args.num_samples} samples of {len(maps)} label map(s) to {out}", flush=True)
+
+
+if __name__ == "__main__":
+    run_cli(main)
