@@ -148,11 +148,12 @@ class SCDMPipeline:
         return self._diffusions[key]
 
     # ------------------------------------------------------------------------------ label maps
-    def read_label_map(self, label_map, raw_ids=False, what="label_map"):
+    def read_label_map(self, label_map, raw_ids=False, what="label_map", resize=True):
         """(S, S) int64 class ids at the model's size S, with MASK_ID for [MASK] pixels.
 
         `raw_ids`: the values are stored dataset ids, remapped by the layout's rule (ADE20K 0 ->
-        unlabeled, k -> k-1; COCO 255 -> unlabeled). Colour pictures map by exact palette colour."""
+        unlabeled, k -> k-1; COCO 255 -> unlabeled). Colour pictures map by exact palette colour.
+        `resize=False` keeps the map's own size (the caller resizes and says so)."""
         ids, colour = self._decode(label_map, what)
         if raw_ids and not colour:
             info = DatasetInfo(self.num_classes, self.unlabeled_id, not self.no_instance)
@@ -169,7 +170,7 @@ class SCDMPipeline:
                                 f"{self.num_classes} classes; {MASK_ID} marks [MASK] pixels); "
                                 + ("pass raw_ids=True for stored dataset ids" if self.dataset_mode in ("ade20k", "coco")
                                    else "check the map against the model"))
-        return self._fit(ids, what)
+        return self._fit(ids, what) if resize else ids
 
     def read_instance_map(self, instance, what="instance"):
         ids, _ = self._decode(instance, what, colours=False)
@@ -189,6 +190,8 @@ class SCDMPipeline:
             what = str(label_map)
             try:
                 with Image.open(label_map) as img:
+                    if max(img.size) > MAX_MAP_SIDE:  # before decoding: a tiny file may hold a huge picture
+                        raise UserError(f"{what} is {img.size[0]}x{img.size[1]}; expected at most {MAX_MAP_SIDE} px a side")
                     img.load()
                     return self._decode(img, what, colours)
             except FileNotFoundError:

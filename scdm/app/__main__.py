@@ -1,0 +1,56 @@
+"""Paint a label map, get photos: `python -m scdm.app --model_path RUN/ema_0.99_000400.pt [--host 127.0.0.1
+--port 7860]`, then open http://127.0.0.1:7860/ in a browser. It binds to this machine only unless
+--host says otherwise (0.0.0.0: every interface; there is no login)."""
+import argparse
+import sys
+
+from ..cli import HelpFormatter, add_bool_argument, int_at_least, positive_int
+from ..errors import UserError, run_cli
+from ..performance import PRECISIONS
+from ..presets import PRESETS
+from .server import QUEUE_SIZE, make_server
+
+
+def create_argparser():
+    p = argparse.ArgumentParser(prog="python -m scdm.app", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--model_path", required=True, help="model*.pt or ema_*.pt; its args.json gives the model "
+                                                       "(released checkpoints: --preset)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int_at_least(0), default=7860, help="port (0: any free one)")
+    p.add_argument("--queue", type=positive_int, default=QUEUE_SIZE, help="jobs that may wait behind the running one")
+    p.add_argument("--max_steps", type=positive_int, default=None,
+                   help="most sampling steps a job may ask for (default: the model's diffusion steps)")
+    p.add_argument("--preset", default="", choices=["", *PRESETS], metavar="NAME",
+                   help=f"model flags of a released checkpoint without args.json: {', '.join(PRESETS)}")
+    p.add_argument("--class_schedule", default="", help="class schedule .npy (default: the run's)")
+    add_bool_argument(p, "--use_ema", default=False,
+                      help="with a model*.pt path, use the EMA file of the same step (default: %(default)s)")
+    p.add_argument("--device", default="", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--precision", default="", choices=["", *PRECISIONS], help="autocast precision (default: the run's)")
+    return p
+
+
+def main(argv=None):
+    args = create_argparser().parse_args(argv)
+    if args.port > 65535:
+        raise UserError(f"--port {args.port}: expected 0..65535")
+    from ..pipeline import SCDMPipeline
+    pipe = SCDMPipeline.from_checkpoint(args.model_path, device=args.device or None, precision=args.precision or None,
+                                        preset=args.preset, class_schedule=args.class_schedule or None,
+                                        use_ema=args.use_ema)
+    try:
+        server = make_server(pipe, args.host, args.port, queue_size=args.queue, max_steps=args.max_steps)
+    except OSError as e:
+        raise UserError(f"cannot listen on --host {args.host} --port {args.port}: {e.strerror or e}") from None
+    host, port = server.server_address[:2]
+    print(f"scdm painter: http://{host}:{port}/  ({pipe.image_size}x{pipe.image_size}, {pipe.num_classes} classes, "
+          f"{'SCDM' if pipe.is_scdm else 'no label diffusion'}, {pipe.device}); Ctrl-C stops it", flush=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main) or 0)
