@@ -7,6 +7,7 @@ callers can catch one family; ValueError, FileNotFoundError and PermissionError 
 argument checks count as user errors too.
 """
 import sys
+import traceback
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -19,6 +20,24 @@ class UserError(ValueError):
 USER_ERRORS = (UserError, ValueError, FileNotFoundError, PermissionError)
 
 
+def print_error(exc, where=""):
+    """Report `exc` the way every tool does and return the exit code it calls for: one line for a
+    user error (2) or Ctrl-C (130), the traceback for anything else (1). `where` names the process
+    when there are several (e.g. "rank 1")."""
+    where = f"{where}: " if where else ""
+    if isinstance(exc, KeyboardInterrupt):
+        print(f"{where}interrupted", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    if isinstance(exc, USER_ERRORS):
+        print(f"error: {where}{exc}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    if where:
+        print(f"{where[:-2]} failed:", file=sys.stderr, flush=True)
+    traceback.print_exception(exc)
+    sys.stderr.flush()
+    return 1
+
+
 def run_cli(main, argv=None, extra_errors=()):
     """Run `main(argv)` and return its result; a user error prints `error: ...` and exits 2.
 
@@ -27,11 +46,9 @@ def run_cli(main, argv=None, extra_errors=()):
     try:
         result = main(argv)
     except USER_ERRORS + tuple(extra_errors) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_USER_ERROR)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr, flush=True)
-        sys.exit(EXIT_INTERRUPTED)
+        sys.exit(print_error(e))
+    except KeyboardInterrupt as e:
+        sys.exit(print_error(e))
     if isinstance(result, int) and not isinstance(result, bool) and result:
         sys.exit(result)
     return result

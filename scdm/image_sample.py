@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from . import dist_util, script_util
+from . import dist_util, rank_faults, script_util
 from .checkpoint import CheckpointError, ema_name, parse_step
 from .cli import HelpFormatter, accept_gpus_per_node, add_bool_argument, note_gpus_per_node, resolve_dataset_flags
 from .conditioning import Conditioning
@@ -40,8 +40,9 @@ from .results_folder import (
     sample_dirs,
 )
 from .run_config import ema_warning, given_flags, load_checked, preset_differences, resolve_model_flags
-from .sampling import sample_loop
+from .sampling import SAMPLERS, resolve_sampler, sample_loop
 from .script_util import add_dict_to_argparser, args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
+from .stop_signals import ignore_in_worker
 
 # Formats the default as nothing: help lines that say their default in words get no "(default: ...)".
 NO_DEFAULT_LINE = "%(default).0s"
@@ -140,6 +141,11 @@ def create_argparser():
     model_defaults.pop("dataset_mode")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_dict_to_argparser(parser, defaults, helps=sampler_help(defaults))
+    parser.add_argument("--sampler", default="", choices=["", *SAMPLERS], metavar="NAME",
+                        help=f"reverse-process update, one of {', '.join(SAMPLERS)}: ancestral (released), ddim, or "
+                             "dpm++2m (DPM-Solver++(2M), a second-order multistep ODE solver for few steps, e.g. "
+                             "--timestep_respacing 10); one model call per respaced step for each (default: "
+                             "ddim with --use_ddim True, else ancestral)" + NO_DEFAULT_LINE)
     parser.add_argument("--preset", default="", choices=["", *PRESETS], metavar="NAME",
                         help=f"model flags of a released checkpoint (no args.json beside it): {', '.join(PRESETS)}; "
                              "a run config beside the checkpoint wins (default: none)" + NO_DEFAULT_LINE)
@@ -188,6 +194,10 @@ def check_sampling_flags(args):
         raise ValueError(f"--s {args.s}: the guidance scale must be >= 0")
     if not 0 <= args.dynamic_threshold < 1:
         raise ValueError(f"--dynamic_threshold {args.dynamic_threshold}: expected a percentile in (0, 1), or 0 (off)")
+    if args.use_ddim and args.sampler not in ("", "ddim"):
+        raise ValueError(f"--sampler {args.sampler} with --use_ddim True: give one of them (--use_ddim means "
+                         "--sampler ddim)")
+    args.sampler = resolve_sampler(args.sampler, args.use_ddim)  # the manifest records what runs
 
 
 def info_line(rank, text, prefix="note"):
@@ -211,7 +221,8 @@ def main(argv=None):
 
     dist_util.setup_dist()
     try:
-        run(args, given, root, model_path, model_flags, info, precision, fast_paths)
+        with rank_faults.watched():
+            run(args, given, root, model_path, model_flags, info, precision, fast_paths)
     finally:
         dist_util.cleanup()
 
@@ -254,7 +265,7 @@ def run(args, given, root, model_path, model_flags, info, precision, fast_paths)
     total = len(dataset) if args.num_samples < 0 else min(args.num_samples, len(dataset))
     mine = list(range(rank, total, world))  # fixed order; shards never overlap, uneven counts are fine
     loader = DataLoader(Subset(dataset, mine), batch_size=args.batch_size, shuffle=False,
-                        num_workers=args.num_workers)
+                        num_workers=args.num_workers, worker_init_fn=ignore_in_worker)
     colors = palette(palette_name(args.dataset_mode, args.data_dir), args.num_classes, info.unlabeled_id)
     out_dirs = sample_dirs(args.num_sets)
     steps = diffusion.num_timesteps
@@ -276,7 +287,7 @@ def run(args, given, root, model_path, model_flags, info, precision, fast_paths)
                 x = sample_loop(model, diffusion, (len(todo), 3, args.image_size, args.image_size), y,
                                 guidance_scale=args.s, extrapolation=args.extrapolation,
                                 threshold_percentile=args.dynamic_threshold or None, clip_denoised=args.clip_denoised,
-                                use_ddim=args.use_ddim, eta=args.eta, generators=gens, device=device,
+                                sampler=args.sampler, eta=args.eta, generators=gens, device=device,
                                 on_step=lambda: bar.update(len(todo)))
             for j, i in enumerate(todo):
                 img = to_uint8(x[j].float())

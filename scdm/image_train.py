@@ -7,13 +7,14 @@ The run's config is LOG_DIR/args.json (every flag, resolved), with its class sch
 import argparse
 import os
 import random
+import signal
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import dist_util
+from . import dist_util, rank_faults
 from .checkpoint import CLASS_SCHEDULE_COPY, RUN_CONFIG, CheckpointError
 from .cli import HelpFormatter, accept_gpus_per_node, note_gpus_per_node, resolve_dataset_flags
 from .conditioning import Conditioning
@@ -25,6 +26,7 @@ from .label_diffusion import DISCRETE_CLASSWISE
 from .performance import maybe_compile, resolve_precision
 from .resample import create_named_schedule_sampler
 from .run_config import given_flags, read_run_config
+from .stop_signals import exit_code
 from .script_util import (MODEL_FLAG_HELP, add_dict_to_argparser, architecture_conflicts, args_to_dict,
                           create_model_and_diffusion, model_and_diffusion_defaults)
 from .train_util import TrainingDiverged, TrainLoop, parse_ema_rates, resolve_resume
@@ -162,6 +164,15 @@ def main(argv=None):
     check_writable(log_dir, "--log_dir")
 
     dist_util.setup_dist()
+    try:
+        with rank_faults.watched():
+            return train(args, log_dir, precision, fast_paths, info, conditioning, flags, resume, warnings)
+    finally:
+        dist_util.cleanup()
+
+
+def train(args, log_dir, precision, fast_paths, info, conditioning, flags, resume, warnings):
+    """The run itself, once every flag is checked and the process group is up; returns the exit code."""
     rank = dist_util.get_rank()
     torch.manual_seed(args.seed + rank)
     np.random.seed(args.seed + rank)
@@ -195,12 +206,16 @@ def main(argv=None):
     if args.compile:
         loop.ddp = maybe_compile(loop.ddp, True)
     try:
-        loop.run_loop()
+        stopped_by = loop.run_loop()
     except TrainingDiverged as e:
-        print(f"error: {e}", flush=True)
-        raise SystemExit(1)
-    finally:
-        dist_util.cleanup()
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    if stopped_by is None:
+        return 0
+    if dist_util.is_main():
+        print(f"stopped by {signal.Signals(stopped_by).name} at step {loop.step}; its checkpoint set is saved in "
+              f"{log_dir}: continue with --resume_checkpoint auto", file=sys.stderr, flush=True)
+    return exit_code(stopped_by)
 
 
 def write_run_config(args, log_dir, resume):

@@ -3,6 +3,7 @@ checkpoints with resume, divergence guard, and logging (see docs/architecture.md
 import contextlib
 import copy
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from .conditioning import Conditioning
 from .logger import MetricLogger
 from .performance import precision_context
 from .resample import LossSecondMomentResampler, UniformSampler
+from .stop_signals import StopRequest
 
 
 class TrainingDiverged(RuntimeError):
@@ -101,7 +103,6 @@ class TrainLoop:
         self.step = 0
         self.bad_steps = 0
         self.last_saved_step = None
-        self._stop_requested = False
 
         self.model.to(self.device)
         for line in notes:  # e.g. the checkpoint sets a resume skipped
@@ -153,44 +154,51 @@ class TrainLoop:
             self.scaler.load_state_dict(load_file(spath, "grad scaler checkpoint"))
 
     # ----- the loop ------------------------------------------------------------------------
-    def _handle_signal(self, signum, frame):
-        self._stop_requested = True
-        self.logger.text(f"received signal {signum}: saving a checkpoint and stopping")
-
     def done(self):
         return (self.max_steps and self.step >= self.max_steps) or (
             self.lr_anneal_steps and self.step >= self.lr_anneal_steps)
 
+    def _announce_stop(self, message):
+        if dist_util.is_main():
+            print(message, file=sys.stderr, flush=True)
+        self.logger.text(message)
+
     def run_loop(self):
-        old = {s: signal.signal(s, self._handle_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        """Train to the end, or until a stop signal; returns the signal number that stopped it
+        (None when it ran to the end). Either way the last step's checkpoint set is saved."""
         total = self.max_steps or self.lr_anneal_steps or None
         bar = tqdm(total=total, initial=self.step, desc="training", disable=not dist_util.is_main(),
                    dynamic_ncols=True)
         images_seen, since = 0, time.perf_counter()
-        try:
-            while not self.done():
-                images, cond = next(self.data)
-                self.run_step(images, cond)
-                self.step += 1
-                images_seen += images.shape[0] * dist_util.get_world_size()
-                bar.update(1)
-                if self.step % self.log_interval == 0:
-                    means = self.logger.dump(self.step)
-                    now = time.perf_counter()
-                    postfix = {k: f"{means[k]:.4f}" for k in ("loss", "mse") if k in means}
-                    postfix["img/s"] = f"{images_seen / max(now - since, 1e-9):.1f}"
-                    images_seen, since = 0, now
-                    bar.set_postfix(postfix)
-                if self.step % self.save_interval == 0:
+        stopping = False
+        with StopRequest(self._announce_stop) as stop:
+            try:
+                while not self.done():
+                    images, cond = next(self.data)
+                    self.run_step(images, cond)
+                    self.step += 1
+                    images_seen += images.shape[0] * dist_util.get_world_size()
+                    bar.update(1)
+                    if self.step % self.log_interval == 0:
+                        means = self.logger.dump(self.step)
+                        now = time.perf_counter()
+                        postfix = {k: f"{means[k]:.4f}" for k in ("loss", "mse") if k in means}
+                        postfix["img/s"] = f"{images_seen / max(now - since, 1e-9):.1f}"
+                        images_seen, since = 0, now
+                        bar.set_postfix(postfix)
+                    if self.step % self.save_interval == 0:
+                        self.save()
+                    # Ranks agree, so that all of them stop after the same step.
+                    stopping = dist_util.all_reduce_flag(stop.requested)
+                    if stopping:
+                        break
+                if self.last_saved_step != self.step:
                     self.save()
-                if dist_util.all_reduce_flag(self._stop_requested):
-                    break
-            if self.last_saved_step != self.step:
-                self.save()
-        finally:
-            bar.close()
-            for s, h in old.items():
-                signal.signal(s, h)
+            finally:
+                bar.close()
+        if not stopping:
+            return None
+        return stop.signum or signal.SIGTERM  # a rank that was not signalled stops with its peers
 
     def run_step(self, images, cond):
         images = images.to(self.device)
