@@ -228,15 +228,15 @@ def dataset_info(dataset_mode, data_dir=None, num_classes=None, unlabeled_id=Non
     if unlabeled_id is not None and unlabeled_id < 0:
         unlabeled_id = None
     nc, unl = layout.num_classes, layout.unlabeled_class
-    source = f"--dataset_mode {dataset_mode}"
+    source = unl_source = f"--dataset_mode {dataset_mode}"
     if layout.metadata_file:
         meta = read_metadata(dataset_mode, data_dir)
         nc, unl = meta.get("num_classes"), meta.get("unlabeled_id")
-        source = os.path.join(data_dir, layout.metadata_file) if meta else source
+        source = unl_source = os.path.join(data_dir, layout.metadata_file) if meta else source
     if num_classes is not None:
         nc, source = num_classes, "--num_classes"
     if unlabeled_id is not None:
-        unl = unlabeled_id
+        unl, unl_source = unlabeled_id, "--unlabeled_id"
     if nc is None:
         if data_dir and not os.path.isdir(data_dir):  # the real problem, not the class count
             require_data_dir(dataset_mode, data_dir)
@@ -246,7 +246,10 @@ def dataset_info(dataset_mode, data_dir=None, num_classes=None, unlabeled_id=Non
             f"or write {where} containing {{\"num_classes\": N, \"unlabeled_id\": null}}")
     nc = check_int(nc, f"num_classes ({source})", lo=1)
     if unl is not None:
-        unl = check_int(unl, "unlabeled_id", lo=0, hi=nc - 1)
+        unl = check_int(unl, "unlabeled_id")
+        if not 0 <= unl < nc:
+            raise DatasetError(f"unlabeled_id={unl} is outside 0..{nc - 1}: the unlabeled id comes from {unl_source}, "
+                               f"num_classes={nc} from {source}")
     return DatasetInfo(num_classes=nc, unlabeled_id=unl, has_instance=has_instances(dataset_mode, data_dir))
 
 
