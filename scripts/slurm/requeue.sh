@@ -5,13 +5,15 @@
 # trap only between commands, so the command runs in the background and the shell waits for it.
 #
 # run_requeueable STOP_SIGNAL COMMAND...
-#   USR1 (the time-limit warning): send STOP_SIGNAL to COMMAND (srun passes signals on to every task),
-#     wait for it, then `scontrol requeue $SLURM_JOB_ID` unless it failed on its own: exit 1 (training
-#     diverged) or 2 (a user error) would fail the same way again. Training saves a checkpoint and exits
-#     0 on USR1; the requeued job reruns this script and continues from that checkpoint.
+#   USR1 (the time-limit warning): send STOP_SIGNAL to COMMAND (srun passes signals on to every task)
+#     and wait for it. If it stopped for the signal (exit status 128 + signal: image_train saves its
+#     checkpoint set first; a sampler killed mid-way leaves only whole images), `scontrol requeue
+#     $SLURM_JOB_ID` and return 0; the requeued job reruns the script and continues where this one
+#     stopped. Exit 0 (the work was done anyway), 1 (training diverged) or 2 (a user error) is not
+#     requeued: the last two would fail the same way again.
 #   TERM (scancel, or preemption with a grace time): passed on as TERM, no requeue (a site whose
 #     PreemptMode is REQUEUE requeues preempted jobs itself).
-# Returns COMMAND's exit status. SCONTROL overrides the scontrol command (the tests use a stand-in).
+# Otherwise returns COMMAND's exit status. SCONTROL overrides the scontrol command (the tests use a stand-in).
 
 scdm_on_signal() {
     echo "scdm: $(date '+%F %T') SIG$1 to job ${SLURM_JOB_ID:-?}: sending SIG$2 to the running step" >&2
@@ -31,10 +33,11 @@ run_requeueable() {
     while kill -0 "$scdm_child" 2>/dev/null; do wait "$scdm_child" || true; done
     status=0; wait "$scdm_child" || status=$?
     trap - USR1 TERM
-    if [ "$scdm_warned" = 1 ] && [ "$status" != 1 ] && [ "$status" != 2 ]; then
-        echo "scdm: requeueing job ${SLURM_JOB_ID:-?} (step exit status $status); the next run continues" \
-            "from the last checkpoint" >&2
+    if [ "$scdm_warned" = 1 ] && [ "$status" -gt 128 ]; then
+        echo "scdm: the step stopped for the signal (exit status $status): requeueing job" \
+            "${SLURM_JOB_ID:-?}; the next run continues where it stopped" >&2
         ${SCONTROL:-scontrol} requeue "$SLURM_JOB_ID" || return $?
+        return 0
     fi
     return "$status"
 }
