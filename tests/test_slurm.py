@@ -281,3 +281,31 @@ def test_two_slurm_tasks_sample_the_files_of_one_process(requeued_run, toy, tmp_
         a = np.asarray(Image.open(tmp_path / "one" / rel))
         b = np.asarray(Image.open(tmp_path / "two" / rel))
         assert np.array_equal(a, b), rel
+
+
+# ----- the requeue rule of scripts/slurm/requeue.sh, on a stand-in step ----------------------------
+@pytest.mark.parametrize("signal_to_shell, step_on_term, status, requeued", [
+    (signal.SIGUSR1, "exit 143", 0, True),    # stopped for the warning: requeue, and the job ends well
+    (signal.SIGUSR1, "exit 0", 0, False),     # it was done anyway
+    (signal.SIGUSR1, "exit 2", 2, False),     # a user error would fail the same way again
+    (signal.SIGTERM, "exit 143", 143, False),  # scancel: stop, no requeue
+    (None, "exit 143", 7, False),             # no warning: the step's own status
+])
+def test_requeue_rule(tmp_path, signal_to_shell, step_on_term, status, requeued):
+    step = f'trap "{step_on_term}" TERM; touch {tmp_path}/started; i=0; while [ $i -lt 20 ]; do sleep 0.1; ' \
+           'i=$((i+1)); done; exit 7'
+    driver = f'. {ROOT}/scripts/slurm/requeue.sh; run_requeueable TERM sh -c \'{step}\'; echo "status=$?"'
+    env = dict(BASE_ENV, SLURM_JOB_ID="99", SCONTROL=f"{tmp_path}/scontrol")
+    (tmp_path / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.log\n')
+    (tmp_path / "scontrol").chmod(0o755)
+    shell = subprocess.Popen(["bash", "-c", driver], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    deadline = time.time() + 20
+    while not (tmp_path / "started").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    if signal_to_shell is not None:
+        shell.send_signal(signal_to_shell)
+    out, err = shell.communicate(timeout=30)
+    assert out.strip() == f"status={status}", err
+    log = tmp_path / "scontrol.log"
+    assert (log.read_text().split() if log.exists() else []) == (["requeue", "99"] if requeued else [])
