@@ -1,0 +1,125 @@
+"""SCDMPipeline: a checkpoint and a label map in (array, PNG of ids, palette PNG, raw ids), PIL images out."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from scdm.dataset_layouts import COCO_STUFF_CLASSES, COCO_UNUSED_THING_IDS, LAYOUTS, display_names, resize_ids
+from scdm.errors import UserError
+from scdm.palettes import ids_from_colors, palette
+from scdm.pipeline import MASK_ID, LabelMapResized, SCDMPipeline
+from tiny_run import make_tiny_run
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    return SCDMPipeline.from_checkpoint(make_tiny_run(tmp_path_factory.mktemp("run")))
+
+
+def label_map(seed=0, size=16, classes=4):
+    ids = np.zeros((size, size), dtype=np.int64)
+    ids[: size // 2] = 1
+    ids[:, : size // 3] = 2
+    ids[size - 4:, size - 5:] = 3
+    return np.roll(ids, seed, axis=1) % classes
+
+
+def pixels(images):
+    return [np.asarray(im) for im in images]
+
+
+def test_array_and_png_path_give_identical_images(pipe, tmp_path):
+    ids = label_map()
+    Image.fromarray(ids.astype(np.uint8)).save(tmp_path / "map.png")
+    a = pipe(ids, num_samples=2, steps=STEPS, seed=7)
+    b = pipe(str(tmp_path / "map.png"), num_samples=2, steps=STEPS, seed=7)
+    assert len(a) == 2 and all(isinstance(im, Image.Image) and im.size == (16, 16) for im in a)
+    assert all((x == y).all() for x, y in zip(pixels(a), pixels(b)))
+    assert not (pixels(a)[0] == pixels(a)[1]).all()  # the two samples have their own noise
+    c = pipe(ids, num_samples=1, steps=STEPS, seed=8)
+    assert not (pixels(c)[0] == pixels(a)[0]).all()
+
+
+def test_palette_png_and_batches(pipe, tmp_path):
+    ids = label_map(3)
+    colour = Image.fromarray(np.asarray(pipe.colorize(ids)))
+    colour.save(tmp_path / "colour.png")
+    want = pixels(pipe(ids, steps=STEPS, seed=1, names=["x"]))
+    assert (pixels(pipe(tmp_path / "colour.png", steps=STEPS, seed=1, names=["x"]))[0] == want[0]).all()
+    # a batch gives each map the image it gets alone (per-name seeds), whatever the batch size
+    batch = pipe([label_map(0), ids], steps=STEPS, seed=1, names=["y", "x"], batch_size=2)
+    assert len(batch) == 2 and (np.asarray(batch[1][0]) == want[0]).all()
+    stacked = pipe(np.stack([label_map(0), ids]), steps=STEPS, seed=1, names=["y", "x"], batch_size=1)
+    assert all((np.asarray(p[0]) == np.asarray(q[0])).all() for p, q in zip(batch, stacked))
+
+
+def test_wrong_size_is_resized_with_a_warning(pipe):
+    small = label_map(size=8)
+    with pytest.warns(LabelMapResized, match="8x8; resized to the model's 16x16"):
+        got = pipe(small, steps=STEPS, seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        want = pipe(resize_ids(small, (16, 16)), steps=STEPS, seed=2)
+    assert (np.asarray(got[0]) == np.asarray(want[0])).all()
+
+
+def test_bad_maps_are_user_errors(pipe, tmp_path):
+    with pytest.raises(UserError, match=r"ids \[4, 9\] outside 0..3"):
+        pipe.read_label_map(np.array([[0, 4], [9, 1]]))
+    with pytest.raises(UserError, match="colours outside the palette"):
+        pipe.read_label_map(Image.new("RGB", (16, 16), (1, 2, 3)))
+    with pytest.raises(UserError, match="does not exist"):
+        pipe.read_label_map(tmp_path / "missing.png")
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    with pytest.raises(UserError, match="cannot read label map"):
+        pipe.read_label_map(tmp_path / "junk.png")
+    with pytest.raises(UserError, match="steps=0"):
+        pipe(label_map(), steps=0)
+    with pytest.raises(UserError, match="sampler="):
+        pipe(label_map(), steps=2, sampler="nope")
+
+
+def test_model_input_mask_and_unlabeled(pipe):
+    ids = label_map()
+    ids[0, :5] = MASK_ID
+    y = pipe.model_input([ids]).numpy()[0]
+    expect = np.zeros((4, 16, 16), dtype=np.float32)
+    for k in range(4):
+        expect[k] = (ids == k)
+    assert (y == expect).all() and (y[:, 0, :5] == 0).all()
+    y0 = pipe.model_input([ids], unlabeled_to_zero=True).numpy()[0]
+    assert (y0[3] == 0).all() and (y0[:3] == expect[:3]).all()
+    picture = np.asarray(pipe.colorize(ids))
+    assert (picture[0, 0] == 128).all() and (picture[15, 15] == 0).all()  # [MASK] grey, unlabeled black
+
+
+def test_raw_ids_follow_the_layout(tmp_path):
+    pipe = SCDMPipeline.from_checkpoint(make_tiny_run(tmp_path, dataset_mode="ade20k", num_classes=151,
+                                                      unlabeled_id=150))
+    raw = np.array([[0, 1], [150, 7]])
+    got = pipe.read_label_map(raw, raw_ids=True, resize=False)
+    assert got.tolist() == [[150, 0], [149, 6]]
+    with pytest.raises(UserError, match="contains id 151"):
+        pipe.read_label_map(np.array([[151, 1], [1, 1]]), raw_ids=True, resize=False)
+    assert pipe.class_names[0] == "wall" and pipe.class_names[150] == "unlabeled"
+
+
+def test_class_name_facts():
+    import torchvision.models._meta as meta  # COCO detection names, with N/A at the ids COCO leaves unused
+    coco = meta._COCO_CATEGORIES[1:]
+    assert len(COCO_STUFF_CLASSES) == LAYOUTS["coco"].num_classes == 183
+    assert len(set(COCO_STUFF_CLASSES)) == 183 and COCO_STUFF_CLASSES[182] == "unlabeled"
+    assert [i for i, n in enumerate(coco) if n == "N/A"] == list(COCO_UNUSED_THING_IDS[:-1])
+    assert all(COCO_STUFF_CLASSES[i] == n for i, n in enumerate(coco) if n != "N/A")
+    assert COCO_STUFF_CLASSES[90] == "hair brush" and COCO_STUFF_CLASSES[91] == "banner"
+    assert COCO_STUFF_CLASSES[181] == "wood"
+    names = display_names("folder", 5, None, unlabeled_id=4)
+    assert names == ("class 0", "class 1", "class 2", "class 3", "unlabeled")
+    assert display_names("celeba", 19)[13] == "hair"
+    colors = palette("coco", 183, 182)
+    ids = np.arange(183).reshape(1, -1)
+    assert (ids_from_colors(colors[ids], colors) == ids).all()
