@@ -33,7 +33,7 @@ from scdm.dataset_layouts import (
     raw_unlabeled_id, read_ids,
 )
 from scdm.errors import UserError, run_cli
-from scdm.fileio import copy_file, folder_problem, link_or_copy, save_image, write_json
+from scdm.fileio import copy_file, folder_problem, link_or_copy, move_file, save_image, write_json
 
 MANIFEST = CORRUPTION_FILE
 # Every file a builder wrote into its tree, relative to the tree's root: the only files a later
@@ -304,8 +304,7 @@ def commit_tree(staging: Path, out_dir: Path, files: List[str]) -> int:
             path.unlink()
             removed += 1
     for rel in files:
-        (out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging / rel, out_dir / rel)
+        move_file(staging / rel, out_dir / rel)
     shutil.rmtree(staging)
     return removed
 

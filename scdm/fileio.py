@@ -104,6 +104,13 @@ def copy_file(src, dst):
         shutil.copyfile(src, tmp)
 
 
+def move_file(src, dst):
+    """Move a finished file to `dst` in one rename (same file system), creating its folder; a
+    link at `dst` is replaced, never written through. For trees built in a staging folder."""
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    os.replace(src, dst)
+
+
 def file_sha256(path, chunk=1 << 20):
     """The sha256 of a file's bytes, read in chunks (checkpoints are hundreds of MB)."""
     h = hashlib.sha256()

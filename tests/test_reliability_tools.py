@@ -1,4 +1,4 @@
-"""Issue 19 for the dataset tools and evaluations: --overwrite never destroys data, outputs that
+"""Reliability of the dataset tools and evaluations: --overwrite never destroys data, outputs that
 cannot be written fail first with one line, every numeric flag is range-checked at parse time,
 and a bad file read in a data-loader worker ends in the same line as without workers."""
 import json
