@@ -7,13 +7,16 @@ are no task of a multi-task step, so a plain `python` started there runs alone i
 peers that never come. `srun --pty bash` is a one-task step: a `python` in it runs alone too.
 
 Node lists are expanded here (no `scontrol`, which compute nodes may lack): `gpu[01-04,07]`,
-`node1,node2`, `a[1-2],b3`, `pre-[001-003]-x`, `rack[1-2]-n[1-2]`.
+`node1,node2`, `a[1-2],b3`, `pre-[001-003]-x`, `rack[1-2]-n[1-2]`. `python -m scdm.slurm [--first]
+[NODELIST]` prints them, one per line (for a torchrun `--rdzv_endpoint`, say).
 """
+import argparse
 import itertools
+import os
 import re
 from dataclasses import dataclass
 
-from .errors import UserError
+from .errors import UserError, run_cli
 
 NODELIST_VARS = ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
 # Derived rendezvous ports stay below Linux's ephemeral range (32768+), where clients pick their ports.
@@ -25,7 +28,8 @@ class SlurmError(UserError, RuntimeError):
 
 
 def expand_nodelist(text, name="SLURM_NODELIST"):
-    """Host names of a Slurm node list, in Slurm's order; `name` is the variable it came from."""
+    """Host names of a Slurm node list, in Slurm's order; `name` is the variable (or flag) it came from."""
+    name = f"${name}" if re.fullmatch(r"[A-Z_]+", name) else name
     hosts = []
     for item in _top_level_items(text, name):
         parts = re.split(r"(\[[^\[\]]*\])", item)
@@ -34,7 +38,7 @@ def expand_nodelist(text, name="SLURM_NODELIST"):
             if part.startswith("["):
                 choices.append(_expand_brackets(part[1:-1], item, name))
             elif "[" in part or "]" in part:
-                raise SlurmError(f"${name}={text!r}: unbalanced bracket in {item!r}")
+                raise SlurmError(f"{name}={text!r}: unbalanced bracket in {item!r}")
             else:
                 choices.append([part])
         hosts += ["".join(combo) for combo in itertools.product(*choices)]
@@ -46,14 +50,14 @@ def _top_level_items(text, name):
     for i, ch in enumerate(text):
         depth += {"[": 1, "]": -1}.get(ch, 0)
         if depth not in (0, 1):
-            raise SlurmError(f"${name}={text!r}: unbalanced or nested brackets")
+            raise SlurmError(f"{name}={text!r}: unbalanced or nested brackets")
         if ch == "," and depth == 0:
             items.append(text[start:i])
             start = i + 1
     items.append(text[start:])
     items = [s.strip() for s in items]
     if depth or not all(items):
-        raise SlurmError(f"${name}={text!r}: expected host names such as 'gpu[01-04,07]' or 'node1,node2'")
+        raise SlurmError(f"{name}={text!r}: expected host names such as 'gpu[01-04,07]' or 'node1,node2'")
     return items
 
 
@@ -62,10 +66,10 @@ def _expand_brackets(body, item, name):
     for piece in body.split(","):
         m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", piece)
         if not m:
-            raise SlurmError(f"${name}: {item!r} has {piece!r} in brackets; expected numbers or ranges like 01-04")
+            raise SlurmError(f"{name}: {item!r} has {piece!r} in brackets; expected numbers or ranges like 01-04")
         lo, hi = m.group(1), m.group(2) or m.group(1)
         if int(hi) < int(lo):
-            raise SlurmError(f"${name}: {item!r} has the descending range {piece!r}")
+            raise SlurmError(f"{name}: {item!r} has the descending range {piece!r}")
         width = len(lo)  # Slurm pads to the width of the range's first number: 01-10 -> 01 ... 10
         values += [str(n).zfill(width) for n in range(int(lo), int(hi) + 1)]
     return values
@@ -136,3 +140,26 @@ def rendezvous(task, environ):
         raise SlurmError(f"$SLURM_JOB_ID={task.job_id!r} gives no rendezvous port: set $MASTER_PORT "
                          "to a free TCP port, the same in every task")
     return addr, port
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m scdm.slurm",
+                                description="Expand a Slurm node list (default: $SLURM_JOB_NODELIST), one host a line.")
+    p.add_argument("nodelist", nargs="?", type=str, default=None,
+                   help="e.g. 'gpu[01-04,07]' (default: $SLURM_JOB_NODELIST, else $SLURM_NODELIST)")
+    p.add_argument("--first", action="store_true", help="print only the first host (where rank 0 meets the others)")
+    args = p.parse_args(argv)
+    name, text = "the NODELIST argument", args.nodelist
+    if text is None:
+        name = next((v for v in ("SLURM_JOB_NODELIST", "SLURM_NODELIST") if os.environ.get(v)), None)
+        if name is None:
+            raise SlurmError("no node list: pass one (e.g. 'gpu[01-04]') or run inside a Slurm job "
+                             "($SLURM_JOB_NODELIST)")
+        text = os.environ[name]
+    hosts = expand_nodelist(text, name)
+    print("\n".join(hosts[:1] if args.first else hosts))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

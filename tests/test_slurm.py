@@ -57,6 +57,19 @@ def test_bad_node_lists_name_the_variable(text, says):
     assert says in str(e.value)
 
 
+def test_nodelist_command_prints_the_hosts():
+    def cli(*args, **env):
+        return subprocess.run([sys.executable, "-m", "scdm.slurm", *args], env=dict(BASE_ENV, **env),
+                              capture_output=True, text=True, timeout=60)
+    assert cli("gpu[09-10],login").stdout.split() == ["gpu09", "gpu10", "login"]
+    assert cli("--first", SLURM_JOB_NODELIST="pre-[007-009]-x").stdout.split() == ["pre-007-x"]
+    bad = cli("gpu[2-1]")
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "error: the NODELIST argument: 'gpu[2-1]' has the descending range '2-1'")
+    none = cli()
+    assert none.returncode == 2 and "no node list" in none.stderr and "Traceback" not in none.stderr
+
+
 # ----- which launcher ------------------------------------------------------------------------------
 def srun_env(rank=0, ntasks=2, nodelist="gpu[01-02]", job="4711", step="3", **extra):
     """The variables srun gives each task (plus the job's), as strings."""
