@@ -205,8 +205,10 @@ class SCDMPipeline:
                 if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
                     arr = rgb[..., 0]
                 elif colours:
+                    masked = (rgb == np.asarray(MASK_COLOR, dtype=rgb.dtype)).all(-1)  # as `colorize` draws [MASK]
                     try:
-                        return self._check_shape(ids_from_colors(rgb, self.colors, what), what), True
+                        ids = ids_from_colors(np.where(masked[..., None], self.colors[0], rgb), self.colors, what)
+                        return self._check_shape(np.where(masked, MASK_ID, ids), what), True
                     except ValueError as e:
                         raise UserError(str(e)) from None
                 else:
