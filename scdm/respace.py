@@ -4,14 +4,18 @@ import numpy as np
 from .gaussian_diffusion import GaussianDiffusion
 
 
-def space_timesteps(num_timesteps, section_counts):
+def space_timesteps(num_timesteps, section_counts, alphas_cumprod=None):
     """The set of original timesteps to keep.
 
-    `section_counts` is "ddimN" (stride chosen so that exactly N evenly strided steps remain), or a
-    comma-separated list of counts, one per equal section of the original process.
+    `section_counts` is "ddimN" (stride chosen so that exactly N evenly strided steps remain),
+    "logsnrN" (N steps from T-1 to 0 evenly spaced in log-SNR, which needs the process's
+    `alphas_cumprod`: the grid of few-step ODE solvers), or a comma-separated list of counts, one
+    per equal section of the original process.
     """
     if isinstance(section_counts, str):
         spec = section_counts.strip()
+        if spec.startswith("logsnr"):
+            return logsnr_timesteps(num_timesteps, spec, alphas_cumprod)
         if spec.startswith("ddim"):
             try:
                 desired = int(spec[len("ddim"):])
@@ -46,6 +50,28 @@ def space_timesteps(num_timesteps, section_counts):
             cur_idx += frac_stride
         start_idx += size
     return set(all_steps)
+
+
+def logsnr_timesteps(num_timesteps, spec, alphas_cumprod):
+    """N timesteps whose log-SNR log(abar / (1 - abar)) is evenly spaced from t = T-1 to t = 0, each the
+    nearest integer step, moved up by one where two would coincide (near t = 0 the log-SNR of one
+    integer step exceeds the spacing)."""
+    try:
+        desired = int(spec[len("logsnr"):])
+    except ValueError:
+        raise ValueError(f"timestep_respacing {spec!r}: expected 'logsnrN' with an integer N") from None
+    if alphas_cumprod is None or len(alphas_cumprod) != num_timesteps:
+        raise ValueError(f"timestep_respacing {spec!r} needs the {num_timesteps} alphas_cumprod of the process")
+    if not 2 <= desired <= num_timesteps:
+        raise ValueError(f"timestep_respacing {spec!r}: expected 2 <= N <= {num_timesteps}")
+    logsnr = np.log(alphas_cumprod) - np.log1p(-alphas_cumprod)  # decreasing in t
+    targets = np.linspace(logsnr[0], logsnr[-1], desired)
+    steps = []
+    for i, target in enumerate(targets):  # from t = 0 upwards
+        t = int(np.argmin(np.abs(logsnr - target)))
+        t = max(t, steps[-1] + 1) if steps else t
+        steps.append(min(t, num_timesteps - desired + i))
+    return set(steps)
 
 
 class SpacedDiffusion(GaussianDiffusion):

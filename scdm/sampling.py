@@ -1,4 +1,4 @@
-"""Sampling: one guided reverse step, and the ancestral / DDIM loops built from it.
+"""Sampling: one guided reverse step, and the ancestral / DDIM / DPM-Solver++(2M) loops built from it.
 
 Each reverse step draws a fresh y_t from the given (possibly noisy) label map, runs the model with
 classifier-free guidance, post-processes the x0 estimate (extrapolation, then dynamic thresholding
@@ -113,10 +113,48 @@ def ancestral_update(x, t, step: StepOutput, noise):
     return step.mean + nonzero * torch.exp(0.5 * step.log_variance) * noise
 
 
+@dataclass
+class SolverState:
+    """What DPM-Solver++(2M) carries to its next step: the last data prediction and its log-SNR."""
+    lam: torch.Tensor             # (B,) float64: lambda = log(alpha / sigma) where x0 was predicted
+    pred_xstart: torch.Tensor
+
+
+def dpm_solver_update(diffusion, x, t, step: StepOutput, state: Optional[SolverState] = None, order=2):
+    """x at the next grid point by DPM-Solver++(2M) (Lu et al. 2022, multistep, data prediction).
+
+    The grid is this diffusion's steps: from step t (alpha_s, sigma_s) to the step before it (alpha_t,
+    sigma_t; alpha-bar 1 after t = 0), with h = lambda_t - lambda_s and lambda = log(alpha / sigma):
+        x_t = sigma_t / sigma_s * x_s - alpha_t * expm1(-h) * D,
+        D = x0_s + (x0_s - x0_prev) / (2 r),  r = h_prev / h,
+    where x0 is the step's processed (guided, thresholded) data prediction. The first step (no
+    `state`), `order=1` and the last step (to sigma = 0: h is infinite, r = 0, the correction is
+    undefined; DPM-Solver++ ends with a first-order step too) use D = x0_s, which is DDIM with eta = 0.
+    Written here rather than behind diffusers' DPMSolverMultistepScheduler: the update is these two
+    lines, while the model call (guidance, label re-diffusion, learned sigma), the respaced grid, the
+    x0 post-processing and the per-image noise are ours either way. Coefficients in float64.
+    Returns (x_t, state for the next step)."""
+    abar_s = torch.from_numpy(diffusion.alphas_cumprod).to(x.device)[t]
+    abar_t = torch.from_numpy(diffusion.alphas_cumprod_prev).to(x.device)[t]
+    lam_s = 0.5 * (torch.log(abar_s) - torch.log1p(-abar_s))
+    lam_t = 0.5 * (torch.log(abar_t) - torch.log1p(-abar_t))  # +inf at alpha-bar 1
+    h = lam_t - lam_s
+    view = (-1, *([1] * (x.dim() - 1)))
+    x0 = d = step.pred_xstart
+    if order >= 2 and state is not None:
+        second = torch.isfinite(h)
+        r = (lam_s - state.lam) / torch.where(second, h, torch.ones_like(h))
+        w = torch.where(second, 0.5 / r, torch.zeros_like(r)).to(x0.dtype).view(view)
+        d = x0 + w * (x0 - state.pred_xstart)
+    coef_x = torch.sqrt((1 - abar_t) / (1 - abar_s)).to(x.dtype).view(view)
+    coef_d = (-torch.sqrt(abar_t) * torch.expm1(-h)).to(x.dtype).view(view)
+    return coef_x * x + coef_d * d, SolverState(lam_s, x0)
+
+
 _DRAW = {"gaussian": torch.randn, "uniform": torch.rand}
 
 # Names accepted by `sample_loop(sampler=...)` and the `--sampler` flags.
-SAMPLERS = ("ancestral", "ddim")
+SAMPLERS = ("ancestral", "ddim", "dpm++2m")
 
 
 def resolve_sampler(sampler=None, use_ddim=False):
@@ -145,7 +183,11 @@ def sample_loop(model, diffusion, shape, y, *, noise=None, guidance_scale=1.0, e
     steps (respaced when the diffusion is respaced). Returns x_0 clamped to [-1, 1].
     `progress`: a bar of its own over the steps; `on_step`: called after each step, for a caller's
     bar that spans many batches. `sampler`: one of SAMPLERS (None: "ancestral", or "ddim" with
-    `use_ddim`)."""
+    `use_ddim`). Every sampler evaluates the model once per step at the diffusion's (respaced) steps
+    ("ddimN", "N" or "logsnrN" respacing: N steps), drawing the same label noise, and they differ only
+    in the update ("dpm++2m": `dpm_solver_update`). For "dpm++2m" use "logsnrN": on grids uniform in t
+    its last steps before t = 0 are huge log-SNR steps where the second-order correction overshoots
+    (tests/test_solver.py measures both on Gaussian data)."""
     sampler = resolve_sampler(sampler, use_ddim)
     device = device or next(model.parameters()).device
     b = shape[0]
@@ -154,7 +196,7 @@ def sample_loop(model, diffusion, shape, y, *, noise=None, guidance_scale=1.0, e
     y = y.to(device)
     x = noise.to(device) if noise is not None else _draw(shape[1:], b, device, generators)
     label_noise = diffusion.label_noise_spec(y.shape)
-    prev = None
+    prev = solver_state = None
     steps = range(diffusion.num_timesteps - 1, -1, -1)
     for i in tqdm(steps, desc="sampling", disable=not progress, leave=False):
         t = torch.full((b,), i, device=device, dtype=torch.long)
@@ -164,8 +206,13 @@ def sample_loop(model, diffusion, shape, y, *, noise=None, guidance_scale=1.0, e
                                 extrapolation=extrapolation, prev_xstart=prev,
                                 threshold_percentile=threshold_percentile, clip_denoised=clip_denoised,
                                 batched_guidance=batched_guidance)
-            z = _draw(shape[1:], b, device, generators)
-            x = ddim_update(diffusion, x, t, step, z, eta) if sampler == "ddim" else ancestral_update(x, t, step, z)
+            z = _draw(shape[1:], b, device, generators)  # drawn by every sampler: the same label noise
+            if sampler == "dpm++2m":
+                x, solver_state = dpm_solver_update(diffusion, x, t, step, solver_state)
+            elif sampler == "ddim":
+                x = ddim_update(diffusion, x, t, step, z, eta)
+            else:
+                x = ancestral_update(x, t, step, z)
         prev = step.prev_xstart
         if on_step is not None:
             on_step()

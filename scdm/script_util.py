@@ -1,4 +1,6 @@
 """Defaults, model/diffusion construction and argparse helpers, under the released flag names."""
+import numpy as np
+
 from . import gaussian_diffusion as gd
 from .cli import add_bool_argument, str2bool  # noqa: F401  (str2bool: kept importable here)
 from .dataset_layouts import get_layout
@@ -219,7 +221,7 @@ def create_gaussian_diffusion(*, steps=1000, learn_sigma=False, noise_schedule="
     if cond_diffuse and cond_opt == DISCRETE_CLASSWISE:
         class_lambdas = load_class_schedule(class_schedule, num_classes, unlabeled_id)
     return SpacedDiffusion(
-        use_timesteps=space_timesteps(steps, timestep_respacing or [steps]),
+        use_timesteps=space_timesteps(steps, timestep_respacing or [steps], np.cumprod(1.0 - betas)),
         betas=betas,
         model_mean_type=gd.ModelMeanType.START_X if predict_xstart else gd.ModelMeanType.EPSILON,
         # Released behaviour: the large fixed variance (beta_t) when sigma is not learned.
