@@ -24,7 +24,7 @@ async function init() {
   app.ids = new Int32Array(app.size * app.size).fill(app.fill);
   $("model").textContent = `${info.model.path} · ${app.size}×${app.size} · ${info.num_classes} classes` +
     (info.is_scdm ? " · SCDM" : "");
-  const scale = Math.max(1, Math.floor(512 / app.size));
+  const scale = Math.max(1, Math.floor(416 / app.size));
   const canvas = $("canvas");
   canvas.width = app.size; canvas.height = app.size;
   canvas.style.width = canvas.style.height = `${app.size * scale}px`;
@@ -231,7 +231,7 @@ function showResults(job) {
     box.appendChild(f);
   };
   figure(job.label, "label map", "map", `label_${job.id}.png`);
-  job.images.forEach((src, k) => figure(src, `sample ${k} (seed ${job.params.seed})`, "sample", `sample_${job.id}_${k}.png`));
+  job.images.forEach((src, k) => figure(src, `sample ${k}`, "sample", `sample_${job.id}_${k}.png`));
 }
 
 init().catch((e) => status(`cannot start: ${e.message}`, true));
