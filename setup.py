@@ -11,7 +11,8 @@ CORE = [
 ]
 MPI = ["mpi4py>=4.0", "mpich>=4.1"]  # the mpich wheel gives mpiexec inside a venv
 EVAL = ["lpips>=0.1.4", "pytorch-fid>=0.3.0"]
-TEST = ["pytest>=7.0"] + MPI + EVAL
+BROWSER = ["selenium>=4.10"]  # the painter's browser test (it also needs Chromium and its driver)
+TEST = ["pytest>=7.0"] + MPI + EVAL + BROWSER
 
 setup(
     name="scdm",
@@ -20,6 +21,7 @@ setup(
     license="MIT",
     packages=find_packages(include=["scdm", "scdm.*", "image_process", "evaluations", "evaluations.*", "quickstart"]),
     python_requires=">=3.9",
+    package_data={"scdm.app": ["static/*.html", "static/*.js", "static/*.css"]},
     install_requires=CORE,
     extras_require={"mpi": MPI, "eval": EVAL, "test": TEST, "all": TEST},
 )
