@@ -12,11 +12,13 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 from .cli import HelpFormatter, add_bool_argument, float_in, nonnegative_float, nonnegative_int, positive_int
 from .dataset_layouts import IMAGE_EXTENSIONS
 from .errors import UserError, run_cli
 from .fileio import check_writable, save_image
-from .overview import side_by_side
+from .overview import legend_entries, side_by_side
 from .pipeline import (
     DEFAULT_EXTRAPOLATION, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_THRESHOLD, SCDMPipeline,
 )
@@ -106,7 +108,9 @@ def main(argv=None):
             save_image(img, out / "samples" / f"{name}_{k}.png", format="PNG")
         save_image(colour, out / "labels_color" / f"{name}.png", format="PNG")
         titles = ["label map"] + [f"sample {k}" for k in range(len(images))]
-        save_image(side_by_side([colour, *images], titles), out / "side_by_side" / f"{name}.png", format="PNG")
+        legend = legend_entries([np.asarray(colour)], pipe.colors, pipe.class_names)
+        save_image(side_by_side([colour, *images], titles, legend=legend), out / "side_by_side" / f"{name}.png",
+                   format="PNG")
         print(f"{name}: {len(images)} sample(s)", flush=True)
     print(f"wrote {len(maps) * args.num_samples} samples of {len(maps)} label map(s) to {out}", flush=True)
 

@@ -26,7 +26,7 @@ from . import dist_util, rank_faults, script_util
 from .checkpoint import CheckpointError, ema_name, parse_step
 from .cli import HelpFormatter, accept_gpus_per_node, add_bool_argument, note_gpus_per_node, resolve_dataset_flags
 from .conditioning import Conditioning
-from .dataset_layouts import CORRUPTION_FILE
+from .dataset_layouts import CORRUPTION_FILE, display_names
 from .datasets import build_dataset
 from .errors import run_cli
 from .fast_paths import from_disable_spec
@@ -308,7 +308,8 @@ def run(args, given, root, model_path, model_flags, info, precision, fast_paths)
     dist_util.barrier()
     if rank == 0:
         all_names = sorted(p.stem for p in (root / "samples").glob("*.png"))
-        write_overview(root, all_names)
+        write_overview(root, all_names, colors=colors,
+                       class_names=display_names(args.dataset_mode, args.num_classes, args.data_dir, info.unlabeled_id))
         if world == 1:
             earlier = len(all_names) - new
             print(f"wrote {new} samples to {root}" + (f"; {earlier} more are from an earlier run with the same "
