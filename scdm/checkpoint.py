@@ -159,6 +159,11 @@ def load_model_state(path):
         )
     if not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} is not a model state dict (it holds non-tensor values)")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(
+            f"{path} holds non-finite weights (NaN or Inf) in {len(bad)} tensor(s), e.g. {', '.join(bad[:3])}: it "
+            "would give blank samples; it comes from a diverged or damaged run, so use an earlier checkpoint")
     return state
 
 

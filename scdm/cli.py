@@ -81,6 +81,67 @@ nonnegative_float = float_in(0.0, None)
 nonnegative_float.__name__ = "nonnegative_float"
 
 
+def minus_one_or_positive(v):
+    """argparse `type=`: -1 (the released flags' "automatic" or "all") or an integer >= 1."""
+    x = _number(v, int)
+    if x != -1 and x < 1:
+        raise argparse.ArgumentTypeError(f"-1 or an integer >= 1 expected, got {v!r}")
+    return x
+
+
+def one_of(*names):
+    """argparse `type=`: one of these words (the empty string only when listed)."""
+    def check(v):
+        if v not in names:
+            shown = ", ".join(repr(n) if n == "" else n for n in names)
+            raise argparse.ArgumentTypeError(f"one of {shown} expected, got {v!r}")
+        return v
+    check.__name__ = "one_of"
+    return check
+
+
+def int_list(v):
+    """argparse `type=`: comma-separated integers >= 1, or empty (e.g. --channel_mult 1,2,4)."""
+    parts = [p.strip() for p in str(v).split(",") if p.strip()]
+    for p in parts:
+        if not p.isdigit() or int(p) < 1:
+            raise argparse.ArgumentTypeError(f"comma-separated integers >= 1 expected, got {v!r}")
+    return str(v)
+
+
+def rate_list(v):
+    """argparse `type=`: comma-separated numbers in (0, 1), e.g. EMA rates "0.9999,0.999"."""
+    parts = [p.strip() for p in str(v).split(",") if p.strip()]
+    check = float_in(0.0, 1.0, lo_open=True, hi_open=True)
+    if not parts:
+        raise argparse.ArgumentTypeError(f"comma-separated numbers in (0, 1) expected, got {v!r}")
+    for p in parts:
+        try:
+            check(p)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"comma-separated numbers in (0, 1) expected, got {v!r}") from None
+    return str(v)
+
+
+def respacing(v):
+    """argparse `type=`: '' (every step), 'ddimN', 'logsnrN' or comma-separated section counts >= 1."""
+    spec = str(v).strip()
+    for prefix in ("ddim", "logsnr"):
+        if spec.startswith(prefix):
+            tail = spec[len(prefix):]
+            if tail.isdigit() and int(tail) >= 1:
+                return spec
+            raise argparse.ArgumentTypeError(f"'{prefix}N' with an integer N >= 1 expected, got {v!r}")
+    if spec == "":
+        return spec
+    try:
+        return int_list(spec) if all(p.strip() for p in spec.split(",")) else int_list("x")
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"'' (every step), 'ddimN', 'logsnrN' or comma-separated step counts such as 25 or 10,20 expected, "
+            f"got {v!r}") from None
+
+
 def add_bool_argument(parser, *names, default=False, help=None, **kwargs):
     """A boolean flag that takes `--name`, `--name True` or `--name False`."""
     return parser.add_argument(*names, type=str2bool, nargs="?", const=True, default=default, metavar="BOOL",

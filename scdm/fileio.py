@@ -8,12 +8,15 @@ created 0600 by `mkstemp`; the finished file gets the permissions the umask give
 at the target instead of writing through it.
 """
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from .errors import UserError
 
 TEMP_SUFFIX = ".tmp"
 
@@ -29,13 +32,32 @@ def default_file_mode():
     return 0o666 & ~current_umask()
 
 
+class WriteError(UserError):
+    """A file could not be written (full disk, quota, read-only file system, no permission)."""
+
+
+# errno values that mean "no room", where the user's fix is to free space, not to change a flag.
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def write_failure(exc):
+    """The reason in words, with what to do about a full disk."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in NO_SPACE:
+        reason += " (the disk or quota is full: free space and run again; complete files already written are kept)"
+    return reason
+
+
 @contextlib.contextmanager
 def atomic_path(path, fsync=False, set_mode=True):
     """Yield a temporary path beside `path`; when the block succeeds it becomes `path` (umask
     permissions unless not `set_mode`), otherwise it is removed. `fsync` flushes it to disk first."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    except OSError as e:
+        raise WriteError(f"cannot write {path}: {write_failure(e)}") from None
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -46,6 +68,8 @@ def atomic_path(path, fsync=False, set_mode=True):
         if set_mode:
             os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
+    except OSError as e:
+        raise WriteError(f"cannot write {path}: {write_failure(e)}") from None
     finally:
         if tmp.exists() or tmp.is_symlink():
             tmp.unlink()
@@ -70,7 +94,17 @@ def write_json(obj, path, **dump_kwargs):
 def save_torch(obj, path):
     """torch.save, atomically and flushed to disk (checkpoints are what a crash must not lose)."""
     import torch
-    atomic_write(path, lambda f: torch.save(obj, f), mode="wb", fsync=True)
+
+    def write(f):
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:  # torch's zip writer reports a failed write(2) this way
+            if "write" not in str(e) and "unexpected pos" not in str(e):
+                raise
+            f.flush()  # raises the OSError behind it (ENOSPC, EFBIG, ...) when there is one
+            raise OSError(errno.EIO, f"the write failed; is the disk or quota full? ({str(e).splitlines()[0][:100]})") from None
+
+    atomic_write(path, write, mode="wb", fsync=True)
 
 
 def save_npy(array, path):

@@ -24,16 +24,18 @@ from tqdm.auto import tqdm
 
 from . import dist_util, rank_faults, script_util
 from .checkpoint import CheckpointError, ema_name, parse_step
-from .cli import HelpFormatter, accept_gpus_per_node, add_bool_argument, note_gpus_per_node, resolve_dataset_flags
+from .cli import (HelpFormatter, accept_gpus_per_node, add_bool_argument, minus_one_or_positive, nonnegative_float,
+                  nonnegative_int, note_gpus_per_node, one_of, positive_int, probability, rate_list,
+                  resolve_dataset_flags)
 from .conditioning import Conditioning
 from .dataset_layouts import CORRUPTION_FILE, display_names
 from .datasets import build_dataset
 from .errors import run_cli
 from .fast_paths import from_disable_spec
-from .fileio import save_image
+from .fileio import remove_temp_files, save_image
 from .palettes import colorize, palette, palette_name
 from .overview import write_overview
-from .performance import maybe_compile, precision_context, resolve_precision
+from .performance import PRECISIONS, maybe_compile, precision_context, resolve_precision
 from .presets import PRESETS
 from .results_folder import (
     OUTPUT_DIRS, OUTPUT_FILES, build_manifest, check_results_path, plan_results, prepare_results, read_corruption,
@@ -109,6 +111,13 @@ def sampler_help(defaults):
     return helps
 
 
+SAMPLE_FLAG_TYPES = dict(
+    num_samples=minus_one_or_positive, batch_size=positive_int, s=nonnegative_float, extrapolation=nonnegative_float,
+    dynamic_threshold=probability, seed=nonnegative_int, eta=probability, num_sets=positive_int,
+    ema_rate=rate_list, num_workers=nonnegative_int, precision=one_of("", *PRECISIONS),
+)
+
+
 def create_argparser():
     defaults = dict(
         data_dir="",
@@ -140,7 +149,7 @@ def create_argparser():
     model_defaults["num_classes"] = -1
     model_defaults.pop("dataset_mode")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    add_dict_to_argparser(parser, defaults, helps=sampler_help(defaults))
+    add_dict_to_argparser(parser, defaults, helps=sampler_help(defaults), types=SAMPLE_FLAG_TYPES)
     parser.add_argument("--sampler", default="", choices=["", *SAMPLERS], metavar="NAME",
                         help=f"reverse-process update, one of {', '.join(SAMPLERS)}: ancestral (released), ddim, or "
                              "dpm++2m (DPM-Solver++(2M), a second-order multistep ODE solver for few steps, e.g. "
@@ -214,6 +223,8 @@ def main(argv=None):
     check_sampling_flags(args)
     model_path = resolve_model_path(args)
     root = check_results_path(args.results_path)
+    for folder in [root, *(d for d in root.iterdir() if d.is_dir())] if root.is_dir() else []:
+        remove_temp_files(folder)  # left by a killed earlier run into this folder
     model_flags = resolve_model_flags(args, given, model_path, args.preset)
     info = resolve_dataset_flags(args)
     precision = resolve_precision(args.precision, args.use_fp16 if "use_fp16" in given or not args.precision
@@ -289,6 +300,11 @@ def run(args, given, root, model_path, model_flags, info, precision, fast_paths)
                                 threshold_percentile=args.dynamic_threshold or None, clip_denoised=args.clip_denoised,
                                 sampler=args.sampler, eta=args.eta, generators=gens, device=device,
                                 on_step=lambda: bar.update(len(todo)))
+            if not torch.isfinite(x).all():
+                raise CheckpointError(
+                    f"--model_path {model_path} gave non-finite samples (NaN or Inf) for "
+                    f"{', '.join(batch_names[i] for i in todo)}; nothing was written for them"
+                    + ("; fp16 can overflow: try --precision bf16 or fp32" if precision == "fp16" else ""))
             for j, i in enumerate(todo):
                 img = to_uint8(x[j].float())
                 targets = [f"samples_{k}"] if args.num_sets > 1 else []

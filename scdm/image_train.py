@@ -16,20 +16,22 @@ import torch
 
 from . import dist_util, rank_faults
 from .checkpoint import CLASS_SCHEDULE_COPY, RUN_CONFIG, CheckpointError
-from .cli import HelpFormatter, accept_gpus_per_node, note_gpus_per_node, resolve_dataset_flags
+from .cli import (HelpFormatter, accept_gpus_per_node, minus_one_or_positive, nonnegative_float, nonnegative_int,
+                  note_gpus_per_node, one_of, positive_float, positive_int, probability, rate_list,
+                  resolve_dataset_flags)
 from .conditioning import Conditioning
 from .errors import run_cli
-from .fileio import check_writable, copy_file, write_json
+from .fileio import check_writable, copy_file, remove_temp_files, write_json
 from .datasets import load_data
 from .fast_paths import from_disable_spec
 from .label_diffusion import DISCRETE_CLASSWISE
-from .performance import maybe_compile, resolve_precision
+from .performance import PRECISIONS, maybe_compile, resolve_precision
 from .resample import create_named_schedule_sampler
 from .run_config import given_flags, read_run_config
 from .stop_signals import exit_code
 from .script_util import (MODEL_FLAG_HELP, add_dict_to_argparser, architecture_conflicts, args_to_dict,
                           create_model_and_diffusion, model_and_diffusion_defaults)
-from .train_util import TrainingDiverged, TrainLoop, parse_ema_rates, resolve_resume
+from .train_util import TrainingDiverged, TrainLoop, check_resume_members, parse_ema_rates, resolve_resume
 
 TRAIN_FLAG_HELP = dict(
     data_dir="required: the dataset root, in the layout of --dataset_mode",
@@ -66,8 +68,22 @@ TRAIN_FLAG_HELP = dict(
     disable_fast_paths="debugging: 'all' or comma-separated names of scdm.fast_paths.FastPaths to turn off",
     num_classes="label classes, the unlabeled one included; -1: from the dataset layout (or "
                 "<data_dir>/dataset.json)",
+    allow_partial_resume="resume from a checkpoint set that lacks its optimizer or an EMA file (for an --ema_rate "
+                         "the run did not have): the missing state restarts (EMA from the model weights, optimizer "
+                         "from scratch); without it such a resume is refused",
+    dry_run="check the flags, the data, the resume and --log_dir, then exit without training (scripts run this "
+            "before long preparations)",
     use_fp16="released: train in fp16; here autocast fp16 with a grad scaler on fp32 master weights (same "
              "checkpoint layout)",
+)
+
+
+TRAIN_FLAG_TYPES = dict(
+    schedule_sampler=one_of("uniform", "loss-second-moment"), lr=positive_float, weight_decay=nonnegative_float,
+    lr_anneal_steps=nonnegative_int, batch_size=positive_int, microbatch=minus_one_or_positive, ema_rate=rate_list,
+    drop_rate=probability, log_interval=positive_int, save_interval=positive_int,
+    fp16_scale_growth=nonnegative_float, num_workers=nonnegative_int, max_steps=nonnegative_int,
+    precision=one_of("", *PRECISIONS), max_bad_steps=positive_int, seed=nonnegative_int,
 )
 
 
@@ -98,11 +114,13 @@ def create_argparser():
         compile=False,
         disable_fast_paths="",
         ema_warmup=False,
+        allow_partial_resume=False,
+        dry_run=False,
     )
     defaults.update(model_and_diffusion_defaults())
     defaults["num_classes"] = -1
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    add_dict_to_argparser(parser, defaults, {**MODEL_FLAG_HELP, **TRAIN_FLAG_HELP})
+    add_dict_to_argparser(parser, defaults, {**MODEL_FLAG_HELP, **TRAIN_FLAG_HELP}, TRAIN_FLAG_TYPES)
     accept_gpus_per_node(parser)
     return parser
 
@@ -122,8 +140,8 @@ def check_same_architecture(resume_checkpoint, flags):
                               f"{', '.join(conflicts)}; resume with the run's model and diffusion flags")
 
 
-# Flags a resumed run never takes from its run config: where it is and what it resumes from.
-NOT_INHERITED = ("log_dir", "resume_checkpoint")
+# Flags a resumed run never takes from its run config: where it is, what it resumes from, and how.
+NOT_INHERITED = ("log_dir", "resume_checkpoint", "allow_partial_resume", "dry_run")
 
 
 def inherit_run_flags(args, argv, log_dir):
@@ -160,8 +178,17 @@ def main(argv=None):
     warnings = []
     resume = resolve_resume(log_dir, args.resume_checkpoint, parse_ema_rates(args.ema_rate), warn=warnings.append)
     if resume:
+        if not Path(resume).is_file():
+            raise CheckpointError(f"--resume_checkpoint {resume} does not exist (expected a model*.pt file, or auto)")
         check_same_architecture(resume, flags)
+        warnings += check_resume_members(resume, parse_ema_rates(args.ema_rate), args.allow_partial_resume)
     check_writable(log_dir, "--log_dir")
+    if args.dry_run:
+        print(f"dry run: flags, data ({info.num_classes} classes in {args.data_dir}), resume "
+              f"({resume or 'fresh run'}) and --log_dir {log_dir} are usable; nothing trained", flush=True)
+        return 0
+    if remove_temp_files(log_dir):
+        print(f"note: removed the temporary files of an interrupted save in {log_dir}", file=sys.stderr)
 
     dist_util.setup_dist()
     try:

@@ -16,7 +16,7 @@ import traceback
 
 import torch.distributed as dist
 
-from .errors import EXIT_USER_ERROR, print_error
+from .errors import EXIT_USER_ERROR, UserError, print_error
 from .fileio import write_json
 
 FAULT_KEY = "scdm/fault"
@@ -79,7 +79,7 @@ def _tell_torchrun(exc, code):
     try:
         write_json({"message": {"message": line, "extraInfo": {"py_callstack": line,
                                                                 "timestamp": str(int(time.time()))}}}, path)
-    except OSError:
+    except (OSError, UserError):
         pass
 
 

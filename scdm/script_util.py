@@ -1,9 +1,13 @@
 """Defaults, model/diffusion construction and argparse helpers, under the released flag names."""
+import argparse
+
 import numpy as np
 
 from . import gaussian_diffusion as gd
-from .cli import add_bool_argument, str2bool  # noqa: F401  (str2bool: kept importable here)
-from .dataset_layouts import get_layout
+from .cli import (add_bool_argument, float_in, int_at_least, int_list, minus_one_or_positive, one_of, positive_int,
+                  respacing)
+from .cli import str2bool  # noqa: F401  (kept importable here)
+from .dataset_layouts import LAYOUTS, get_layout
 from .label_diffusion import COND_OPTS, DISCRETE_CLASSWISE, load_class_schedule
 from .respace import SpacedDiffusion, space_timesteps
 from .unet import UNetModel
@@ -94,6 +98,24 @@ MODEL_FLAG_HELP = dict(
                    "by `python -m scdm.class_schedule`)",
     unlabeled_id="class id of 'unlabeled' (it always diffuses uniformly); -1: from --dataset_mode (ade20k 150, "
                  "coco 182, folder: its dataset.json, else none)",
+)
+
+def class_count(v):
+    """argparse `type=` of --num_classes: -1 (from the dataset) or at least 2 classes."""
+    x = int_at_least(-1)(v)
+    if x in (0, 1):
+        raise argparse.ArgumentTypeError(f"-1 (from the dataset) or a class count >= 2 expected, got {v!r}")
+    return x
+
+
+# Parse-time type and range of each model and diffusion flag (a released default passes its own check).
+MODEL_FLAG_TYPES = dict(
+    image_size=int_at_least(8), num_classes=class_count, num_channels=positive_int, num_res_blocks=positive_int,
+    channel_mult=int_list, num_heads=positive_int, num_head_channels=minus_one_or_positive,
+    num_heads_upsample=minus_one_or_positive, attention_resolutions=int_list,
+    dropout=float_in(0.0, 1.0, hi_open=True), diffusion_steps=positive_int,
+    noise_schedule=one_of(*gd.NOISE_SCHEDULES), timestep_respacing=respacing, cond_opt=one_of(*COND_OPTS),
+    dataset_mode=one_of("", *LAYOUTS), unlabeled_id=int_at_least(-1),
 )
 
 # The flags that fix the network and its diffusion: a resume or a sampler must use the values the
@@ -236,16 +258,18 @@ def create_gaussian_diffusion(*, steps=1000, learn_sigma=False, noise_schedule="
 
 
 # ----- argparse helpers ---------------------------------------------------------------------------
-def add_dict_to_argparser(parser, default_dict, helps=None):
+def add_dict_to_argparser(parser, default_dict, helps=None, types=None):
     """One flag per key; booleans take `--flag`, `--flag True` or `--flag False`. A flag without a
-    text in `helps` still gets a help line, so that its default shows."""
+    text in `helps` still gets a help line, so that its default shows. `types` gives a flag its
+    checked type (range, choices; see `scdm.cli`); the model flags' types are always applied."""
     helps = helps or {}
+    types = {**MODEL_FLAG_TYPES, **(types or {})}
     for k, v in default_dict.items():
         text = helps.get(k) or "(default: %(default)s)"
         if isinstance(v, bool):
             add_bool_argument(parser, f"--{k}", default=v, help=text)
         else:
-            parser.add_argument(f"--{k}", default=v, type=str if v is None else type(v), help=text)
+            parser.add_argument(f"--{k}", default=v, type=types.get(k) or (str if v is None else type(v)), help=text)
 
 
 def args_to_dict(args, keys):

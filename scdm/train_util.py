@@ -16,6 +16,7 @@ from . import dist_util
 from .checkpoint import (CheckpointError, checkpoint_files, ema_name, latest_complete_set, load_file,
                          load_into_model, model_name, opt_name, parse_step, save_atomic, scaler_name, warn_stderr)
 from .conditioning import Conditioning
+from .fileio import WriteError
 from .logger import MetricLogger
 from .performance import precision_context
 from .resample import LossSecondMomentResampler, UniformSampler
@@ -71,6 +72,30 @@ def resolve_resume(log_dir, resume_checkpoint, ema_rates, warn=warn_stderr):
         "or another --log_dir to start a new run")
 
 
+def missing_resume_members(resume_checkpoint, ema_rates):
+    """The files of `resume_checkpoint`'s set that are not there (EMA per rate, optimizer), which
+    a resume would otherwise restart silently from the model weights or from scratch."""
+    folder, step = Path(resume_checkpoint).parent, parse_step(resume_checkpoint)
+    wanted = [folder / ema_name(rate, step) for rate in ema_rates] + [folder / opt_name(step)]
+    return [p for p in wanted if not p.exists()]
+
+
+def check_resume_members(resume_checkpoint, ema_rates, allow_partial):
+    """Refuse a resume whose set lacks members unless `allow_partial`; returns the warnings to say."""
+    missing = missing_resume_members(resume_checkpoint, ema_rates)
+    if not missing:
+        return []
+    names = ", ".join(p.name for p in missing)
+    if not allow_partial:
+        raise CheckpointError(
+            f"--resume_checkpoint {resume_checkpoint}: its checkpoint set lacks {names} (EMA files follow "
+            "--ema_rate); resume from a complete set, set --ema_rate to the run's rates, or pass "
+            "--allow_partial_resume to restart the missing state (EMA from the model weights, optimizer from scratch)")
+    return [f"--allow_partial_resume: {p.name} not found; "
+            + ("the optimizer restarts from scratch" if p.name.startswith("opt") else
+               "this EMA restarts from the model weights") for p in missing]
+
+
 class TrainLoop:
     def __init__(self, *, model, diffusion, data, conditioning: Conditioning, batch_size, lr, log_dir,
                  microbatch=-1, ema_rate="0.9999", log_interval=10, save_interval=10000,
@@ -120,6 +145,7 @@ class TrainLoop:
         if resume_checkpoint:
             self._load_optimizer_state(resume_checkpoint)
             self.logger.resume(self.step)
+            self.last_saved_step = self.step  # its set is on disk
             self.logger.text(f"resumed from {resume_checkpoint} at step {self.step}")
         self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
@@ -145,6 +171,7 @@ class TrainLoop:
             self.logger.text(f"warning: {path} not found; the optimizer restarts from scratch")
         else:
             state = load_file(path, "optimizer checkpoint")
+            self._check_optimizer_shapes(path, state)
             try:
                 self.opt.load_state_dict(state)
             except (ValueError, KeyError) as e:
@@ -152,6 +179,25 @@ class TrainLoop:
         spath = self._sibling(resume_checkpoint, scaler_name(self.step))
         if self.scaler is not None and spath.exists():
             self.scaler.load_state_dict(load_file(spath, "grad scaler checkpoint"))
+
+    def _check_optimizer_shapes(self, path, state):
+        """An optimizer state of another architecture loads without complaint when the parameter
+        count matches, and fails at the first step; say so at load time instead."""
+        params = list(self.model.parameters())
+        saved = state.get("state", {}) if isinstance(state, dict) else {}
+        if not isinstance(state, dict) or "param_groups" not in state:
+            raise CheckpointError(f"{path} is not an optimizer state (opt*.pt)")
+        count = sum(len(g.get("params", ())) for g in state["param_groups"])
+        if count != len(params):
+            raise CheckpointError(f"{path} holds the optimizer state of {count} parameter tensors; this model has "
+                                  f"{len(params)}: it comes from another architecture")
+        for idx, entry in saved.items():
+            moment = entry.get("exp_avg") if isinstance(entry, dict) else None
+            i = int(idx)
+            if moment is not None and (i >= len(params) or tuple(moment.shape) != tuple(params[i].shape)):
+                shape = tuple(params[i].shape) if i < len(params) else "none"
+                raise CheckpointError(f"{path} does not fit this model: parameter {i} has shape {tuple(moment.shape)} "
+                                      f"there and {shape} here (another architecture)")
 
     # ----- the loop ------------------------------------------------------------------------
     def done(self):
@@ -278,14 +324,25 @@ class TrainLoop:
     def save(self):
         self.check_replicas_in_sync()
         if dist_util.is_main():
-            for rate_name, params in zip(self.ema_rate_names, self.ema_params):
-                save_atomic(self._state_dict_from(params), self.log_dir / ema_name(rate_name, self.step))
-            save_atomic(self.opt.state_dict(), self.log_dir / opt_name(self.step))
-            if self.scaler is not None:
-                save_atomic(self.scaler.state_dict(), self.log_dir / scaler_name(self.step))
-            # The model file goes last: its presence marks a complete checkpoint set.
-            save_atomic({k: v.cpu() for k, v in self.model.state_dict().items()},
-                        self.log_dir / model_name(self.step))
+            written = []
+            try:
+                for rate_name, params in zip(self.ema_rate_names, self.ema_params):
+                    written.append(self.log_dir / ema_name(rate_name, self.step))
+                    save_atomic(self._state_dict_from(params), written[-1])
+                written.append(self.log_dir / opt_name(self.step))
+                save_atomic(self.opt.state_dict(), written[-1])
+                if self.scaler is not None:
+                    written.append(self.log_dir / scaler_name(self.step))
+                    save_atomic(self.scaler.state_dict(), written[-1])
+                # The model file goes last: its presence marks a complete checkpoint set.
+                written.append(self.log_dir / model_name(self.step))
+                save_atomic({k: v.cpu() for k, v in self.model.state_dict().items()}, written[-1])
+            except WriteError as e:
+                for path in written:  # no half set: the members of this step already written go
+                    path.unlink(missing_ok=True)
+                last = (f"the last complete set is {self.log_dir / model_name(self.last_saved_step)}"
+                        if self.last_saved_step is not None else "no checkpoint was saved in this run")
+                raise WriteError(f"checkpoint set of step {self.step} not saved ({e}); {last}") from None
             self.logger.text(f"saved checkpoint {model_name(self.step)}")
         self.last_saved_step = self.step
         dist_util.barrier()

@@ -28,16 +28,7 @@ case "${1:-}" in scratch|finetune) stage=$1; shift ;; esac
 DATA_DIR=${DATA_DIR:-data/$preset}
 suffix=""; [ "$stage" = finetune ] && suffix="-FINETUNE"
 LOG_DIR=${LOG_DIR:-OUTPUT/$preset-SCDM$suffix}
-mkdir -p "$LOG_DIR"
 mode=$(preset_flags "$preset" model --get dataset_mode)
-if [ "$preset" = toy ]; then
-    [ -d "$DATA_DIR/train" ] || "$PYTHON" -m scdm.toy --out_dir "$DATA_DIR"
-fi
-if [ -z "${CLASS_SCHEDULE:-}" ]; then
-    CLASS_SCHEDULE="$LOG_DIR/class_schedule.npy"
-    [ -f "$CLASS_SCHEDULE" ] || "$PYTHON" -m scdm.class_schedule --dataset_mode "$mode" \
-        --data_dir "$DATA_DIR" --out "$CLASS_SCHEDULE"
-fi
 # A run continues from the latest complete checkpoint set in LOG_DIR (`--resume_checkpoint auto`, a
 # fresh start when there is none); a finetune run starts from RESUME until it has checkpoints of its own.
 resume=auto
@@ -54,6 +45,18 @@ else
 fi
 set -- --resume_checkpoint "$resume" "$@"
 [ -n "${MAX_STEPS:-}" ] && set -- --max_steps "$MAX_STEPS" "$@"
+if [ "$preset" = toy ]; then
+    [ -d "$DATA_DIR/train" ] || "$PYTHON" -m scdm.toy --out_dir "$DATA_DIR"
+fi
+# Every flag, the data, the resume and LOG_DIR are checked before the class schedule (minutes on a
+# real dataset) is computed.
+# shellcheck disable=SC2086
+"$PYTHON" -m scdm.image_train --dry_run --data_dir "$DATA_DIR" --log_dir "$LOG_DIR" $flags "$@" >/dev/null
+if [ -z "${CLASS_SCHEDULE:-}" ]; then
+    CLASS_SCHEDULE="$LOG_DIR/class_schedule.npy"
+    [ -f "$CLASS_SCHEDULE" ] || "$PYTHON" -m scdm.class_schedule --dataset_mode "$mode" \
+        --data_dir "$DATA_DIR" --out "$CLASS_SCHEDULE"
+fi
 # shellcheck disable=SC2086
 launch scdm.image_train --data_dir "$DATA_DIR" --log_dir "$LOG_DIR" --class_schedule "$CLASS_SCHEDULE" \
     $flags "$@"

@@ -1,4 +1,5 @@
 """Every writer goes through scdm.fileio: atomic, and with the umask's permissions."""
+import errno
 import os
 import stat
 
@@ -41,8 +42,9 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path):
 
     def boom(f):
         f.write("partial")
-        raise OSError("disk full")
-    with pytest.raises(OSError, match="disk full"):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(fileio.WriteError, match=f"cannot write {target}: No space left on device .the disk or quota "
+                                                 "is full: free space and run again"):
         fileio.atomic_write(target, boom)
     assert target.read_text().strip().startswith("{") and "old" in target.read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
