@@ -11,6 +11,7 @@ CORE = [
 ]
 MPI = ["mpi4py>=4.0", "mpich>=4.1"]  # the mpich wheel gives mpiexec inside a venv
 EVAL = ["lpips>=0.1.4", "pytorch-fid>=0.3.0"]
+BENCH = ["matplotlib>=3.5"]  # the plots of benchmarks/bench_steps.py
 BROWSER = ["selenium>=4.10"]  # the painter's browser test (it also needs Chromium and its driver)
 TEST = ["pytest>=7.0"] + MPI + EVAL + BROWSER
 
@@ -23,5 +24,5 @@ setup(
     python_requires=">=3.9",
     package_data={"scdm.app": ["static/*.html", "static/*.js", "static/*.css"]},
     install_requires=CORE,
-    extras_require={"mpi": MPI, "eval": EVAL, "test": TEST, "all": TEST},
+    extras_require={"mpi": MPI, "eval": EVAL, "test": TEST, "bench": BENCH, "all": TEST + BENCH},
 )
