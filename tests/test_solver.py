@@ -279,3 +279,36 @@ def test_bench_steps_smoke(tmp_path):
     assert result["results"]["dpm++2m 2"]["clean"]["respacing"] == "logsnr2"
     # The noisy set is the clean tree itself here: the same maps and seeds give the same samples.
     assert result["results"]["dpm++2m 2"]["same"]["miou_per_seed"] == result["results"]["dpm++2m 2"]["clean"]["miou_per_seed"]
+
+
+def test_image_sample_sampler_flag(tmp_path):
+    """--sampler dpm++2m runs through image_sample and its manifest records it; --use_ddim keeps meaning
+    ddim; a contradiction or an unknown name is a one-line error."""
+    import json
+    from scdm import image_sample
+    from scdm.fileio import save_torch, write_json
+    from scdm.presets import PRESETS
+    from scdm.toy import make_toy_dataset
+    make_toy_dataset(tmp_path / "toy", num_train=2, num_test=2, size=8, seed=0)
+    flags = dict(PRESETS["toy"].model, image_size=8, attention_resolutions="4", no_instance=True,
+                 cond_opt="discrete_zero_uniform", num_classes=8)
+    model, _ = create_model_and_diffusion(**flags)
+    (tmp_path / "run").mkdir()
+    save_torch(model.state_dict(), tmp_path / "run" / "model000001.pt")
+    write_json(flags, tmp_path / "run" / "args.json")
+    base = ["--model_path", tmp_path / "run" / "model000001.pt", "--data_dir", tmp_path / "toy",
+            "--batch_size", 2, "--timestep_respacing", "logsnr3"]
+    image_sample.main([*base, "--results_path", tmp_path / "dpm", "--sampler", "dpm++2m"])
+    image_sample.main([*base, "--results_path", tmp_path / "ddim", "--use_ddim", "True"])
+    dpm = json.loads((tmp_path / "dpm" / "manifest.json").read_text())["sampling"]
+    ddim = json.loads((tmp_path / "ddim" / "manifest.json").read_text())["sampling"]
+    assert (dpm["sampler"], dpm["timestep_respacing"], ddim["sampler"]) == ("dpm++2m", "logsnr3", "ddim")
+    from scdm.results_folder import main_settings
+    settings = dict(main_settings(json.loads((tmp_path / "dpm" / "manifest.json").read_text())))
+    assert settings["sampler"] == "dpm++2m" and settings["respacing"] == "logsnr3"
+    assert dict(main_settings({"sampling": {"use_ddim": True}}))["sampler"] == "ddim"  # an older manifest
+    assert sorted(p.name for p in (tmp_path / "dpm" / "samples").iterdir()) == ["00000.png", "00001.png"]
+    with pytest.raises(ValueError, match="--sampler ancestral with --use_ddim True"):
+        image_sample.main([*base, "--results_path", tmp_path / "x", "--sampler", "ancestral", "--use_ddim", "True"])
+    with pytest.raises(SystemExit):
+        image_sample.main([*base, "--results_path", tmp_path / "x", "--sampler", "dpm"])
