@@ -105,7 +105,11 @@ def test_overview_has_headers_and_large_tiles(sampled):
     res, _ = sampled
     im = np.asarray(Image.open(res / "overview.png").convert("RGB"))
     tile, gap, head, rows = overview.OVERVIEW_TILE, 4, 24, 4
-    assert im.shape[1] == 3 * tile + 2 * gap and im.shape[0] == head + rows * (tile + gap) - gap
+    grid = head + rows * (tile + gap) - gap
+    assert im.shape[1] == 3 * tile + 2 * gap and im.shape[0] > grid
+    legend = im[grid:]  # below the tiles: the legend, toy class colours as swatches and dark names
+    shown = {tuple(c) for c in legend.reshape(-1, 3).tolist()}
+    assert (legend < 128).any() and shown & {tuple(c) for c in TOY_COLORS[:5].tolist()}
     band = im[:head]
     assert (band < 128).any() and (band == 255).mean() > 0.7  # dark header text on white
     # the label column is the labels_color map scaled with nearest: its colours only
