@@ -316,7 +316,7 @@ def test_miou_presets_come_from_the_dataset_table():
     for dataset, (n, ignore, shift) in expect.items():
         assert miou_mod.label_spec(dataset) == miou_mod.LabelSpec(n, ignore, shift), dataset
     assert miou_mod.label_spec("folder", num_classes=5, ignore_index=2) == miou_mod.LabelSpec(5, 2, 0)
-    assert miou_mod.class_names_of("cityscapes")[7] == "road" and miou_mod.class_names_of("coco") is None
+    assert miou_mod.class_names_of("cityscapes")[7] == "road" and miou_mod.class_names_of("coco")[181] == "wood"
     assert len(miou_mod.class_names_of("ade20k")) == 150
 
 
