@@ -10,6 +10,7 @@ from scdm.dataset_layouts import COCO_STUFF_CLASSES, COCO_UNUSED_THING_IDS, LAYO
 from scdm.errors import UserError
 from scdm.palettes import ids_from_colors, palette
 from scdm.pipeline import MASK_ID, LabelMapResized, SCDMPipeline
+from scdm.sampling import SAMPLERS
 from tiny_run import make_tiny_run
 
 STEPS = 3
@@ -123,3 +124,23 @@ def test_class_name_facts():
     colors = palette("coco", 183, 182)
     ids = np.arange(183).reshape(1, -1)
     assert (ids_from_colors(colors[ids], colors) == ids).all()
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_sampler_of_the_cli(pipe, sampler):
+    a = pipe(label_map(), steps=2, seed=3, sampler=sampler)
+    b = pipe(label_map(), steps=2, seed=3, sampler=sampler)
+    assert (np.asarray(a[0]) == np.asarray(b[0])).all() and np.asarray(a[0]).std() > 0
+
+
+def test_instance_map_gives_the_edge_channel(tmp_path):
+    from scdm.conditioning import instance_edges
+    pipe = SCDMPipeline.from_checkpoint(make_tiny_run(tmp_path, no_instance=False))
+    ids = label_map()
+    inst = np.arange(256).reshape(16, 16) // 37
+    y = pipe.model_input([ids], [inst]).numpy()[0]
+    assert (y[4] == instance_edges(torch.as_tensor(inst)).numpy()).all()
+    y_default = pipe.model_input([ids]).numpy()[0]  # no instance map: class borders are the edges
+    assert (y_default[4] == instance_edges(torch.as_tensor(ids)).numpy()).all()
+    images = pipe(ids, steps=2, instance=inst)
+    assert images[0].size == (16, 16)
