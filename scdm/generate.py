@@ -50,7 +50,8 @@ def create_argparser():
     add_bool_argument(p, "--raw_ids", default=False,
                       help="maps hold stored dataset ids, remapped by the layout (ADE20K 0 -> unlabeled, k -> k-1; "
                            "COCO 255 -> unlabeled) (default: %(default)s)")
-    p.add_argument("--batch_size", type=positive_int, default=4, help="samples per model call (results do not depend on it)")
+    p.add_argument("--batch_size", type=positive_int, default=4,
+                   help="samples per model call (results do not depend on it)")
     p.add_argument("--preset", default="", choices=["", *PRESETS], metavar="NAME",
                    help=f"model flags of a released checkpoint without args.json: {', '.join(PRESETS)}")
     p.add_argument("--class_schedule", default="", help="class schedule .npy (default: the run's)")

@@ -191,7 +191,8 @@ class SCDMPipeline:
             try:
                 with Image.open(label_map) as img:
                     if max(img.size) > MAX_MAP_SIDE:  # before decoding: a tiny file may hold a huge picture
-                        raise UserError(f"{what} is {img.size[0]}x{img.size[1]}; expected at most {MAX_MAP_SIDE} px a side")
+                        raise UserError(f"{what} is {img.size[0]}x{img.size[1]}; expected at most {MAX_MAP_SIDE} "
+                                        "px a side")
                     img.load()
                     return self._decode(img, what, colours)
             except FileNotFoundError:
