@@ -166,3 +166,14 @@ def test_queue_full_and_cancel(server):
         assert job["status"] == "cancelled" and job["images"] == []
     status, out = request(server, "POST", "/api/jobs", GOOD)  # the queue works again
     assert status == 202 and wait(server, out["id"])["status"] == "done"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model_path", "/nonexistent/model000001.pt"], "--model_path /nonexistent/model000001.pt does not exist"),
+    (["--model_path", "x.pt", "--port", "70000"], "--port 70000: expected 0..65535"),
+])
+def test_cli_errors_are_one_line(args, message):
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-m", "scdm.app", *args], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.strip() == f"error: {message}"
