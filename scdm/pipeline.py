@@ -89,9 +89,13 @@ def load_model(model_path, preset="", class_schedule=None, use_ema=False):
                        model_flags.source)
 
 
-def respacing_for(steps, diffusion_steps):
-    """The released `ddimN` spacing where N strided steps fit exactly, else N evenly spread steps."""
+def respacing_for(steps, diffusion_steps, sampler=DEFAULT_SAMPLER):
+    """The step grid of `sampler` (see `sampling.sample_loop`): log-SNR spacing for the multistep
+    solver ("dpm..."), else the released `ddimN` where N strided steps fit exactly, else N evenly
+    spread steps."""
     from .respace import space_timesteps
+    if sampler.startswith("dpm"):
+        return f"logsnr{steps}"
     try:
         space_timesteps(diffusion_steps, f"ddim{steps}")
         return f"ddim{steps}"
@@ -141,11 +145,10 @@ class SCDMPipeline:
         total = int(self.loaded.flags["diffusion_steps"])
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= total:
             raise UserError(f"steps={steps!r}: expected an integer in 1..{total} (the model's diffusion steps)")
-        key = int(steps)
-        if key not in self._diffusions:
-            self._diffusions[key] = create_diffusion(**dict(self.loaded.flags,
-                                                            timestep_respacing=respacing_for(key, total)))
-        return self._diffusions[key]
+        spacing = respacing_for(int(steps), total, sampler)
+        if spacing not in self._diffusions:
+            self._diffusions[spacing] = create_diffusion(**dict(self.loaded.flags, timestep_respacing=spacing))
+        return self._diffusions[spacing]
 
     # ------------------------------------------------------------------------------ label maps
     def read_label_map(self, label_map, raw_ids=False, what="label_map", resize=True):
