@@ -41,8 +41,8 @@ def create_argparser():
     p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the per-map, per-sample noise")
     p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER, help="reverse-step update")
     p.add_argument("--eta", type=float_in(0.0, 1.0), default=0.0, help="DDIM noise: 0 deterministic, 1 as ancestral")
-    p.add_argument("--extrapolation", type=nonnegative_float, default=DEFAULT_EXTRAPOLATION,
-                   help="x0 extrapolation e (0: off)")
+    p.add_argument("--extrapolation", type=nonnegative_float, default=None,
+                   help=f"x0 extrapolation e (0: off; default: {DEFAULT_EXTRAPOLATION}, 0 with dpm++2m)")
     p.add_argument("--dynamic_threshold", type=float_in(0.0, 1.0, hi_open=True), default=DEFAULT_THRESHOLD,
                    help="dynamic-thresholding percentile (0: plain clipping)")
     add_bool_argument(p, "--unlabeled_to_zero", default=False,

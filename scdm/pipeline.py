@@ -265,7 +265,7 @@ class SCDMPipeline:
 
     # ------------------------------------------------------------------------------ sampling
     def __call__(self, label_map, num_samples=1, steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE, seed=0, *,
-                 raw_ids=False, instance=None, sampler=DEFAULT_SAMPLER, eta=0.0, extrapolation=DEFAULT_EXTRAPOLATION,
+                 raw_ids=False, instance=None, sampler=DEFAULT_SAMPLER, eta=0.0, extrapolation=None,
                  dynamic_threshold=DEFAULT_THRESHOLD, clip_denoised=True, unlabeled_to_zero=False, batch_size=4,
                  names=None, callback=None):
         """Sample `num_samples` images per label map; returns a list of PIL images, or one such list
@@ -273,6 +273,8 @@ class SCDMPipeline:
 
         The sampler options are the ones of `scdm.image_sample` (`sampler` one of sampling.SAMPLERS,
         `eta`, `extrapolation`, `dynamic_threshold` (0: plain clipping), `unlabeled_to_zero`).
+        `extrapolation=None`: the released 0.8, or 0 for the multistep solver, whose own history
+        extrapolates already (0.8 on top of it ruined toy samples: 22% vs 90% pixel accuracy at 10 steps).
         `names` key the per-image seeds (default: the position in the batch). `callback(done, total)`
         runs after every model step; an exception raised there stops sampling (the app's cancel)."""
         single = not is_sequence_of_maps(label_map)
@@ -294,6 +296,8 @@ class SCDMPipeline:
             sampler = resolve_sampler(sampler)
         except ValueError as e:
             raise UserError(f"sampler={sampler!r}: expected one of {', '.join(SAMPLERS)}") from e
+        if extrapolation is None:
+            extrapolation = 0.0 if sampler.startswith("dpm") else DEFAULT_EXTRAPOLATION
         names = [str(i) for i in range(len(maps))] if names is None else [str(n) for n in names]
         if len(names) != len(maps):
             raise UserError(f"{len(names)} names for {len(maps)} label maps")
