@@ -18,7 +18,7 @@ from . import dist_util, rank_faults
 from .checkpoint import CLASS_SCHEDULE_COPY, RUN_CONFIG, CheckpointError
 from .cli import (HelpFormatter, accept_gpus_per_node, minus_one_or_positive, nonnegative_float, nonnegative_int,
                   note_gpus_per_node, one_of, positive_float, positive_int, probability, rate_list,
-                  resolve_dataset_flags)
+                  resolve_dataset_flags, respacing)
 from .conditioning import Conditioning
 from .errors import run_cli
 from .fileio import check_writable, copy_file, remove_temp_files, write_json
@@ -31,6 +31,8 @@ from .run_config import given_flags, read_run_config
 from .stop_signals import exit_code
 from .script_util import (MODEL_FLAG_HELP, add_dict_to_argparser, architecture_conflicts, args_to_dict,
                           create_model_and_diffusion, model_and_diffusion_defaults)
+from .train_monitor import TrainMonitor
+from .train_samples import DEFAULT_MAPS, DEFAULT_RESPACING, TrainSamples, sampling_diffusion
 from .train_util import TrainingDiverged, TrainLoop, check_resume_members, parse_ema_rates, resolve_resume
 
 TRAIN_FLAG_HELP = dict(
@@ -75,6 +77,15 @@ TRAIN_FLAG_HELP = dict(
             "before long preparations)",
     use_fp16="released: train in fp16; here autocast fp16 with a grad scaler on fp32 master weights (same "
              "checkpoint layout)",
+    sample_interval="steps between sample grids LOG_DIR/samples/step_NNNNNN.png (fixed maps, clean and with DS, "
+                    "Edge and Random noise, EMA and raw weights, fixed seeds; also at every save), drawn by rank 0; "
+                    "0: none",
+    sample_maps="label maps in each sample grid (the first of the test split, else of the training split)",
+    sample_respacing="the few steps of the sample grids: a DDIM respacing such as ddim10 (see --timestep_respacing)",
+    tensorboard="write TensorBoard event files into --log_dir (when tensorboard is installed; a note says so when "
+                "it is not)",
+    wandb="also log to Weights & Biases under this project (when wandb is installed; WANDB_MODE=offline is "
+          "honoured); empty: off",
 )
 
 
@@ -84,6 +95,7 @@ TRAIN_FLAG_TYPES = dict(
     drop_rate=probability, log_interval=positive_int, save_interval=positive_int,
     fp16_scale_growth=nonnegative_float, num_workers=nonnegative_int, max_steps=nonnegative_int,
     precision=one_of("", *PRECISIONS), max_bad_steps=positive_int, seed=nonnegative_int,
+    sample_interval=nonnegative_int, sample_maps=positive_int, sample_respacing=respacing,
 )
 
 
@@ -116,6 +128,11 @@ def create_argparser():
         ema_warmup=False,
         allow_partial_resume=False,
         dry_run=False,
+        sample_interval=0,
+        sample_maps=DEFAULT_MAPS,
+        sample_respacing=DEFAULT_RESPACING,
+        tensorboard=True,
+        wandb="",
     )
     defaults.update(model_and_diffusion_defaults())
     defaults["num_classes"] = -1
@@ -183,6 +200,8 @@ def main(argv=None):
         check_same_architecture(resume, flags)
         warnings += check_resume_members(resume, parse_ema_rates(args.ema_rate), args.allow_partial_resume)
     check_writable(log_dir, "--log_dir")
+    if args.sample_interval:
+        sampling_diffusion(flags, args.sample_respacing)  # a respacing this diffusion cannot take stops here
     if args.dry_run:
         print(f"dry run: flags, data ({info.num_classes} classes in {args.data_dir}), resume "
               f"({resume or 'fresh run'}) and --log_dir {log_dir} are usable; nothing trained", flush=True)
@@ -218,6 +237,11 @@ def train(args, log_dir, precision, fast_paths, info, conditioning, flags, resum
     data = load_data(dataset_mode=args.dataset_mode, data_dir=args.data_dir, batch_size=args.batch_size,
                      image_size=args.image_size, class_cond=args.class_cond, is_train=args.is_train,
                      info=info, num_workers=args.num_workers)
+    samples = None
+    if dist_util.is_main() and args.sample_interval:
+        samples = TrainSamples.for_run(dataset_mode=args.dataset_mode, data_dir=args.data_dir, info=info,
+                                       conditioning=conditioning, flags=flags, respacing=args.sample_respacing,
+                                       count=args.sample_maps, precision=precision, seed=args.seed)
     loop = TrainLoop(
         model=model, diffusion=diffusion, data=data, conditioning=conditioning,
         batch_size=args.batch_size, microbatch=args.microbatch, lr=args.lr, ema_rate=args.ema_rate,
@@ -226,10 +250,13 @@ def train(args, log_dir, precision, fast_paths, info, conditioning, flags, resum
         schedule_sampler=create_named_schedule_sampler(args.schedule_sampler, diffusion),
         weight_decay=args.weight_decay, lr_anneal_steps=args.lr_anneal_steps, max_steps=args.max_steps,
         max_bad_steps=args.max_bad_steps, log_dir=log_dir, flags=flags, ema_warmup=args.ema_warmup,
-        notes=[f"warning: {line}" for line in warnings],
+        notes=[f"warning: {line}" for line in warnings], samples=samples, sample_interval=args.sample_interval,
     )
     if dist_util.is_main():
         write_run_config(args, log_dir, resume)
+        monitor = TrainMonitor(log_dir, tensorboard=args.tensorboard, wandb_project=args.wandb, config=vars(args),
+                               start_step=loop.step)
+        loop.monitor = monitor if monitor.enabled else None
     if args.compile:
         loop.ddp = maybe_compile(loop.ddp, True)
     try:

@@ -1,5 +1,7 @@
 """TrainLoop: DDP, AMP with a grad scaler, EMA, microbatches, classifier-free dropout,
-checkpoints with resume, divergence guard, and logging (see docs/architecture.md)."""
+checkpoints with resume, divergence guard, and logging (see docs/architecture.md). What a run
+shows while it trains (sample grids, TensorBoard, W&B) comes in through two optional hooks,
+`samples` (scdm.train_samples) and `monitor` (scdm.train_monitor)."""
 import contextlib
 import copy
 import signal
@@ -21,6 +23,7 @@ from .logger import MetricLogger
 from .performance import precision_context
 from .resample import LossSecondMomentResampler, UniformSampler
 from .stop_signals import StopRequest
+from .train_monitor import memory_stats
 
 
 class TrainingDiverged(RuntimeError):
@@ -101,7 +104,7 @@ class TrainLoop:
                  microbatch=-1, ema_rate="0.9999", log_interval=10, save_interval=10000,
                  resume_checkpoint="", precision="fp32", fp16_scale_growth=1e-3, schedule_sampler=None,
                  weight_decay=0.0, lr_anneal_steps=0, max_steps=0, max_bad_steps=50, flags=None,
-                 ema_warmup=False, notes=()):
+                 ema_warmup=False, notes=(), samples=None, sample_interval=0, monitor=None):
         self.model = model
         self.diffusion = diffusion
         self.data = data
@@ -121,6 +124,10 @@ class TrainLoop:
         self.max_steps = max_steps
         self.max_bad_steps = max_bad_steps
         self.flags = flags or {}
+        self.samples = samples  # a TrainSamples on rank 0 when grids are asked for (--sample_interval)
+        self.sample_interval = sample_interval
+        self.monitor = monitor  # a TrainMonitor (TensorBoard, W&B) on rank 0, or None
+        self.last_sampled_step = None
         self.log_dir = Path(log_dir)
         self.device = dist_util.dev()
         self.logger = MetricLogger(log_dir, enabled=dist_util.is_main())
@@ -204,6 +211,10 @@ class TrainLoop:
         return (self.max_steps and self.step >= self.max_steps) or (
             self.lr_anneal_steps and self.step >= self.lr_anneal_steps)
 
+    def last_step(self):
+        """The step the run stops at (the first limit reached), None without a limit: the bar's ETA."""
+        return min([n for n in (self.max_steps, self.lr_anneal_steps) if n], default=None)
+
     def _announce_stop(self, message):
         if dist_util.is_main():
             print(message, file=sys.stderr, flush=True)
@@ -212,10 +223,9 @@ class TrainLoop:
     def run_loop(self):
         """Train to the end, or until a stop signal; returns the signal number that stopped it
         (None when it ran to the end). Either way the last step's checkpoint set is saved."""
-        total = self.max_steps or self.lr_anneal_steps or None
-        bar = tqdm(total=total, initial=self.step, desc="training", disable=not dist_util.is_main(),
-                   dynamic_ncols=True)
-        images_seen, since = 0, time.perf_counter()
+        bar = tqdm(total=self.last_step(), initial=self.step, desc="training", unit="step",
+                   disable=not dist_util.is_main(), dynamic_ncols=True)
+        images_seen, since, paused = 0, time.perf_counter(), 0.0
         stopping = False
         with StopRequest(self._announce_stop) as stop:
             try:
@@ -225,26 +235,56 @@ class TrainLoop:
                     self.step += 1
                     images_seen += images.shape[0] * dist_util.get_world_size()
                     bar.update(1)
-                    if self.step % self.log_interval == 0:
-                        means = self.logger.dump(self.step)
-                        now = time.perf_counter()
-                        postfix = {k: f"{means[k]:.4f}" for k in ("loss", "mse") if k in means}
-                        postfix["img/s"] = f"{images_seen / max(now - since, 1e-9):.1f}"
-                        images_seen, since = 0, now
-                        bar.set_postfix(postfix)
-                    if self.step % self.save_interval == 0:
+                    saving = self.step % self.save_interval == 0
+                    if saving:
                         self.save()
+                    if self.sample_interval and (saving or self.step % self.sample_interval == 0):
+                        paused += self.sample()
+                    if self.step % self.log_interval == 0:
+                        now = time.perf_counter()  # images/s of training: the sampling passes left out
+                        self.logger.log("images_per_s", images_seen / max(now - since - paused, 1e-9))
+                        for key, value in memory_stats(self.device).items():
+                            self.logger.log(key, value)
+                        means = self.logger.dump(self.step)
+                        if self.monitor is not None:
+                            self.monitor.scalars(self.step, means)
+                        postfix = {k: f"{means[k]:.4f}" for k in ("loss", "mse") if k in means}
+                        postfix["img/s"] = f"{means['images_per_s']:.1f}"
+                        images_seen, since, paused = 0, now, 0.0
+                        bar.set_postfix(postfix)
                     # Ranks agree, so that all of them stop after the same step.
                     stopping = dist_util.all_reduce_flag(stop.requested)
                     if stopping:
                         break
                 if self.last_saved_step != self.step:
                     self.save()
+                    if self.sample_interval and not stopping:  # a stopped run leaves at once
+                        self.sample()
             finally:
                 bar.close()
+                if self.monitor is not None:
+                    self.monitor.close()
         if not stopping:
             return None
         return stop.signum or signal.SIGTERM  # a rank that was not signalled stops with its peers
+
+    def sample(self):
+        """Rank 0 draws the sample grid of the first EMA and the raw weights; returns its seconds.
+        The other ranks go on to their next all-reduce and wait there: the pass is kept small."""
+        if self.samples is None or not dist_util.is_main() or self.last_sampled_step == self.step:
+            return 0.0
+        self.last_sampled_step = self.step
+        weights = [(f"EMA {self.ema_rate_names[0]}", self.ema_params[0]), ("raw", list(self.model.parameters()))]
+        result = self.samples.render(self.model, weights, self.device)
+        path = self.samples.write(result, self.log_dir, self.step)
+        scores = " ".join(f"{k}={v:.3f}" for k, v in result.miou.items())
+        self.logger.text(f"samples: {path.name} ({result.seconds:.1f} s){' ' + scores if scores else ''}")
+        for key, value in result.miou.items():  # progress.csv gets them on its next line
+            self.logger.log(key, value)
+        if self.monitor is not None:
+            self.monitor.scalars(self.step, {**result.miou, "sample_seconds": result.seconds})
+            self.monitor.image(self.step, "samples", result.image)
+        return result.seconds
 
     def run_step(self, images, cond):
         images = images.to(self.device)
@@ -270,12 +310,18 @@ class TrainLoop:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         return bool(torch.stack([g.isfinite().all() for g in grads]).all()) if grads else True
 
+    def _grad_norm(self):
+        """The global L2 norm of the (unscaled) gradients, for the logs."""
+        grads = [p.grad.detach().float() for p in self.model.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))) if grads else 0.0
+
     def _optimize(self):
         if self.scaler is not None:
             self.scaler.unscale_(self.opt)
         # Gradients are all-reduced, so every rank reaches the same verdict.
         finite = self._grads_finite()
         if finite:
+            self.logger.log("grad_norm", self._grad_norm())
             self._anneal_lr()
             if self.scaler is not None:
                 self.scaler.step(self.opt)
