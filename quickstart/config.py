@@ -5,7 +5,8 @@ one JSON-able dict. The network is the toy preset of `scdm.presets`, not a copy 
 """
 import argparse
 
-from scdm.cli import HelpFormatter, add_bool_argument, add_deprecated_alias
+from scdm.cli import (HelpFormatter, add_bool_argument, add_deprecated_alias, int_at_least, nonnegative_float,
+                      nonnegative_int, positive_float, positive_int, probability, rate_list)
 from scdm.errors import UserError
 from scdm.presets import PRESETS
 
@@ -46,14 +47,14 @@ def build_parser():
     g.add_argument("--reuse", dest="fresh", action="store_false", default=argparse.SUPPRESS,
                    help="continue in an existing quickstart folder (the default)")
     add_bool_argument(g, "--fresh", help="wipe the quickstart folder first")
-    p.add_argument("--steps", type=int, default=argparse.SUPPRESS,
+    p.add_argument("--steps", type=positive_int, default=argparse.SUPPRESS,
                    help=budget("steps", "training steps per model; more than an existing run's continues its training"))
-    p.add_argument("--num_train", type=int, default=argparse.SUPPRESS, help=budget("num_train", "toy training maps"))
-    p.add_argument("--num_test", type=int, default=argparse.SUPPRESS, help=budget("num_test", "held-out test maps"))
-    p.add_argument("--size", type=int, default=argparse.SUPPRESS, help=budget("size", "image side in px"))
-    p.add_argument("--batch_size", type=int, default=argparse.SUPPRESS, help=budget("batch_size", "training batch"))
-    p.add_argument("--lr", type=float, default=argparse.SUPPRESS, help=budget("lr", "learning rate"))
-    p.add_argument("--ema_rate", default="0.99",
+    p.add_argument("--num_train", type=positive_int, default=argparse.SUPPRESS, help=budget("num_train", "toy training maps"))
+    p.add_argument("--num_test", type=int_at_least(2), default=argparse.SUPPRESS, help=budget("num_test", "held-out test maps"))
+    p.add_argument("--size", type=int_at_least(16), default=argparse.SUPPRESS, help=budget("size", "image side in px"))
+    p.add_argument("--batch_size", type=positive_int, default=argparse.SUPPRESS, help=budget("batch_size", "training batch"))
+    p.add_argument("--lr", type=positive_float, default=argparse.SUPPRESS, help=budget("lr", "learning rate"))
+    p.add_argument("--ema_rate", default="0.99", type=rate_list,
                    help="EMA rate of training (0.9999 is far too slow for a few hundred steps)")
     add_bool_argument(p, "--ema_warmup", default=True,
                       help="EMA decay min(rate, (1+s)/(10+s)): a short run's EMA is not mostly its initial weights "
@@ -61,19 +62,19 @@ def build_parser():
     p.add_argument("--sample_from", choices=("ema", "model"), default="ema",
                    help="sample the EMA weights (ema_<rate>_*.pt) or the raw model*.pt")
     p.add_argument("--respacing", default=argparse.SUPPRESS, help=budget("respacing", "sampler timestep respacing"))
-    p.add_argument("--s", type=float, default=1.5, help="classifier-free guidance scale")
-    p.add_argument("--extrapolation", type=float, default=0.8, help="sampler extrapolation (released 25-step setting)")
-    p.add_argument("--dynamic_threshold", type=float, default=0.95, help="sampler dynamic-thresholding percentile")
-    p.add_argument("--sample_batch", type=int, default=argparse.SUPPRESS,
+    p.add_argument("--s", type=nonnegative_float, default=1.5, help="classifier-free guidance scale")
+    p.add_argument("--extrapolation", type=nonnegative_float, default=0.8, help="sampler extrapolation (released 25-step setting)")
+    p.add_argument("--dynamic_threshold", type=probability, default=0.95, help="sampler dynamic-thresholding percentile")
+    p.add_argument("--sample_batch", type=positive_int, default=argparse.SUPPRESS,
                    help=budget("sample_batch", "maps per sampler batch"))
     add_bool_argument(p, "--sdm_unlabeled_to_zero",
                       help="give SDM the unlabeled/noisy pixels as all-zero vectors too (ablation)")
-    p.add_argument("--edge_radius", type=int, default=1, help="Edge noise radius (paper: 2 at 256 px)")
-    p.add_argument("--random_p", type=float, default=0.1, help="Random noise probability (paper: 0.1)")
+    p.add_argument("--edge_radius", type=nonnegative_int, default=1, help="Edge noise radius (paper: 2 at 256 px)")
+    p.add_argument("--random_p", type=probability, default=0.1, help="Random noise probability (paper: 0.1)")
     add_bool_argument(p, "--painter", help="add the Painter noise as a fifth row")
-    p.add_argument("--grid_maps", type=int, default=2, help="test maps shown in grid.png (the first ones)")
-    p.add_argument("--seed", type=int, default=0, help="data, noise, training and sampling seed")
-    p.add_argument("--num_channels", type=int, default=PRESETS["toy"].model["num_channels"], help=argparse.SUPPRESS)
+    p.add_argument("--grid_maps", type=positive_int, default=2, help="test maps shown in grid.png (the first ones)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="data, noise, training and sampling seed")
+    p.add_argument("--num_channels", type=int_at_least(32), default=PRESETS["toy"].model["num_channels"], help=argparse.SUPPRESS)
     return p
 
 

@@ -175,7 +175,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def accept_gpus_per_node(parser):
     """The released scripts pass `--gpus_per_node N`; devices come from the launcher here."""
-    parser.add_argument("--gpus_per_node", type=int, default=None,
+    parser.add_argument("--gpus_per_node", type=positive_int, default=None,
                         help="accepted for the released scripts; ignored: the number of processes comes from "
                              "the launcher (mpiexec -n, torchrun --nproc_per_node) and each uses one device")
 

@@ -24,6 +24,8 @@ def print_error(exc, where=""):
     """Report `exc` the way every tool does and return the exit code it calls for: one line for a
     user error (2) or Ctrl-C (130), the traceback for anything else (1). `where` names the process
     when there are several (e.g. "rank 1")."""
+    if where:  # another process's progress bar may hold the current line
+        print(file=sys.stderr, flush=True)
     where = f"{where}: " if where else ""
     if isinstance(exc, KeyboardInterrupt):
         print(f"{where}interrupted", file=sys.stderr, flush=True)

@@ -1,0 +1,295 @@
+"""Faults during training and sampling runs: stop signals to the whole process group (loader workers
+included), one rank's fatal error under mpiexec and torchrun, non-finite checkpoints, a full disk,
+incomplete checkpoint sets on resume, and scripts that check before they work."""
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from scdm.checkpoint import latest_complete_set
+from scdm.presets import PRESETS, as_argv
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+ARCH = as_argv(dict(PRESETS["toy"].model, cond_opt="discrete_zero_uniform"))
+RATE = "0.9999"
+
+
+def run(args, check=True, timeout=240, cwd=ROOT, env=ENV, **kw):
+    p = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def train_args(data, log_dir, *extra, workers=0):
+    return ["-m", "scdm.image_train", *ARCH, "--data_dir", data, "--log_dir", log_dir, "--batch_size", 2,
+            "--num_workers", workers, "--log_interval", 1, "--ema_rate", RATE, *extra]
+
+
+def launch(launcher):
+    if launcher == "mpiexec":
+        pytest.importorskip("mpi4py")
+        return [shutil.which("mpiexec", path=str(BIN)) or "mpiexec", "-n", "2", sys.executable]
+    if launcher == "torchrun":
+        return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2"]
+    return [sys.executable]
+
+
+def one_error_line(stderr):
+    """The `error:` lines (a progress bar redraws its line with carriage returns)."""
+    lines = [part.strip() for line in stderr.splitlines() for part in line.split("\r")]
+    return [line for line in lines if line.startswith("error:")]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy")
+    run([sys.executable, "-m", "scdm.toy", "--out_dir", out, "--num_train", 8, "--num_test", 4, "--size", 32])
+    return out
+
+
+@pytest.fixture(scope="module")
+def base(toy, tmp_path_factory):
+    """A finished 2-step run with complete checkpoint sets at steps 1 and 2."""
+    log_dir = tmp_path_factory.mktemp("base")
+    run([sys.executable, *train_args(toy, log_dir, "--max_steps", 2, "--save_interval", 1)])
+    return log_dir
+
+
+@pytest.fixture
+def run_copy(base, tmp_path):
+    return Path(shutil.copytree(base, tmp_path / "run"))
+
+
+def truncated_copy(toy, dest, *files):
+    """The toy tree with these files (relative paths) cut to 100 bytes."""
+    shutil.copytree(toy, dest)
+    for rel in files:
+        path = dest / rel
+        path.write_bytes(path.read_bytes()[:100])
+    return dest
+
+
+# ----- stop signals to the process group ------------------------------------------------------------
+@pytest.mark.parametrize("launcher,sig", [("single", signal.SIGTERM), ("single", signal.SIGINT),
+                                          ("mpiexec", signal.SIGTERM), ("torchrun", signal.SIGTERM)])
+def test_stop_signal_to_the_process_group_with_workers_saves(toy, tmp_path, launcher, sig):
+    """What Slurm, `timeout` and a terminal's Ctrl-C do: signal every process of the job, loader
+    workers included. The run saves a complete set at the end of its step and stops."""
+    cmd = [*launch(launcher), *train_args(toy, tmp_path, "--max_steps", 100000, "--save_interval", 100000,
+                                          workers=2)]
+    proc = subprocess.Popen([str(a) for a in cmd], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not (tmp_path / "progress.csv").exists():
+            time.sleep(0.3)
+        time.sleep(1.0)  # a step or two with the workers running
+        os.killpg(proc.pid, sig)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    latest = latest_complete_set(tmp_path, [RATE])
+    assert latest is not None, err[-3000:]
+    assert "DataLoader worker" not in err
+    name = signal.Signals(sig).name
+    assert f"received {name}: saving a checkpoint" in err
+    if launcher != "torchrun":  # torchrun's own agent reports the signal to it with its own exit code
+        assert proc.returncode == 128 + sig, err[-3000:]
+        assert f"stopped by {name} at step {latest[0]}" in err
+        assert "Traceback" not in err
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+# ----- one rank's fatal error ----------------------------------------------------------------------
+@pytest.mark.parametrize("launcher", ["mpiexec", "torchrun"])
+def test_a_bad_file_in_one_ranks_shard_stops_every_rank_in_seconds(toy, tmp_path, launcher):
+    # Shard r of 2 takes files r, r + 2, ...: 00001 and 00003 are rank 1's.
+    data = truncated_copy(toy, tmp_path / "data", "train/images/00001.png", "train/images/00003.png")
+    start = time.time()
+    p = run([*launch(launcher), *train_args(data, tmp_path / "log", "--max_steps", 50)], check=False, timeout=150)
+    assert time.time() - start < 90  # not the 30-minute collective timeout
+    assert p.returncode != 0
+    errors = one_error_line(p.stderr)
+    assert errors and errors[0].startswith("error: rank 1: cannot read image") and "00001.png" in errors[0], p.stderr
+    if launcher == "mpiexec":
+        assert "Traceback" not in p.stderr
+    else:  # torchrun's summary names our message as the root cause
+        assert "DatasetError: cannot read image" in p.stderr
+
+
+def rank_pid(marker, rank_var, rank):
+    """The pid of the process whose command line holds `marker` and whose environment says it is `rank`."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker.encode() in cmdline and f"{rank_var}={rank}".encode() in environ and b"scdm.image_train" in cmdline:
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.parametrize("launcher,rank_var", [("mpiexec", "PMI_RANK"), ("torchrun", "RANK")])
+def test_a_rank_that_dies_stops_the_others_within_a_minute(toy, tmp_path, launcher, rank_var):
+    log_dir = tmp_path / "log"
+    cmd = [*launch(launcher), *train_args(toy, log_dir, "--max_steps", 100000, "--save_interval", 100000)]
+    proc = subprocess.Popen([str(a) for a in cmd], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not (log_dir / "progress.csv").exists():
+            time.sleep(0.3)
+        victim = rank_pid(str(log_dir), rank_var, 1)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        start = time.time()
+        out, err = proc.communicate(timeout=90)
+        assert time.time() - start < 60
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+
+
+def test_a_bad_label_in_one_ranks_shard_stops_sampling_in_seconds(toy, base, tmp_path):
+    data = truncated_copy(toy, tmp_path / "data", "test/labels/00001.png")
+    start = time.time()
+    p = run([*launch("mpiexec"), "-m", "scdm.image_sample", *ARCH, "--data_dir", data,
+             "--model_path", base / "ema_0.9999_000002.pt", "--results_path", tmp_path / "out",
+             "--timestep_respacing", "ddim3"], check=False, timeout=150)
+    assert time.time() - start < 90
+    assert p.returncode == 2, p.stderr[-2000:]
+    errors = one_error_line(p.stderr)
+    assert errors[0].startswith("error: rank 1: ") and "00001.png" in errors[0], p.stderr
+    assert "Traceback" not in p.stderr
+
+
+# ----- non-finite weights ----------------------------------------------------------------------------
+def test_a_checkpoint_with_nan_weights_is_refused_naming_the_file(toy, base, tmp_path):
+    state = torch.load(base / "model000002.pt")
+    key = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
+    state[key][0] = float("nan")
+    bad = tmp_path / "model000002.pt"
+    torch.save(state, bad)
+    p = run([sys.executable, "-m", "scdm.image_sample", *ARCH, "--data_dir", toy, "--model_path", bad,
+             "--results_path", tmp_path / "out", "--timestep_respacing", "ddim2", "--num_samples", 1], check=False)
+    assert p.returncode == 2
+    assert one_error_line(p.stderr) == [f"error: {bad} holds non-finite weights (NaN or Inf) in 1 tensor(s), e.g. "
+                                        f"{key}: it would give blank samples; it comes from a diverged or damaged "
+                                        "run, so use an earlier checkpoint"]
+    assert not (tmp_path / "out" / "samples").exists() or not list((tmp_path / "out" / "samples").iterdir())
+
+
+def test_finite_weights_with_non_finite_samples_stop_before_writing(toy, base, tmp_path):
+    """Weights can be finite and still overflow: the sampler checks its output before writing."""
+    state = torch.load(base / "model000002.pt")
+    state["out.2.bias"].fill_(3e38)  # the learned variance overflows: exp(inf) noise, then inf - inf
+    bad = tmp_path / "model000002.pt"
+    torch.save(state, bad)
+    p = run([sys.executable, "-m", "scdm.image_sample", *ARCH, "--data_dir", toy, "--model_path", bad,
+             "--results_path", tmp_path / "out", "--timestep_respacing", "ddim3", "--num_samples", 1], check=False)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert f"--model_path {bad} gave non-finite samples (NaN or Inf) for 00000" in p.stderr
+    assert not list((tmp_path / "out").rglob("00000.png"))
+
+
+# ----- a full disk -----------------------------------------------------------------------------------
+def file_size_limit(nbytes):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, nbytes))
+    return apply
+
+
+def test_a_full_disk_during_a_checkpoint_save_keeps_the_last_complete_set(toy, run_copy):
+    leftover = run_copy / ".model000009.pt.abcd.tmp"  # what a killed save leaves behind
+    leftover.write_bytes(b"x" * 1000)
+    model_bytes = (run_copy / "model000002.pt").stat().st_size
+    # Room for the EMA file of step 3, not for its optimizer file (twice the size): a half set.
+    p = run([sys.executable, *train_args(toy, run_copy, "--max_steps", 3, "--save_interval", 1,
+                                         "--resume_checkpoint", "auto")],
+            check=False, preexec_fn=file_size_limit(int(model_bytes * 1.5)))
+    assert p.returncode == 2, p.stderr[-3000:]
+    errors = one_error_line(p.stderr)
+    assert len(errors) == 1 and errors[0].startswith("error: checkpoint set of step 3 not saved (cannot write "), p.stderr
+    assert errors[0].endswith(f"the last complete set is {run_copy / 'model000002.pt'}")
+    assert "Traceback" not in p.stderr
+    assert not (run_copy / "ema_0.9999_000003.pt").exists()  # no half set
+    assert not list(run_copy.glob(".*.tmp"))  # its own temporary files and the leftover are gone
+    assert latest_complete_set(run_copy, [RATE])[0] == 2
+    torch.load(run_copy / "model000002.pt")
+
+
+def test_a_full_disk_during_sampling_ends_in_one_line(toy, base, tmp_path):
+    p = run([sys.executable, "-m", "scdm.image_sample", *ARCH, "--data_dir", toy, "--model_path",
+             base / "ema_0.9999_000002.pt", "--results_path", tmp_path / "out", "--timestep_respacing", "ddim2",
+             "--num_samples", 2], check=False, preexec_fn=file_size_limit(200))
+    assert p.returncode == 2, p.stderr[-3000:]
+    errors = one_error_line(p.stderr)
+    assert len(errors) == 1 and "cannot write" in errors[0] and "File too large" in errors[0], p.stderr
+    assert "Traceback" not in p.stderr
+    assert not list((tmp_path / "out").rglob(".*.tmp"))
+
+
+# ----- incomplete or foreign checkpoint sets on resume -------------------------------------------------
+def test_resume_without_the_optimizer_file_is_refused_unless_allowed(toy, run_copy):
+    (run_copy / "opt000002.pt").unlink()
+    resume = ["--resume_checkpoint", run_copy / "model000002.pt", "--max_steps", 3, "--save_interval", 10]
+    p = run([sys.executable, *train_args(toy, run_copy, *resume)], check=False)
+    assert p.returncode == 2
+    [error] = one_error_line(p.stderr)
+    assert "lacks opt000002.pt" in error and "--allow_partial_resume" in error
+    assert not (run_copy / "model000003.pt").exists()
+    p = run([sys.executable, *train_args(toy, run_copy, *resume, "--allow_partial_resume")])
+    assert "warning: --allow_partial_resume: opt000002.pt not found; the optimizer restarts from scratch" in p.stderr
+    assert (run_copy / "model000003.pt").exists()
+
+
+def test_resume_with_another_ema_rate_is_refused(toy, run_copy):
+    p = run([sys.executable, *train_args(toy, run_copy, "--resume_checkpoint", run_copy / "model000002.pt",
+                                         "--max_steps", 3, "--ema_rate", "0.99")], check=False)
+    assert p.returncode == 2
+    [error] = one_error_line(p.stderr)
+    assert "lacks ema_0.99_000002.pt" in error and "--ema_rate" in error
+
+
+def test_an_optimizer_file_of_another_architecture_is_a_message(toy, run_copy, tmp_path):
+    other = tmp_path / "other"
+    arch = as_argv(dict(PRESETS["toy"].model, cond_opt="discrete_zero_uniform", num_channels=64))
+    run([sys.executable, "-m", "scdm.image_train", *arch, "--data_dir", toy, "--log_dir", other, "--batch_size", 2,
+         "--num_workers", 0, "--max_steps", 1])
+    shutil.copy(other / "opt000001.pt", run_copy / "opt000002.pt")
+    p = run([sys.executable, *train_args(toy, run_copy, "--resume_checkpoint", "auto", "--max_steps", 3)],
+            check=False)
+    assert p.returncode == 2, p.stderr[-3000:]
+    [error] = one_error_line(p.stderr)
+    assert error.startswith(f"error: {run_copy / 'opt000002.pt'} does not fit this model: parameter ")
+    assert "Traceback" not in p.stderr
+
+
+# ----- check before work -------------------------------------------------------------------------------
+@pytest.mark.parametrize("args,env,expected", [
+    (["toy", "finetune"], {}, "error: finetune needs RESUME="),
+    (["toy", "finetune"], {"RESUME": "missing/model000010.pt"}, "error: --resume_checkpoint missing/model000010.pt "
+                                                                 "does not exist"),
+    (["toy", "--lr", "abc"], {}, "argument --lr: a number"),
+])
+def test_train_sh_checks_everything_before_any_work(toy, tmp_path, args, env, expected):
+    p = run(["sh", ROOT / "scripts" / "train.sh", *args], check=False, cwd=tmp_path,
+            env=dict(ENV, DATA_DIR=str(toy), LOG_DIR=str(tmp_path / "log"), **env))
+    assert p.returncode == 2
+    assert expected in p.stderr, p.stderr
+    assert not list(tmp_path.rglob("class_schedule*"))  # the schedule was not computed
+    assert not list(tmp_path.rglob("*.pt"))
