@@ -13,7 +13,8 @@ MPI = ["mpi4py>=4.0", "mpich>=4.1"]  # the mpich wheel gives mpiexec inside a ve
 EVAL = ["lpips>=0.1.4", "pytorch-fid>=0.3.0"]
 BENCH = ["matplotlib>=3.5"]  # the plots of benchmarks/bench_steps.py
 BROWSER = ["selenium>=4.10"]  # the painter's browser test (it also needs Chromium and its driver)
-TEST = ["pytest>=7.0"] + MPI + EVAL + BROWSER
+MONITOR = ["tensorboard>=2.10", "matplotlib>=3.5"]  # event files of image_train, python -m scdm.plot_progress
+TEST = ["pytest>=7.0"] + MPI + EVAL + BROWSER + MONITOR
 
 setup(
     name="scdm",
@@ -24,5 +25,6 @@ setup(
     python_requires=">=3.9",
     package_data={"scdm.app": ["static/*.html", "static/*.js", "static/*.css"]},
     install_requires=CORE,
-    extras_require={"mpi": MPI, "eval": EVAL, "test": TEST, "bench": BENCH, "all": TEST + BENCH},
+    extras_require={"mpi": MPI, "eval": EVAL, "monitor": MONITOR, "test": TEST, "bench": BENCH,
+                    "all": TEST + BENCH},
 )
