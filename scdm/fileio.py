@@ -44,7 +44,7 @@ def write_failure(exc):
     """The reason in words, with what to do about a full disk."""
     reason = exc.strerror or str(exc)
     if exc.errno in NO_SPACE:
-        reason += " (the disk or quota is full: free space and run again; complete files already written are kept)"
+        reason += " (the disk or quota is full: free space and run again)"
     return reason
 
 
