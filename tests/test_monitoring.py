@@ -202,3 +202,19 @@ def test_pooled_miou_against_a_hand_count():
     assert pooled_miou(pred, gt, 3) == pytest.approx((1 / 3 + 3 / 5 + 1) / 3)
     # ignoring class 2: its pixels are not scored and it is not averaged
     assert pooled_miou(pred, gt, 3, ignore=2) == pytest.approx((1 / 3 + 3 / 5) / 2)
+
+
+def test_validation_maps_fall_back_to_the_first_training_maps(tmp_path):
+    from scdm.dataset_layouts import dataset_info
+    from scdm.toy import make_toy_dataset
+    from scdm.train_samples import load_validation_maps
+    root = make_toy_dataset(str(tmp_path / "toy"), num_train=3, num_test=0, size=16)
+    info = dataset_info("folder", root)
+    cond = Conditioning(info.num_classes, no_instance=False, unlabeled_id=info.unlabeled_id)
+    maps = load_validation_maps("folder", root, 16, info, cond, count=2)
+    assert maps.split == "train" and maps.names == ["00000", "00001"]
+    for k in range(2):  # centre crop of a same-size image: the stored map itself, never flipped
+        stored = np.asarray(Image.open(Path(root) / "train" / "labels" / f"{k:05d}.png")).astype(np.int64)
+        assert (maps.ids["clean"][k] == stored).all()
+    assert maps.photos.shape == (2, 16, 16, 3) and set(maps.y) == set(NOISES)
+    assert maps.y["clean"].shape == (2, info.num_classes + 1, 16, 16)
