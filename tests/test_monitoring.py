@@ -218,3 +218,20 @@ def test_validation_maps_fall_back_to_the_first_training_maps(tmp_path):
         assert (maps.ids["clean"][k] == stored).all()
     assert maps.photos.shape == (2, 16, 16, 3) and set(maps.y) == set(NOISES)
     assert maps.y["clean"].shape == (2, info.num_classes + 1, 16, 16)
+
+
+def test_wandb_offline_run_on_disk(tmp_path, monkeypatch):
+    """Only where wandb is installed (it is no test dependency): WANDB_MODE=offline keeps the run in
+    LOG_DIR/wandb, with the grid as a media file."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monitor = TrainMonitor(tmp_path, tensorboard=False, wandb_project="scdm-test", config={"lr": 1e-4},
+                           note=pytest.fail)
+    monitor.scalars(1, {"loss": 1.0, "mse_q0": 0.5})
+    monitor.image(2, "samples", Image.new("RGB", (40, 30), "red"))
+    monitor.close()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    media = list(runs[0].glob("files/media/images/samples_2_*.png"))
+    assert len(media) == 1 and Image.open(media[0]).size == (40, 30)
