@@ -233,5 +233,5 @@ def test_wandb_offline_run_on_disk(tmp_path, monkeypatch):
     monitor.close()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
-    media = list(runs[0].glob("files/media/images/samples_2_*.png"))
+    media = list(runs[0].glob("files/media/images/samples_*.png"))
     assert len(media) == 1 and Image.open(media[0]).size == (40, 30)
