@@ -4,10 +4,24 @@ Every switch keeps the released computation up to floating-point rounding; with 
 the model runs the plain (released) computation. The config is frozen and owned by the model, so
 two models in one process can differ and nothing changes behind a caller's back; `override`
 changes it for a block (debugging, tests, the benchmarks' plain path).
+
+A switch whose benefit depends on the device, dtype or shapes (the gather-sum, unique patches with
+their host sync, channels_last) defaults to "auto": the model times the alternatives once per
+(device, dtype, shape) on first use, keeps the fastest (`Autotuner`, like cudnn.benchmark) and logs
+the choice once. True or False forces it either way. The other switches only remove work.
 """
 import contextlib
 import dataclasses
+import math
+import sys
+import time
 from dataclasses import dataclass
+from typing import Union
+
+import torch
+
+AUTO = "auto"
+Switch = Union[bool, str]  # True, False or AUTO
 
 # Unique-patch evaluation is used only when it saves work: distinct patches / pixels at most this.
 UNIQUE_PATCH_MAX_RATIO = 0.5
@@ -15,13 +29,19 @@ UNIQUE_PATCH_MAX_RATIO = 0.5
 
 @dataclass(frozen=True)
 class FastPaths:
-    sdpa_attention: bool = True        # F.scaled_dot_product_attention instead of einsum + softmax
-    spade_gather: bool = True          # one-hot label maps: mlp_shared as a table gather, not a dense conv
-    spade_unique_patches: bool = True  # gamma/beta once per distinct 3x3 label patch, then gathered
-    fused_gamma_beta: bool = True      # mlp_gamma and mlp_beta as one conv (weights concatenated on the fly)
-    null_label_cache: bool = True      # all-zero map (guidance, dropped labels): closed form, cached under no_grad
-    shared_encoder: bool = True        # guidance: the label-free encoder runs once for both halves
-    channels_last: bool = True         # NHWC activations in the torso
+    sdpa_attention: Switch = AUTO        # F.scaled_dot_product_attention instead of einsum + softmax
+    spade_gather: Switch = AUTO          # one-hot label maps: mlp_shared as a table gather, not a dense conv
+    spade_unique_patches: Switch = AUTO  # gamma/beta once per distinct 3x3 label patch, then gathered
+    fused_gamma_beta: Switch = True      # mlp_gamma and mlp_beta as one conv (weights concatenated on the fly)
+    null_label_cache: Switch = True      # all-zero map (guidance, dropped labels): closed form, cached under no_grad
+    shared_encoder: Switch = True        # guidance: the label-free encoder runs once for both halves
+    channels_last: Switch = AUTO         # NHWC activations in the torso
+
+    def __post_init__(self):
+        for name in self.names():
+            value = getattr(self, name)
+            if value is not True and value is not False and value != AUTO:
+                raise ValueError(f"fast path {name}={value!r}: expected True, False or {AUTO!r}")
 
     @classmethod
     def names(cls):
@@ -36,11 +56,11 @@ class FastPaths:
         return cls(**{name: False for name in cls.names()})
 
     def replace(self, **names):
-        """A copy with the named switches changed; unknown names raise ValueError."""
+        """A copy with the named switches changed (True, False or "auto"); unknown names raise ValueError."""
         unknown = sorted(set(names) - set(self.names()))
         if unknown:
             raise ValueError(f"unknown fast paths {unknown}; known: {sorted(self.names())}")
-        return dataclasses.replace(self, **{k: bool(v) for k, v in names.items()})
+        return dataclasses.replace(self, **{k: v if v == AUTO else bool(v) for k, v in names.items()})
 
     @property
     def spade_enabled(self):
@@ -49,6 +69,9 @@ class FastPaths:
 
     def disabled(self):
         return [name for name in self.names() if not getattr(self, name)]
+
+    def automatic(self):
+        return [name for name in self.names() if getattr(self, name) == AUTO]
 
 
 def from_disable_spec(spec: str) -> FastPaths:
@@ -61,6 +84,104 @@ def from_disable_spec(spec: str) -> FastPaths:
         raise ValueError(f"--disable_fast_paths: unknown fast paths {unknown}; expected 'all' or a comma-separated "
                          f"list of {sorted(FastPaths.names())}")
     return FastPaths().replace(**{name: False for name in names})
+
+
+_SETTINGS = {"on": True, "true": True, "off": False, "false": False, AUTO: AUTO}
+
+
+def apply_settings(config: FastPaths, spec: str, flag="--fast_paths") -> FastPaths:
+    """`config` with the switches of a "name=on|off|auto,..." spec changed (forces an automatic
+    choice either way); ValueError naming `flag` on a bad spec."""
+    changes = {}
+    for item in (spec or "").split(","):
+        if not item.strip():
+            continue
+        name, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or value.lower() not in _SETTINGS:
+            raise ValueError(f"{flag}: {item.strip()!r} is not name=on, name=off or name=auto")
+        if name not in FastPaths.names():
+            raise ValueError(f"{flag}: unknown fast path {name!r}; expected one of {sorted(FastPaths.names())}")
+        changes[name] = _SETTINGS[value.lower()]
+    return config.replace(**changes)
+
+
+def _log_stderr(line):
+    print(line, file=sys.stderr, flush=True)
+
+
+class Autotuner:
+    """Chooses among exact alternatives by timing each on first use of a key and keeping the fastest.
+
+    A key holds what the choice depends on (device, dtype, grad mode, shapes). Each candidate runs once
+    to warm up (allocations, kernel selection), then `repeats` timed runs; the best counts. The choice
+    is logged once per key. `clock` is injectable so tests can script the timings. Under torch.compile
+    nothing is timed: the first candidate (the static default) is used."""
+
+    def __init__(self, clock=time.perf_counter, repeats=1, log=_log_stderr):
+        self.clock, self.repeats, self.log = clock, repeats, log
+        self.choices, self.timings = {}, {}
+        self.current = None  # (name, candidate) being timed, for scripted clocks
+
+    def choose(self, name, key, candidates, device=None):
+        """The chosen candidate name for `key`; `candidates` maps names to zero-argument callables."""
+        names = list(candidates)
+        if len(names) == 1:
+            return names[0]
+        full = (name, *key)
+        hit = self.choices.get(full)
+        if hit in candidates:
+            return hit
+        if torch.compiler.is_compiling():
+            return names[0]
+        times, outer = {}, self.current
+        devices = [torch.device(device)] if device is not None and torch.device(device).type == "cuda" else []
+        # Timing runs leave the random streams (dropout) alone, and keep their saved tensors out of an
+        # enclosing gradient checkpoint (which must see the same tensors when it recomputes).
+        with torch.random.fork_rng(devices=devices), torch.autograd.graph.saved_tensors_hooks(_same, _same):
+            for cand, fn in candidates.items():
+                self.current = (name, cand)
+                fn()
+                best = math.inf
+                for _ in range(self.repeats):
+                    _synchronize(device)
+                    start = self.clock()
+                    fn()
+                    _synchronize(device)
+                    best = min(best, self.clock() - start)
+                times[cand] = best
+        self.current = outer
+        choice = min(names, key=lambda c: times[c])
+        self.choices[full], self.timings[full] = choice, times
+        timed = ", ".join(f"{c} {times[c] * 1e3:.1f} ms" for c in sorted(names, key=lambda c: times[c]))
+        self.log(f"fast paths: {name} {format_key(key)}: using {choice} ({timed})")
+        return choice
+
+
+def _same(tensor):
+    return tensor
+
+
+def format_key(key):
+    return " ".join(str(part) for part in key)
+
+
+def _synchronize(device):
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_call(fn, params):
+    """A zero-argument callable for the autotuner: runs `fn()` (a tensor or tuple of tensors) and,
+    when gradients are on, its backward into `params` too (through autograd.grad, so .grad and
+    gradient hooks (DDP) are untouched): a training step pays for both."""
+    def run():
+        outs = fn()
+        outs = (outs,) if isinstance(outs, torch.Tensor) else tuple(outs)
+        wanted = [p for p in params if p.requires_grad]
+        if torch.is_grad_enabled() and wanted and any(o.requires_grad for o in outs):
+            outs = [o for o in outs if o.requires_grad]
+            torch.autograd.grad(outs, wanted, grad_outputs=[torch.ones_like(o) for o in outs], allow_unused=True)
+    return run
 
 
 def unwrap(model):

@@ -4,13 +4,15 @@ gamma and beta depend on the label map only, never on x or t, so their label-dep
 prepared once per forward (`SpadeLabels`), shared by every norm, and for the all-zero map (the
 guidance input, dropped labels) computed in closed form and cached. For one-hot maps the first conv
 is a sum of weight columns, i.e. a table gather, and a map has few distinct 3x3 patches, so gamma/beta
-can be evaluated once per patch. Which of these run is the model's `FastPaths` config.
+can be evaluated once per patch. Which of these run is the model's `FastPaths` config; where a
+switch is "auto", the model's `Autotuner` times the candidates (dense conv, gather, unique patches)
+once per (device, dtype, grad mode, shapes) and keeps the fastest.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fast_paths import UNIQUE_PATCH_MAX_RATIO, FastPaths
+from .fast_paths import AUTO, UNIQUE_PATCH_MAX_RATIO, Autotuner, FastPaths, timed_call
 
 
 class SPADEGroupNorm(nn.Module):
@@ -81,10 +83,43 @@ class SPADEGroupNorm(nn.Module):
         classes = torch.cat([taps[:, :-1], taps.new_zeros(9, 1, w.shape[0])], dim=1)
         return torch.cat([classes, classes + taps[:, -1:]], dim=1).reshape(9 * 2 * num_labels, w.shape[0])
 
+    def _cond_strategies(self, labels):
+        """The allowed ways to compute the cond rows, static default first: "unique" (per distinct
+        patch), "gather" (per pixel), "conv" (the dense convs)."""
+        fast = labels.fast_paths
+        if fast.spade_gather is False or labels.codes is None:  # not one-hot: only the convs are exact
+            return ["conv"]
+        names = []
+        if fast.spade_unique_patches is not False:
+            names.append("unique")
+        if fast.spade_unique_patches is not True:
+            names.append("gather")
+        if fast.spade_gather == AUTO:
+            names.append("conv")
+        return names
+
     def _cond_scale_shift(self, labels, size):
         """(1 + gamma, beta) for the cond rows of `labels` at `size`."""
-        plan = labels.patch_plan(size)
-        if plan is None:  # not a one-hot map (or the gather is off): the convs on the dense map
+        names = self._cond_strategies(labels)
+        if len(names) > 1:
+            weight = self.mlp_gamma.weight
+            key = (weight.device, _compute_dtype(weight), "train" if torch.is_grad_enabled() else "eval",
+                   f"{labels.num_cond}x{labels.num_labels}x{size[0]}x{size[1]}", f"C={self.mlp_gamma.out_channels}",
+                   "fused" if self.fast_paths.fused_gamma_beta else "split",
+                   "nhwc" if labels.fast_paths.channels_last else "nchw")
+            candidates = {n: timed_call(lambda n=n: self._cond_by(n, labels, size, fresh=True), self.parameters())
+                          for n in names}
+            return self._cond_by(labels.tuner.choose("spade", key, candidates, weight.device), labels, size)
+        return self._cond_by(names[0], labels, size)
+
+    def _cond_by(self, strategy, labels, size, fresh=False):
+        """`fresh`: rebuild the prepared label data at `size`, so that a timing pays for it."""
+        if fresh:
+            labels.forget(size)
+        plan = None
+        if strategy != "conv":
+            plan = labels.patch_plan(size, unique=strategy == "unique")
+        if plan is None:  # the convs on the dense map
             actv = self.mlp_shared(labels.dense_at(size, self.mlp_gamma.weight.dtype))
             return self._split([F.conv2d(actv, w, b, padding=1) for w, b in self._scale_shift_parts()])
         bsz, (h, w) = labels.num_cond, size
@@ -173,6 +208,12 @@ def gather_sum(table, index):
     return F.embedding_bag(index, table, mode="sum")
 
 
+def _compute_dtype(weight):
+    """The dtype the norm computes in: autocast's where it is on, else the weights'."""
+    device = weight.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+
+
 def _modulate(normed, scale, shift):
     """normed * scale + shift in one pass (scale = 1 + gamma)."""
     return torch.addcmul(shift, normed, scale)
@@ -204,9 +245,10 @@ class SpadeLabels:
     closed form when `null_label_cache` is on.
     """
 
-    def __init__(self, y, dtype, fast_paths):
+    def __init__(self, y, dtype, fast_paths, tuner=None):
         bsz, num_labels = y.shape[:2]
         self.fast_paths = fast_paths
+        self.tuner = tuner if tuner is not None else Autotuner()
         self.num_labels = num_labels
         self._dense = y
         self._dtype = dtype
@@ -224,9 +266,20 @@ class SpadeLabels:
             if order != list(range(bsz)):
                 self.restore = torch.argsort(torch.tensor(order, device=y.device))
             self._dense = y.index_select(0, self.cond_rows)
-        self.codes = None
-        if fast_paths.spade_gather and not self.all_null:
-            self.codes = _label_codes(self._dense)
+        self._codes = False  # computed on first use: its one-hot check syncs with the device
+
+    @property
+    def codes(self):
+        """(B, H, W) integer codes of the cond rows, or None (not one-hot, or the gather is off)."""
+        if self._codes is False:
+            gather = self.fast_paths.spade_gather is not False and not self.all_null
+            self._codes = _label_codes(self._dense) if gather else None
+        return self._codes
+
+    def forget(self, size):
+        """Drop what was prepared at `size` (the autotuner times a path with its preparation)."""
+        for key in [k for k in self._cache if k[1] == size]:
+            del self._cache[key]
 
     def dense_at(self, size, dtype):
         """Cond rows of the map in the model's dtype, nearest-resized to `size` (released resize)."""
@@ -238,21 +291,25 @@ class SpadeLabels:
             self._cache[key] = dense
         return self._cache[key]
 
-    def patch_plan(self, size):
-        """Gather indices at `size`, or None when the map is not one-hot (dense path)."""
+    def patch_plan(self, size, unique=None):
+        """Gather indices at `size`, or None when the map is not one-hot (dense path). `unique`: try
+        the per-patch plan (it falls back to per pixel where distinct patches are too many);
+        None: as the config says."""
         if self.codes is None:
             return None
-        key = ("plan", size)
+        if unique is None:
+            unique = self.fast_paths.spade_unique_patches is not False
+        key = ("plan", size, bool(unique))
         if key not in self._cache:
-            self._cache[key] = self._make_plan(size)
+            self._cache[key] = self._make_plan(size, bool(unique))
         return self._cache[key]
 
-    def _make_plan(self, size):
+    def _make_plan(self, size, unique):
         codes = F.interpolate(self.codes[:, None].float(), size=size, mode="nearest")[:, 0].long()
         rows = 2 * self.num_labels
         patches = _neighbourhoods(codes, pad_value=self.num_labels - 1)  # (N, 9) codes
         offsets = torch.arange(9, device=codes.device) * rows
-        if not self.fast_paths.spade_unique_patches:
+        if not unique:
             return _PatchPlan(patches + offsets)
         unique, inverse = _unique_rows(patches)
         if unique.shape[0] > UNIQUE_PATCH_MAX_RATIO * patches.shape[0]:

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fast_paths import FastPaths
+from .fast_paths import AUTO, Autotuner, FastPaths, timed_call
 from .nn import (
     avg_pool_nd,
     checkpoint,
@@ -208,6 +208,7 @@ class AttentionBlock(nn.Module):
                  use_new_attention_order=False, fast_paths=FastPaths()):
         super().__init__()
         self.fast_paths = fast_paths  # set by the owning UNet; not state
+        self.autotuner = None  # the owning UNet's; not state
         if num_head_channels == -1:
             self.num_heads = num_heads
         else:
@@ -224,8 +225,22 @@ class AttentionBlock(nn.Module):
         return checkpoint(self._forward, (x,), self.use_checkpoint)
 
     def _attend(self, x):
-        return self.proj_out(qkv_attention(self.qkv(self.norm(x)), self.num_heads, self.legacy_order,
-                                           use_sdpa=self.fast_paths.sdpa_attention))
+        qkv = self.qkv(self.norm(x))
+        use_sdpa = self.fast_paths.sdpa_attention
+        if use_sdpa == AUTO:
+            use_sdpa = self._sdpa_choice(qkv)
+        return self.proj_out(qkv_attention(qkv, self.num_heads, self.legacy_order, use_sdpa=use_sdpa))
+
+    def _sdpa_choice(self, qkv):
+        """Whether SDPA beats einsum + softmax here (on CPU its backward can be the slower one at few tokens)."""
+        tuner = self.autotuner if self.autotuner is not None else Autotuner()
+        leaf = qkv.detach().requires_grad_(torch.is_grad_enabled() and qkv.requires_grad)
+        key = (qkv.device, qkv.dtype, "train" if leaf.requires_grad else "eval", "x".join(map(str, qkv.shape)),
+               f"heads={self.num_heads}")
+        candidates = {name: timed_call(lambda s=name == "sdpa": qkv_attention(leaf, self.num_heads, self.legacy_order,
+                                                                             use_sdpa=s), [leaf])
+                      for name in ("sdpa", "einsum")}
+        return tuner.choose("sdpa_attention", key, candidates, qkv.device) == "sdpa"
 
     def _forward(self, x):
         b, c, *spatial = x.shape
@@ -335,12 +350,25 @@ class UNetModel(nn.Module):
             normalization(ch), nn.SiLU(), zero_module(conv_nd(dims, input_ch, out_channels, 3, padding=1))
         )
         self.fast_paths = fast_paths
+        self.autotuner = Autotuner()  # choices of the "auto" fast paths, per key; not state
         if use_fp16:
             self.convert_to_fp16()
 
     @property
     def fast_paths(self) -> FastPaths:
         return self._fast_paths
+
+    @property
+    def autotuner(self) -> Autotuner:
+        """Timings and choices of the "auto" fast paths (one per model, shared by its blocks)."""
+        return self._autotuner
+
+    @autotuner.setter
+    def autotuner(self, tuner: Autotuner):
+        self._autotuner = tuner
+        for m in self.modules():
+            if isinstance(m, AttentionBlock):
+                m.autotuner = tuner
 
     @fast_paths.setter
     def fast_paths(self, config: FastPaths):
@@ -390,15 +418,36 @@ class UNetModel(nn.Module):
         not see the label map, so with the `shared_encoder` fast path it runs once for both halves."""
         self.check_inputs(x, y)
         fast = self.fast_paths
+        if fast.channels_last == AUTO:
+            fast = fast.replace(channels_last=x.dim() == 4 and self._channels_last_choice(x, timesteps, y,
+                                                                                         with_unconditional))
+        return self._forward(x, timesteps, y, with_unconditional, fast)
+
+    def _channels_last_choice(self, x, timesteps, y, with_unconditional):
+        """Whether NHWC is faster here: timed once per (device, dtype, grad mode, shapes), forward and,
+        when training, backward."""
+        device = x.device
+        amp = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.dtype
+        key = (device, amp, "train" if torch.is_grad_enabled() else "eval", "x".join(map(str, x.shape)),
+               f"labels={y.shape[1]}", "cfg" if with_unconditional else "single")
+        candidates = {
+            choice: timed_call(lambda c=choice: self._forward(x, timesteps, y, with_unconditional,
+                                                              self.fast_paths.replace(channels_last=c == "nhwc")),
+                               self.parameters())
+            for choice in ("nhwc", "nchw")
+        }
+        return self.autotuner.choose("channels_last", key, candidates, device) == "nhwc"
+
+    def _forward(self, x, timesteps, y, with_unconditional, fast):
         share = with_unconditional and fast.shared_encoder
         if with_unconditional:
             y = torch.cat([y, torch.zeros_like(y)])
             if not share:
                 x, timesteps = torch.cat([x, x]), torch.cat([timesteps, timesteps])
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
-        cond = SpadeLabels(y, self.dtype, fast) if fast.spade_enabled else y.type(self.dtype)
+        cond = SpadeLabels(y, self.dtype, fast, self.autotuner) if fast.spade_enabled else y.type(self.dtype)
         h = x.type(self.dtype)
-        channels_last = fast.channels_last and h.dim() == 4
+        channels_last = fast.channels_last is True and h.dim() == 4
         if channels_last:
             h = h.contiguous(memory_format=torch.channels_last)
         hs = []
