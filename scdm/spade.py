@@ -83,7 +83,7 @@ class SPADEGroupNorm(nn.Module):
         classes = torch.cat([taps[:, :-1], taps.new_zeros(9, 1, w.shape[0])], dim=1)
         return torch.cat([classes, classes + taps[:, -1:]], dim=1).reshape(9 * 2 * num_labels, w.shape[0])
 
-    def _cond_strategies(self, labels):
+    def cond_strategies(self, labels):
         """The allowed ways to compute the cond rows, static default first: "unique" (per distinct
         patch), "gather" (per pixel), "conv" (the dense convs)."""
         fast = labels.fast_paths
@@ -100,19 +100,19 @@ class SPADEGroupNorm(nn.Module):
 
     def _cond_scale_shift(self, labels, size):
         """(1 + gamma, beta) for the cond rows of `labels` at `size`."""
-        names = self._cond_strategies(labels)
+        names = self.cond_strategies(labels)
         if len(names) > 1:
             weight = self.mlp_gamma.weight
             key = (weight.device, _compute_dtype(weight), "train" if torch.is_grad_enabled() else "eval",
                    f"{labels.num_cond}x{labels.num_labels}x{size[0]}x{size[1]}", f"C={self.mlp_gamma.out_channels}",
                    "fused" if self.fast_paths.fused_gamma_beta else "split",
                    "nhwc" if labels.fast_paths.channels_last else "nchw")
-            candidates = {n: timed_call(lambda n=n: self._cond_by(n, labels, size, fresh=True), self.parameters())
+            candidates = {n: timed_call(lambda n=n: self.cond_scale_shift_by(n, labels, size, fresh=True), self.parameters())
                           for n in names}
-            return self._cond_by(labels.tuner.choose("spade", key, candidates, weight.device), labels, size)
-        return self._cond_by(names[0], labels, size)
+            return self.cond_scale_shift_by(labels.tuner.choose("spade", key, candidates, weight.device), labels, size)
+        return self.cond_scale_shift_by(names[0], labels, size)
 
-    def _cond_by(self, strategy, labels, size, fresh=False):
+    def cond_scale_shift_by(self, strategy, labels, size, fresh=False):
         """`fresh`: rebuild the prepared label data at `size`, so that a timing pays for it."""
         if fresh:
             labels.forget(size)

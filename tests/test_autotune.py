@@ -77,9 +77,9 @@ def test_forced_switches_leave_only_their_branch(tiny_flags, gather, unique, exp
     norm = SPADEGroupNorm(32, tiny_flags["num_classes"] + 1)
     y = random_label_map(2, tiny_flags["num_classes"], 8, 8)
     labels = SpadeLabels(y, torch.float32, FastPaths(spade_gather=gather, spade_unique_patches=unique))
-    assert norm._cond_strategies(labels) == expected
+    assert norm.cond_strategies(labels) == expected
     soft = SpadeLabels(y * 0.5, torch.float32, FastPaths(spade_gather=gather, spade_unique_patches=unique))
-    assert norm._cond_strategies(soft) == ["conv"]  # not one-hot: the convs are the only exact path
+    assert norm.cond_strategies(soft) == ["conv"]  # not one-hot: the convs are the only exact path
 
 
 def _model(tiny_flags):
@@ -112,7 +112,7 @@ def test_model_under_every_choice_equals_plain(tiny_flags, winners, training):
     y = F.interpolate(random_label_map(3, tiny_flags["num_classes"], 4, 4), size=(s, s), mode="nearest")
     y[2] = 0
     used = []
-    original = SPADEGroupNorm._cond_by
+    original = SPADEGroupNorm.cond_scale_shift_by
 
     def spy(self, strategy, labels, size, fresh=False):
         if not fresh and tuner.current is None:  # the real forward, not a timing run
@@ -129,11 +129,11 @@ def test_model_under_every_choice_equals_plain(tiny_flags, winners, training):
         return out.detach(), grads
 
     plain, plain_grads = run(False)
-    SPADEGroupNorm._cond_by = spy
+    SPADEGroupNorm.cond_scale_shift_by = spy
     try:
         fast, fast_grads = run(True)
     finally:
-        SPADEGroupNorm._cond_by = original
+        SPADEGroupNorm.cond_scale_shift_by = original
     _close(fast, plain)
     if training:
         overall = max(g.abs().max().item() for g in plain_grads)
