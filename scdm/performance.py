@@ -4,7 +4,9 @@ The model's exact fast paths are not here: each model holds its own config (scdm
 
 - `resolve_precision`: the precision the `--precision` / `--use_fp16` flags ask for.
 - `precision_context`: autocast to bf16/fp16 where the device can do it; otherwise one clear warning
-  and fp32, so asking for a precision never crashes a job.
+  and fp32, so asking for a precision never crashes a job. On a CPU "can do it" means native
+  instructions (`cpu_half_support`: AVX512-BF16/AMX-BF16 for bf16, AVX512-FP16/AMX-FP16 for fp16):
+  elsewhere autocast emulates the type and is slower than fp32.
 - `maybe_compile`: torch.compile where it is available and works; otherwise one clear warning and the
   eager model.
 - `describe_machine`: the facts a benchmark result needs next to it.
@@ -65,10 +67,49 @@ def autocast_dtype(device, precision):
     return dtype
 
 
+# /proc/cpuinfo flags that make a half type native on x86 CPUs.
+CPU_HALF_FLAGS = {"bf16": ("avx512_bf16", "amx_bf16"), "fp16": ("avx512_fp16", "amx_fp16")}
+
+
+def _cpu_flags():
+    """The CPU's feature flags from /proc/cpuinfo, or None where there is none (not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def cpu_half_support(precision, flags=None):
+    """(native, reason) for "bf16" / "fp16" on this CPU: native when its flags show the instructions
+    (CPU_HALF_FLAGS) or, without /proc/cpuinfo, when oneDNN reports the type."""
+    flags = _cpu_flags() if flags is None else set(flags)
+    wanted = CPU_HALF_FLAGS[precision]
+    if flags is not None:
+        found = sorted(set(wanted) & flags)
+        if found:
+            return True, f"this CPU has {', '.join(found)}"
+        return False, (f"this CPU ({_cpu_model()}) has no {' or '.join(wanted)}: {precision} would be emulated, "
+                       "slower than fp32")
+    check = {"bf16": "_is_mkldnn_bf16_supported", "fp16": "_is_mkldnn_fp16_supported"}[precision]
+    try:
+        native = bool(getattr(torch.ops.mkldnn, check)())
+    except (AttributeError, RuntimeError):
+        native = False
+    return native, f"oneDNN reports {precision} {'supported' if native else 'unsupported'} on this CPU"
+
+
 def _autocast_unsupported(device, dtype):
     """Why autocast to `dtype` cannot run on `device`, or '' when it can."""
     if not torch.amp.is_autocast_available(device.type):
         return f"no autocast for device type {device.type!r}"
+    if device.type == "cpu":
+        native, reason = cpu_half_support("bf16" if dtype == torch.bfloat16 else "fp16")
+        if not native:
+            return reason
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return "CUDA is not available"
@@ -189,6 +230,8 @@ def describe_machine():
         "torch_interop_threads": torch.get_num_interop_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_native_bf16": cpu_half_support("bf16")[0],
+        "cpu_native_fp16": cpu_half_support("fp16")[0],
         "mkldnn": torch.backends.mkldnn.is_available(),
         "gpu": None,
     }

@@ -274,10 +274,35 @@ def test_precision_unavailable_warns_and_runs_fp32(monkeypatch):
         precision_context("cpu", "fp8")
 
 
-def test_precision_bf16_on_cpu_autocasts():
-    with precision_context("cpu", "bf16"):
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_half_precision_on_cpu_only_where_native(monkeypatch, precision, dtype):
+    """A CPU with the instructions autocasts; one without says why in one warning and runs fp32."""
+    monkeypatch.setattr(performance, "cpu_half_support", lambda p: (True, "has them"))
+    with precision_context("cpu", precision):
         out = torch.nn.functional.linear(torch.ones(2, 4), torch.ones(3, 4))
-    assert out.dtype == torch.bfloat16
+    assert out.dtype == dtype
+    monkeypatch.undo()
+    flags = {"fpu", "avx2", "avx512f"}
+    monkeypatch.setattr(performance, "_cpu_flags", lambda: flags)
+    performance.reset_warnings()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ctx = precision_context("cpu", precision)
+        precision_context("cpu", precision)  # once per process
+    assert [str(w.message) for w in caught] == [
+        f"precision {precision} is not available on cpu (this CPU ({performance.describe_machine()['cpu']}) has no "
+        f"{' or '.join(performance.CPU_HALF_FLAGS[precision])}: {precision} would be emulated, slower than fp32); "
+        "running in fp32"]
+    with ctx:
+        assert torch.nn.functional.linear(torch.ones(2, 4), torch.ones(3, 4)).dtype == torch.float32
+
+
+def test_cpu_half_support_reads_the_flags():
+    assert performance.cpu_half_support("bf16", {"avx2", "amx_bf16"}) == (True, "this CPU has amx_bf16")
+    assert performance.cpu_half_support("bf16", {"avx512_bf16", "avx512_fp16"})[0]
+    assert not performance.cpu_half_support("bf16", {"avx512f", "avx512_fp16"})[0]
+    assert performance.cpu_half_support("fp16", {"avx512_fp16"}) == (True, "this CPU has avx512_fp16")
+    assert not performance.cpu_half_support("fp16", {"avx512_bf16"})[0]
 
 
 def test_compile_unavailable_falls_back_to_eager(tiny_flags, monkeypatch):
