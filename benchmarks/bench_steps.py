@@ -53,17 +53,25 @@ from scdm.toy import segment_toy_image  # noqa: E402
 GUIDANCE, THRESHOLD = SAMPLING["25"]["s"], SAMPLING["25"]["dynamic_threshold"]
 
 
-def settings(steps, uniform_steps, reference=True):
+# Which part of the released 25-step setting matters (names with a comma are left out of the plot).
+ABLATIONS = [("dpm++2m 10, extrapolation 0.8", "dpm++2m", "logsnr10", GUIDANCE, 0.8, THRESHOLD, 10),
+             ("ancestral 25, no extrapolation", "ancestral", "ddim25", GUIDANCE, 0.0, THRESHOLD, 25)]
+
+
+def settings(steps, uniform_steps, reference=True, ablations=False, sde_steps=(), released=True):
     """(name, sampler, respacing, s, extrapolation, threshold, steps) of every setting, cheap ones first."""
-    out = []
+    out = list(ABLATIONS) if ablations else []
     for n in steps:
         out.append((f"dpm++2m {n}", "dpm++2m", f"logsnr{n}", GUIDANCE, 0.0, THRESHOLD, n))
         out.append((f"ddim {n}", "ddim", f"ddim{n}", GUIDANCE, 0.0, THRESHOLD, n))
+    for n in sde_steps:
+        out.append((f"dpm++2m-sde {n}", "dpm++2m-sde", f"logsnr{n}", GUIDANCE, 0.0, THRESHOLD, n))
     for n in uniform_steps:
         out.append((f"dpm++2m uniform-t {n}", "dpm++2m", str(n), GUIDANCE, 0.0, THRESHOLD, n))
     r25 = SAMPLING["25"]
-    out.append(("ancestral 25 (released)", "ancestral", r25["timestep_respacing"], r25["s"], r25["extrapolation"],
-                r25["dynamic_threshold"], 25))
+    if released:
+        out.append(("ancestral 25 (released)", "ancestral", r25["timestep_respacing"], r25["s"],
+                    r25["extrapolation"], r25["dynamic_threshold"], 25))
     if reference:
         r = SAMPLING["1000"]
         out.append(("ancestral 1000 (reference)", "ancestral", r["timestep_respacing"], r["s"], 0.0, None, 1000))
@@ -150,7 +158,9 @@ def run(args):
               "batch_size": args.batch_size, "guidance": GUIDANCE, "threshold": THRESHOLD,
               "fd_floor_real_vs_real": floor, "fd_reference_images": len(real),
               "machine": describe_machine(), "torch_threads": torch.get_num_threads(), "results": {}}
-    todo = settings(args.steps, args.uniform_steps, reference=args.reference_seeds > 0)
+    todo = settings(args.steps, args.uniform_steps, reference=args.reference_seeds > 0,
+                    ablations=getattr(args, "ablations", False), sde_steps=getattr(args, "sde_steps", ()),
+                    released=not getattr(args, "no_released", False))
     start = time.perf_counter()
     for setting in todo:
         name = setting[0]
@@ -192,15 +202,15 @@ def plot(result, path):
     for col, set_name in enumerate(sets):
         for row, (key, label) in enumerate((("miou_mean", "mIoU (%)"), ("fd", "image-statistics FD"))):
             ax = axes[row][col]
-            for sampler, style in (("dpm++2m", "o-"), ("ddim", "s-")):
+            for sampler, style in (("dpm++2m", "o-"), ("dpm++2m-sde", "^-"), ("ddim", "s-")):
                 pts = sorted((e[set_name]["model_evaluations"], e[set_name][key]) for n, e in result["results"].items()
-                             if e[set_name]["sampler"] == sampler and "uniform" not in n)
+                             if e[set_name]["sampler"] == sampler and "uniform" not in n and "," not in n)
                 if pts:
                     xs, ys = zip(*pts)
                     ax.plot(xs, [100 * v if key == "miou_mean" else v for v in ys], style,
-                            label=sampler + (" (logSNR grid)" if sampler == "dpm++2m" else " (ddimN grid)"))
+                            label=sampler + (" (ddimN grid)" if sampler == "ddim" else " (logSNR grid)"))
             for n, e in result["results"].items():
-                if e[set_name]["sampler"] == "ancestral":
+                if e[set_name]["sampler"] == "ancestral" and "," not in n:
                     v = e[set_name][key] * (100 if key == "miou_mean" else 1)
                     ax.axhline(v, ls="--" if "reference" in n else ":", color="k" if "reference" in n else "C3",
                                label=n)
@@ -235,7 +245,7 @@ def smoke(args):
         save_torch(model.state_dict(), tmp / "run" / "ema_0.999_000000.pt")
         write_json(flags, tmp / "run" / "args.json")
         ns = argparse.Namespace(model_path=str(tmp / "run" / "ema_0.999_000000.pt"), data_dir=str(tmp / "toy"),
-                                noisy=[("same", tmp / "toy")], num_maps=2, seeds=[0, 1], steps=[2],
+                                noisy=[("same", tmp / "toy")], num_maps=2, seeds=[0, 1], steps=[2], sde_steps=[2],
                                 uniform_steps=[2], reference_seeds=0, batch_size=2, out=args.out, plot=args.plot)
         return run(ns)
 
@@ -256,10 +266,15 @@ def main(argv=None):
                    help="a noisy tree of the same test maps (repeatable)")
     p.add_argument("--num_maps", type=positive_int, default=16, help="test maps per set (the first ones)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="sampling seeds")
-    p.add_argument("--steps", type=positive_int, nargs="+", default=[5, 8, 10, 15, 25, 50],
+    p.add_argument("--steps", type=positive_int, nargs="*", default=[5, 8, 10, 15, 25, 50],
                    help="steps of dpm++2m and ddim")
     p.add_argument("--uniform_steps", type=positive_int, nargs="*", default=[10],
                    help="steps of dpm++2m on the uniform-t grid (ablation)")
+    p.add_argument("--sde_steps", type=positive_int, nargs="*", default=[5, 10, 25],
+                   help="steps of dpm++2m-sde (logsnrN grid)")
+    p.add_argument("--no_released", action="store_true", help="leave out the released 25-step setting")
+    p.add_argument("--ablations", action="store_true", help="also: dpm++2m 10 with the released extrapolation "
+                   "0.8, and the released ancestral 25 without it")
     p.add_argument("--reference_seeds", type=int, default=1, choices=range(0, 11), metavar="K",
                    help="seeds of the 1000-step ancestral reference (the first K of --seeds; 0: none)")
     p.add_argument("--batch_size", type=positive_int, default=16, help="maps per sampler call")

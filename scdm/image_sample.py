@@ -152,8 +152,9 @@ def create_argparser():
     add_dict_to_argparser(parser, defaults, helps=sampler_help(defaults), types=SAMPLE_FLAG_TYPES)
     parser.add_argument("--sampler", default="", choices=["", *SAMPLERS], metavar="NAME",
                         help=f"reverse-process update, one of {', '.join(SAMPLERS)}: ancestral (released), ddim, or "
-                             "dpm++2m (DPM-Solver++(2M), a second-order multistep ODE solver for few steps, e.g. "
-                             "--timestep_respacing 10); one model call per respaced step for each (default: "
+                             "dpm++2m (DPM-Solver++(2M), a second-order multistep ODE solver for few steps, with "
+                             "--timestep_respacing logsnrN, e.g. logsnr10), dpm++2m-sde (its stochastic variant); "
+                             "one model call per respaced step for each (default: "
                              "ddim with --use_ddim True, else ancestral)" + NO_DEFAULT_LINE)
     parser.add_argument("--preset", default="", choices=["", *PRESETS], metavar="NAME",
                         help=f"model flags of a released checkpoint (no args.json beside it): {', '.join(PRESETS)}; "

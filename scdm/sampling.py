@@ -120,7 +120,7 @@ class SolverState:
     pred_xstart: torch.Tensor
 
 
-def dpm_solver_update(diffusion, x, t, step: StepOutput, state: Optional[SolverState] = None, order=2):
+def dpm_solver_update(diffusion, x, t, step: StepOutput, state: Optional[SolverState] = None, order=2, noise=None):
     """x at the next grid point by DPM-Solver++(2M) (Lu et al. 2022, multistep, data prediction).
 
     The grid is this diffusion's steps: from step t (alpha_s, sigma_s) to the step before it (alpha_t,
@@ -133,6 +133,9 @@ def dpm_solver_update(diffusion, x, t, step: StepOutput, state: Optional[SolverS
     Written here rather than behind diffusers' DPMSolverMultistepScheduler: the update is these two
     lines, while the model call (guidance, label re-diffusion, learned sigma), the respaced grid, the
     x0 post-processing and the per-image noise are ours either way. Coefficients in float64.
+    With `noise` (z ~ N(0, I)): the SDE variant ("dpm++2m-sde", the same D), which re-injects noise as the
+    ancestral sampler does: x_t = sigma_t / sigma_s e^-h x_s + alpha_t (1 - e^-2h) D + sigma_t sqrt(1 - e^-2h) z;
+    its first-order case is DDIM with eta = 1 (the posterior of fixed small variance).
     Returns (x_t, state for the next step)."""
     abar_s = torch.from_numpy(diffusion.alphas_cumprod).to(x.device)[t]
     abar_t = torch.from_numpy(diffusion.alphas_cumprod_prev).to(x.device)[t]
@@ -146,15 +149,21 @@ def dpm_solver_update(diffusion, x, t, step: StepOutput, state: Optional[SolverS
         r = (lam_s - state.lam) / torch.where(second, h, torch.ones_like(h))
         w = torch.where(second, 0.5 / r, torch.zeros_like(r)).to(x0.dtype).view(view)
         d = x0 + w * (x0 - state.pred_xstart)
-    coef_x = torch.sqrt((1 - abar_t) / (1 - abar_s)).to(x.dtype).view(view)
-    coef_d = (-torch.sqrt(abar_t) * torch.expm1(-h)).to(x.dtype).view(view)
-    return coef_x * x + coef_d * d, SolverState(lam_s, x0)
+    if noise is None:
+        coef_x = torch.sqrt((1 - abar_t) / (1 - abar_s))
+        coef_d = -torch.sqrt(abar_t) * torch.expm1(-h)
+        return coef_x.to(x.dtype).view(view) * x + coef_d.to(x.dtype).view(view) * d, SolverState(lam_s, x0)
+    coef_x = torch.sqrt((1 - abar_t) / (1 - abar_s)) * torch.exp(-h)
+    coef_d = -torch.sqrt(abar_t) * torch.expm1(-2 * h)
+    coef_z = torch.sqrt((1 - abar_t) * -torch.expm1(-2 * h))
+    out = coef_x.to(x.dtype).view(view) * x + coef_d.to(x.dtype).view(view) * d
+    return out + coef_z.to(x.dtype).view(view) * noise, SolverState(lam_s, x0)
 
 
 _DRAW = {"gaussian": torch.randn, "uniform": torch.rand}
 
 # Names accepted by `sample_loop(sampler=...)` and the `--sampler` flags.
-SAMPLERS = ("ancestral", "ddim", "dpm++2m")
+SAMPLERS = ("ancestral", "ddim", "dpm++2m", "dpm++2m-sde")
 
 
 def resolve_sampler(sampler=None, use_ddim=False):
@@ -207,8 +216,9 @@ def sample_loop(model, diffusion, shape, y, *, noise=None, guidance_scale=1.0, e
                                 threshold_percentile=threshold_percentile, clip_denoised=clip_denoised,
                                 batched_guidance=batched_guidance)
             z = _draw(shape[1:], b, device, generators)  # drawn by every sampler: the same label noise
-            if sampler == "dpm++2m":
-                x, solver_state = dpm_solver_update(diffusion, x, t, step, solver_state)
+            if sampler in ("dpm++2m", "dpm++2m-sde"):
+                x, solver_state = dpm_solver_update(diffusion, x, t, step, solver_state,
+                                                    noise=z if sampler == "dpm++2m-sde" else None)
             elif sampler == "ddim":
                 x = ddim_update(diffusion, x, t, step, z, eta)
             else:

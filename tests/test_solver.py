@@ -68,7 +68,7 @@ def ode_errors(sampler, grid, ns, x_T):
 
 
 def test_solver_is_in_the_sampler_list():
-    assert "dpm++2m" in SAMPLERS and resolve_sampler("dpm++2m", use_ddim=True) == "dpm++2m"
+    assert {"dpm++2m", "dpm++2m-sde"} <= set(SAMPLERS) and resolve_sampler("dpm++2m", use_ddim=True) == "dpm++2m"
     with pytest.raises(ValueError, match="--sampler 'dpm'"):
         resolve_sampler("dpm")
 
@@ -268,7 +268,8 @@ def test_bench_steps_smoke(tmp_path):
         with pytest.raises(ValueError, match="matplotlib"):
             bench.main(["--smoke", "--out", str(out), "--plot", str(png)])
     result = json.loads(out.read_text())
-    assert set(result["results"]) == {"dpm++2m 2", "ddim 2", "dpm++2m uniform-t 2", "ancestral 25 (released)"}
+    assert set(result["results"]) == {"dpm++2m 2", "ddim 2", "dpm++2m-sde 2", "dpm++2m uniform-t 2",
+                                          "ancestral 25 (released)"}
     for name, per_set in result["results"].items():
         assert set(per_set) == {"clean", "same"}
         for entry in per_set.values():
@@ -312,3 +313,23 @@ def test_image_sample_sampler_flag(tmp_path):
         image_sample.main([*base, "--results_path", tmp_path / "x", "--sampler", "ancestral", "--use_ddim", "True"])
     with pytest.raises(SystemExit):
         image_sample.main([*base, "--results_path", tmp_path / "x", "--sampler", "dpm"])
+
+
+def test_sde_variant_first_order_is_ddim_eta_1_and_samples_the_data():
+    """dpm++2m-sde: order 1 with the same noise is DDIM with eta=1 at every step; its samples on Gaussian
+    data have the data's moments."""
+    _, diffusion = gaussian_setup("logsnr10", learn_sigma=True)
+    g = torch.Generator().manual_seed(8)
+    for i in range(diffusion.num_timesteps):
+        t = torch.full((2,), i, dtype=torch.long)
+        x, x0, z = (torch.randn(2, 3, 4, 4, generator=g) for _ in range(3))
+        step = StepOutput(None, None, None, x0.clamp(-1, 1), x0)
+        ddim = ddim_update(diffusion, x, t, step, z, eta=1.0)
+        order1, _ = dpm_solver_update(diffusion, x, t, step, None, order=1, noise=z)
+        assert torch.allclose(order1, ddim, atol=1e-3)  # DDIM: float32 sqrt(1 - abar - sigma^2), cancelling
+    model, diffusion = gaussian_setup("logsnr20")
+    gens = [torch.Generator().manual_seed(100 + i) for i in range(16)]
+    out = sample_loop(model, diffusion, (16, 3, 16, 16), torch.zeros(16, 1, 16, 16), clip_denoised=False,
+                      sampler="dpm++2m-sde", generators=gens, device="cpu")
+    data = (MU + STD * torch.randn(10 ** 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)).clamp(-1, 1)
+    assert abs(out.mean().item() - data.mean().item()) < 0.015 and abs(out.std().item() - data.std().item()) < 0.015
