@@ -26,6 +26,7 @@ from .fileio import save_image
 from .overview import header_font, legend_entries, with_legend
 from .palettes import MASK_COLOR, TOY, colorize, palette, palette_name
 from .performance import precision_context
+from .presets import SAMPLING
 from .sampling import sample_loop
 from .script_util import create_diffusion
 from .toy import segment_toy_image
@@ -36,6 +37,10 @@ RANDOM_P = 0.1          # the paper's Random noise
 EDGE_RADIUS_AT_256 = 2  # the paper's Edge noise at 256 px, scaled to the image size (32 px: 0, a 2-px band)
 DS_FACTOR = 4           # the paper's DS: 256 -> 64, a quarter of the side, then back (nearest)
 DEFAULT_RESPACING = "ddim10"
+# The released few-step setting without guidance (a run trained without --drop_rate has no unconditional
+# model): x0 extrapolation and dynamic thresholding, which keep DDIM at 10 steps from leaving noise behind.
+SAMPLE_SETTINGS = dict(extrapolation=SAMPLING["25"]["extrapolation"],
+                       threshold_percentile=SAMPLING["25"]["dynamic_threshold"])
 DEFAULT_MAPS = 4
 SAMPLES_DIR = "samples"
 TILE = 64               # smallest tile side in the grid (pixels); label maps enlarged with nearest
@@ -148,6 +153,7 @@ class TrainSamples:
         self.unlabeled_id = unlabeled_id
         self.precision = precision
         self.seed = seed
+        self.settings = dict(SAMPLE_SETTINGS)
         self.sampler_model = None
 
     @classmethod
@@ -166,6 +172,8 @@ class TrainSamples:
         the training model's mode, weights or autograd state."""
         if self.sampler_model is None:
             self.sampler_model = copy.deepcopy(model).eval().requires_grad_(False)
+            for p in self.sampler_model.parameters():
+                p.grad = None  # the copy samples only; the training gradients stay with the model
         with torch.no_grad():
             for dst, src in zip(self.sampler_model.parameters(), params):
                 dst.copy_(src)
@@ -180,7 +188,7 @@ class TrainSamples:
         size = self.maps.photos.shape[1]
         with precision_context(device, self.precision):
             x = sample_loop(net, self.diffusion, (y.shape[0], 3, size, size), y, sampler="ddim", generators=gens,
-                            device=device)
+                            device=device, **self.settings)
         x = ((x.float() + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()
         return {n: x[i * k:(i + 1) * k] for i, n in enumerate(NOISES)}
 
