@@ -173,6 +173,8 @@ class TrainSamples:
         if self.sampler_model is None:
             self.sampler_model = copy.deepcopy(model).eval().requires_grad_(False)
             for p in self.sampler_model.parameters():
+                p.grad = None  # deepcopy copies the training gradients too
+            for p in self.sampler_model.parameters():
                 p.grad = None  # the copy samples only; the training gradients stay with the model
         with torch.no_grad():
             for dst, src in zip(self.sampler_model.parameters(), params):
