@@ -11,7 +11,16 @@ CPU part, at our reference configuration (ADE20K class count 151, no edge channe
   of the map the label diffusion has masked;
 - a training step: forward + backward + AdamW step on the hybrid loss, with label diffusion and one of
   the four maps zeroed (classifier-free dropout).
-Targets: guided step >= 4x, training step >= 1.5x; outputs equal within 1e-4 relative (reported).
+Targets: guided step >= 4x, training step >= 2x; outputs equal within 1e-4 relative (reported).
+The fast path is the default config: switches set to "auto" are timed on the first call of each
+shape (in the warm-up) and the choices, with their timings, are recorded in the JSON.
+
+Precision check (`--part precision`, also in `cpu`): the trained toy model (the newest
+results/bench_steps/train/ema_*.pt, or --toy_model) samples toy test maps with 25 guided DDIM steps
+from fixed noise in fp32, bf16 and fp16 autocast; the JSON has the max/mean absolute difference of
+the bf16 and fp16 samples from the fp32 ones and the toy mIoU of each. Where the CPU lacks native
+bf16/fp16, autocast emulates the type: the numbers are the type's rounding all the same, the time
+is not representative.
 
 GPU part: 25-step guided sampling at the released 256x256 ADE20K configuration (random weights),
 images/s per batch size in fp32 and bf16, plain vs fast, model FLOP utilisation against the GPU's bf16
@@ -27,6 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -40,6 +50,8 @@ from scdm.sampling import reverse_step, sample_loop
 from scdm.script_util import create_model_and_diffusion
 
 COMPAT = Path(__file__).resolve().parents[2] / "shared" / "compat"
+REPO = Path(__file__).resolve().parents[1]
+TOY_RUN = REPO / "results" / "bench_steps"
 GUIDANCE = dict(guidance_scale=1.5, extrapolation=0.8, threshold_percentile=0.95)
 # bf16 dense peak (TFLOP/s) by GPU name, for model FLOP utilisation; --peak_tflops overrides.
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0,
@@ -160,7 +172,16 @@ def cpu_guided_step(flags, batch, steps, warmup, repeats):
         })
     total = {k: sum(r[k]["best_s"] for r in results) for k in ("plain", "fast")}
     return {"per_step": results, "speedup_over_steps_best": round(total["plain"] / total["fast"], 2),
-            "max_rel_diff": max(max(r["max_rel_diff"].values()) for r in results)}
+            "max_rel_diff": max(max(r["max_rel_diff"].values()) for r in results),
+            "auto_choices": auto_choices(model)}
+
+
+def auto_choices(model):
+    """What the "auto" fast paths chose, per key, with the timings (ms) they were chosen on."""
+    tuner = model.autotuner
+    return {" ".join(map(str, key)): {"choice": tuner.choices[key],
+                                      "ms": {k: round(v * 1e3, 2) for k, v in tuner.timings[key].items()}}
+            for key in tuner.choices}
 
 
 # ----- CPU: training step ---------------------------------------------------------------------
@@ -197,7 +218,8 @@ def cpu_train_step(flags, batch, warmup, repeats, dropped=1):
     return {**times, "speedup_best": ratio(times), "speedup_median": ratio(times, "median_s"),
             "dropped_maps": dropped, "timesteps": t.tolist(),
             "max_rel_diff": {"loss": rel_diff(losses["fast"], losses["plain"]),
-                             "grads_vs_largest_grad": grad_diff}}
+                             "grads_vs_largest_grad": grad_diff},
+            "auto_choices": auto_choices(models["fast"])}
 
 
 def run_cpu(args):
@@ -206,9 +228,72 @@ def run_cpu(args):
     out = {"config": {**flags, "batch": args.batch, "precision": "fp32", "guidance": GUIDANCE,
                       "timestep_respacing": "ddim25", "label_maps": "10 smooth regions per map",
                       "fast_paths": sorted(FastPaths.names()), "warmup": args.warmup, "repeats": args.repeats}}
-    out["guided_reverse_step"] = cpu_guided_step(flags, args.batch, steps, args.warmup, args.repeats)
-    out["training_step"] = cpu_train_step(flags, args.batch, args.warmup, args.repeats)
+    out["load_average_before"] = os.getloadavg()
+    if "guided" in args.cpu_parts:
+        out["guided_reverse_step"] = cpu_guided_step(flags, args.batch, steps, args.warmup, args.repeats)
+    if "train" in args.cpu_parts:
+        out["training_step"] = cpu_train_step(flags, args.batch, args.warmup, args.repeats)
+    out["load_average_after"] = os.getloadavg()
     return out
+
+
+# ----- precision: bf16 / fp16 samples against fp32 -------------------------------------------
+def newest_toy_checkpoint():
+    found = sorted((TOY_RUN / "train").glob("ema_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    return found[-1] if found else None
+
+
+def run_precision(args):
+    """Samples of the trained toy model from fixed noise, 25 guided DDIM steps, per precision."""
+    from bench_steps import load_maps, miou, to_uint8
+    from scdm.checkpoint import load_into_model
+    from scdm.conditioning import Conditioning
+    from scdm.dataset_layouts import dataset_info
+    from scdm.performance import cpu_half_support
+    from scdm.run_config import read_run_config
+    from scdm.script_util import model_and_diffusion_defaults
+
+    model_path = Path(args.toy_model) if args.toy_model else newest_toy_checkpoint()
+    data_dir = Path(args.toy_data)
+    if model_path is None or not model_path.is_file() or not (data_dir / "test").is_dir():
+        return {"skipped": f"no trained toy model ({model_path}) or toy data ({data_dir}): "
+                           "train one as benchmarks/bench_steps.py describes"}
+    keys = model_and_diffusion_defaults()
+    flags = {k: v for k, v in read_run_config(model_path.parent).flags.items() if k in keys}
+    flags["use_fp16"] = False
+    schedule = model_path.parent / "class_schedule.npy"
+    if flags.get("class_schedule") and schedule.is_file():
+        flags["class_schedule"] = str(schedule)
+    model, diffusion = create_model_and_diffusion(**dict(flags, timestep_respacing="ddim25"))
+    load_into_model(model, model_path, flags)
+    model.eval()
+    info = dataset_info("folder", data_dir)
+    conditioning = Conditioning(info.num_classes, flags["no_instance"], info.unlabeled_id, unlabeled_to_zero=True)
+    names, y = load_maps(data_dir, args.precision_maps, info, conditioning, flags["image_size"])
+    shape = (len(names), 3, flags["image_size"], flags["image_size"])
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    samples, rows = {}, {}
+    for precision in ("fp32", "bf16", "fp16"):
+        gens = [torch.Generator().manual_seed(1000 + i) for i in range(len(names))]
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        ctx = torch.autocast("cpu", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
+        t0 = time.perf_counter()
+        with ctx, torch.no_grad():
+            x = sample_loop(model, diffusion, shape, y, noise=noise, generators=gens, use_ddim=True, **GUIDANCE)
+        samples[precision] = x.float()
+        rows[precision] = {"seconds": round(time.perf_counter() - t0, 2),
+                           "toy_miou": round(float(miou(to_uint8(x), names, data_dir / "test" / "labels")), 4)}
+        if dtype is not None:
+            diff = (samples[precision] - samples["fp32"]).abs()
+            rows[precision].update(max_abs_diff_from_fp32=round(float(diff.max()), 5),
+                                   mean_abs_diff_from_fp32=round(float(diff.mean()), 5),
+                                   native_on_this_cpu=cpu_half_support(precision)[0])
+    return {"model": str(model_path.relative_to(REPO) if model_path.is_relative_to(REPO) else model_path),
+            "maps": len(names), "image_size": flags["image_size"], "steps": "ddim25", "guidance": GUIDANCE,
+            "sample_range": "[-1, 1]", "per_precision": rows,
+            "note": "bf16/fp16 emulated by autocast where the CPU lacks them: same rounding, time not representative"
+            if not all(cpu_half_support(p)[0] for p in ("bf16", "fp16")) else "native bf16/fp16",
+            "toy_miou_of_fp32_minus_bf16": round(rows["fp32"]["toy_miou"] - rows["bf16"]["toy_miou"], 4)}
 
 
 # ----- GPU: sampling and training at 256x256 --------------------------------------------------
@@ -339,7 +424,13 @@ def run_gpu(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["cpu", "gpu", "all"], default="cpu")
+    parser.add_argument("--part", choices=["cpu", "gpu", "precision", "all"], default="cpu")
+    parser.add_argument("--cpu_parts", default="guided,train,precision",
+                        help="which CPU measurements: comma-separated guided, train, precision")
+    parser.add_argument("--toy_model", default="", help="trained toy checkpoint (default: newest under "
+                                                        "results/bench_steps/train)")
+    parser.add_argument("--toy_data", default=str(TOY_RUN / "data" / "toy"), help="its toy dataset")
+    parser.add_argument("--precision_maps", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (the reference figures: 2)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", default="22,16,12,8,2", help="respaced steps (of 25) to time the guided step at")
@@ -354,10 +445,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.smoke:
-        args.repeats, args.warmup, args.steps = 1, 0, "12"
+        args.repeats, args.warmup, args.steps, args.precision_maps = 1, 0, "12", 2
     result = {"machine": describe_machine()}
     if args.part in ("cpu", "all"):
         result["cpu"] = run_cpu(args)
+    if args.part in ("precision", "all") or (args.part == "cpu" and "precision" in args.cpu_parts):
+        result["precision"] = run_precision(args)
     if args.part in ("gpu", "all"):
         result["gpu"] = run_gpu(args)
     print(json.dumps(result, indent=1))

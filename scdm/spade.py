@@ -107,8 +107,8 @@ class SPADEGroupNorm(nn.Module):
                    f"{labels.num_cond}x{labels.num_labels}x{size[0]}x{size[1]}", f"C={self.mlp_gamma.out_channels}",
                    "fused" if self.fast_paths.fused_gamma_beta else "split",
                    "nhwc" if labels.fast_paths.channels_last else "nchw")
-            candidates = {n: timed_call(lambda n=n: self.cond_scale_shift_by(n, labels, size, fresh=True), self.parameters())
-                          for n in names}
+            candidates = {n: timed_call(lambda n=n: self.cond_scale_shift_by(n, labels, size, fresh=True),
+                                        self.parameters()) for n in names}
             return self.cond_scale_shift_by(labels.tuner.choose("spade", key, candidates, weight.device), labels, size)
         return self.cond_scale_shift_by(names[0], labels, size)
 

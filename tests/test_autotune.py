@@ -97,14 +97,16 @@ def _close(a, b, rtol=1e-4, scale=None):
     assert (a - b).abs().max().item() <= rtol * max(scale, 1e-6)
 
 
-@pytest.mark.parametrize("winners", [("unique", "nhwc", "sdpa"), ("conv", "nchw", "einsum"), ("gather", "nhwc", "einsum")])
+@pytest.mark.parametrize("winners", [("unique", "nhwc", "sdpa"), ("conv", "nchw", "einsum"),
+                                     ("gather", "nhwc", "einsum")])
 @pytest.mark.parametrize("training", [False, True])
 def test_model_under_every_choice_equals_plain(tiny_flags, winners, training):
     """Scripted timings make each branch win in turn; the model then runs that branch (recorded)
     and its output (and gradients) equal the plain path's."""
     model, diffusion = _model(tiny_flags)
     spade, layout, attention = winners
-    tuner, _, lines = _tuner({("spade", spade): 0.1, ("channels_last", layout): 0.1, ("sdpa_attention", attention): 0.1})
+    tuner, _, lines = _tuner({("spade", spade): 0.1, ("channels_last", layout): 0.1,
+                              ("sdpa_attention", attention): 0.1})
     model.autotuner = tuner
     s = tiny_flags["image_size"]
     x, t = torch.randn(3, 3, s, s), torch.tensor([5, 50, 90])
