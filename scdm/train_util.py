@@ -99,6 +99,19 @@ def check_resume_members(resume_checkpoint, ema_rates, allow_partial):
                "this EMA restarts from the model weights") for p in missing]
 
 
+def data_parallel(model, device):
+    """DDP whose gradients live in its all-reduce buckets from the start (`gradient_as_bucket_view`,
+    zeroed instead of freed), so that autograd accumulates into them in place. Otherwise a gradient
+    that autograd creates in another layout than its parameter is copied into its bucket at every
+    step ("Grad strides do not match bucket view strides"): a 1x1 conv's weight gradient computed
+    from channels_last activations comes out channels_last at some batch sizes, which autograd's
+    layout contract allows (only size-1 dimensions differ) and DDP's buckets do not."""
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+
+
 class TrainLoop:
     def __init__(self, *, model, diffusion, data, conditioning: Conditioning, batch_size, lr, log_dir,
                  microbatch=-1, ema_rate="0.9999", log_interval=10, save_interval=10000,
@@ -154,7 +167,7 @@ class TrainLoop:
             self.logger.resume(self.step)
             self.last_saved_step = self.step  # its set is on disk
             self.logger.text(f"resumed from {resume_checkpoint} at step {self.step}")
-        self.ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.ddp = data_parallel(self.model, self.device)
 
     # ----- resume --------------------------------------------------------------------------
     def _sibling(self, resume_checkpoint, name):
@@ -289,7 +302,7 @@ class TrainLoop:
     def run_step(self, images, cond):
         images = images.to(self.device)
         y = self.conditioning.drop(self.conditioning.model_input(cond, self.device))
-        self.opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=False)  # the gradients are DDP's bucket views: zeroed, never freed
         n = images.shape[0]
         for i in range(0, n, self.microbatch):
             mb, my = images[i:i + self.microbatch], y[i:i + self.microbatch]
