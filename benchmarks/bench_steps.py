@@ -204,17 +204,22 @@ def plot(result, path):
             ax = axes[row][col]
             for sampler, style in (("dpm++2m", "o-"), ("dpm++2m-sde", "^-"), ("ddim", "s-")):
                 pts = sorted((e[set_name]["model_evaluations"], e[set_name][key]) for n, e in result["results"].items()
-                             if e[set_name]["sampler"] == sampler and "uniform" not in n and "," not in n)
+                             if set_name in e and e[set_name]["sampler"] == sampler and "uniform" not in n
+                             and "," not in n)
                 if pts:
                     xs, ys = zip(*pts)
                     ax.plot(xs, [100 * v if key == "miou_mean" else v for v in ys], style,
                             label=sampler + (" (ddimN grid)" if sampler == "ddim" else " (logSNR grid)"))
             for n, e in result["results"].items():
-                if e[set_name]["sampler"] == "ancestral" and "," not in n:
+                if set_name in e and e[set_name]["sampler"] == "ancestral" and "," not in n:
                     v = e[set_name][key] * (100 if key == "miou_mean" else 1)
                     ax.axhline(v, ls="--" if "reference" in n else ":", color="k" if "reference" in n else "C3",
                                label=n)
             ax.set_xscale("log")
+            steps = sorted({e[set_name]["model_evaluations"] for e in result["results"].values()
+                            if set_name in e and e[set_name]["sampler"] != "ancestral"})
+            ax.set_xticks(steps, [str(n) for n in steps])
+            ax.minorticks_off()
             ax.set_xlabel("model evaluations (steps)")
             ax.set_ylabel(label)
             ax.set_title(f"{set_name} maps")
