@@ -53,6 +53,12 @@ def smooth(values, weight):
     return out
 
 
+def effective_smoothing(weight, points):
+    """`weight`, capped at 1 - 10 / points: the average spans at most a tenth of a short run's points,
+    where TensorBoard's 0.9 would lag behind the whole curve."""
+    return max(0.0, min(weight, 1 - 10 / max(points, 1)))
+
+
 def panels(columns):
     """(title, [column, ...], log scale) of each panel that has data."""
     have = [k for k in columns if np.isfinite(columns[k]).any()]
@@ -93,7 +99,8 @@ def plot(columns, out, smoothing=0.9, title=""):
                 ax.plot(step[ok], values[ok], "o-", color=color, label=key, markersize=3)
                 continue
             ax.plot(step[ok], values[ok], color=color, alpha=0.25, linewidth=0.8)
-            ax.plot(step[ok], smooth(values, smoothing)[ok], color=color, label=key, linewidth=1.5)
+            ax.plot(step[ok], smooth(values, effective_smoothing(smoothing, ok.sum()))[ok], color=color, label=key,
+                    linewidth=1.5)
         if log and all((columns[k][np.isfinite(columns[k])] > 0).all() for k in keys):
             ax.set_yscale("log")
         ax.set_title(name)
@@ -118,7 +125,8 @@ def main(argv=None):
     p.add_argument("log_dir", help="a training run's --log_dir (it holds progress.csv)")
     p.add_argument("--out", default="", help=f"the PNG to write (default: LOG_DIR/{DEFAULT_OUT})")
     p.add_argument("--smoothing", type=float_in(0.0, 1.0, hi_open=True), default=0.9,
-                   help="weight of TensorBoard-style exponential smoothing, in [0, 1); 0: none (default: %(default)s)")
+                   help="weight of TensorBoard-style exponential smoothing, in [0, 1), at most 1 - 10/points so that short "
+                        "runs are not smoothed flat; 0: none (default: %(default)s)")
     args = p.parse_args(argv)
     log_dir = Path(args.log_dir)
     if not log_dir.is_dir():

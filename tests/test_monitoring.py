@@ -235,3 +235,15 @@ def test_wandb_offline_run_on_disk(tmp_path, monkeypatch):
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     media = list(runs[0].glob("files/media/images/samples_*.png"))
     assert len(media) == 1 and Image.open(media[0]).size == (40, 30)
+
+
+def test_smoothing_is_tensorboards_debiased_average():
+    from scdm.plot_progress import effective_smoothing, smooth
+    x = np.array([1.0, 3.0, np.nan, 2.0])
+    w = 0.5
+    done = x[np.isfinite(x)]
+    want = [sum(w ** (n - 1 - i) * (1 - w) * done[i] for i in range(n)) / (1 - w ** n) for n in (1, 2, 3)]
+    got = smooth(x, w)
+    assert np.isnan(got[2]) and got[[0, 1, 3]] == pytest.approx(want)
+    assert (smooth(x, 0.0)[[0, 1, 3]] == done).all()
+    assert effective_smoothing(0.9, 20) == pytest.approx(0.5) and effective_smoothing(0.9, 1000) == 0.9
