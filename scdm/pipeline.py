@@ -42,7 +42,7 @@ DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = SAMPLING["25"]["s"]
 DEFAULT_EXTRAPOLATION = SAMPLING["25"]["extrapolation"]
 DEFAULT_THRESHOLD = SAMPLING["25"]["dynamic_threshold"]
-DEFAULT_SAMPLER = "ddim"
+DEFAULT_SAMPLER = "ancestral"  # the released 25-step setting: ancestral updates on the ddim25 grid
 MAX_MAP_SIDE = 4096  # a map larger than this is a mistake (or an attack on the app), not a drawing
 
 

@@ -27,7 +27,8 @@ from ..corruptions import corrupt, resize_nearest
 from ..dataset_layouts import LAYOUTS, get_layout, list_files, read_ids, remap_labels, resize_ids
 from ..errors import UserError
 from ..palettes import MASK_COLOR, TOY, palette_name, to_hex
-from ..pipeline import DEFAULT_EXTRAPOLATION, DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_THRESHOLD, MASK_ID
+from ..pipeline import (DEFAULT_EXTRAPOLATION, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_THRESHOLD,
+                        MASK_ID)
 from ..sampling import SAMPLERS
 from ..toy import toy_label_map
 
@@ -112,7 +113,7 @@ class PainterApp:
                         body_bytes=MAX_BODY, queue=self.waiting.maxsize),
             defaults=dict(num_samples=1, steps=min(DEFAULT_STEPS, self.max_steps), guidance_scale=DEFAULT_GUIDANCE,
                           seed=0, unlabeled_to_zero=pipe.is_scdm, extrapolation=DEFAULT_EXTRAPOLATION,
-                          dynamic_threshold=DEFAULT_THRESHOLD),
+                          dynamic_threshold=DEFAULT_THRESHOLD, sampler=DEFAULT_SAMPLER),
             model=dict(path=str(pipe.loaded.model_path), source=pipe.loaded.source, dataset_mode=pipe.dataset_mode))
 
     # ---------------------------------------------------------------------------- checks
@@ -162,7 +163,7 @@ class PainterApp:
         utz = body.get("unlabeled_to_zero", self.pipe.is_scdm)
         if not isinstance(utz, bool):
             raise BadRequest("unlabeled_to_zero must be true or false")
-        sampler = body.get("sampler", "ddim")
+        sampler = body.get("sampler", DEFAULT_SAMPLER)
         if sampler not in SAMPLERS:
             raise BadRequest(f"sampler must be one of {list(SAMPLERS)}, got {json.dumps(sampler)}")
         params = dict(
