@@ -4,6 +4,7 @@ import csv
 import io
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from scdm.train_samples import (HOLE, NOISES, TILE, GridLayout, model_input_with
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin",
-       "HOME": str(ROOT)}
+       "HOME": str(Path(tempfile.gettempdir()) / "scdm-test-home")}  # caches (matplotlib, wandb) stay out of the repo
 ARCH = as_argv(dict(PRESETS["toy"].model, cond_opt="discrete_zero_uniform"))
 MAPS = 2
 
