@@ -1,7 +1,7 @@
 """DDP without gradient copies: the gradients live in DDP's all-reduce buckets (`train_util.data_parallel`),
 so a gradient that autograd produces in another layout than its parameter (a 1x1 conv's weight gradient
 from channels_last activations: only size-1 dimensions differ) is never copied into a bucket, and torch
-never warns "Grad strides do not match bucket view strides"."""
+never warns "Grad strides do not match bucket view strides". One process is not wrapped at all."""
 import json
 import os
 import subprocess
