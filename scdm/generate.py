@@ -21,16 +21,14 @@ from .fileio import check_writable, save_image
 from .overview import legend_entries, side_by_side
 from .pipeline import (
     DEFAULT_EXTRAPOLATION, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_THRESHOLD, SCDMPipeline,
+    add_model_flags,
 )
-from .performance import PRECISIONS
-from .presets import PRESETS
 from .sampling import SAMPLERS
 
 
 def create_argparser():
     p = argparse.ArgumentParser(prog="python -m scdm.generate", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--model_path", required=True, help="model*.pt or ema_*.pt; its args.json gives the model "
-                                                       "(released checkpoints: --preset)")
+    add_model_flags(p)
     p.add_argument("--labels", required=True, nargs="+", metavar="PATH",
                    help="label map files, or folders whose images are all label maps")
     p.add_argument("--out", required=True, help="output folder (samples/, labels_color/, side_by_side/)")
@@ -52,14 +50,6 @@ def create_argparser():
                            "COCO 255 -> unlabeled) (default: %(default)s)")
     p.add_argument("--batch_size", type=positive_int, default=4,
                    help="samples per model call (results do not depend on it)")
-    p.add_argument("--preset", default="", choices=["", *PRESETS], metavar="NAME",
-                   help=f"model flags of a released checkpoint without args.json: {', '.join(PRESETS)}")
-    p.add_argument("--class_schedule", default="", help="class schedule .npy (default: the run's)")
-    add_bool_argument(p, "--use_ema", default=False,
-                      help="with a model*.pt path, use the EMA file of the same step (default: %(default)s)")
-    p.add_argument("--device", default="", help="torch device, e.g. cpu or cuda:0 (default: cuda when available)")
-    p.add_argument("--precision", default="", choices=["", *PRECISIONS],
-                   help="fp32, fp16 or bf16 autocast (default: the run's)")
     return p
 
 

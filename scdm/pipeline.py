@@ -46,6 +46,24 @@ DEFAULT_SAMPLER = "ancestral"  # the released 25-step setting: ancestral updates
 MAX_MAP_SIDE = 4096  # a map larger than this is a mistake (or an attack on the app), not a drawing
 
 
+def add_model_flags(parser):
+    """The flags that say which checkpoint to load and how (`SCDMPipeline.from_checkpoint`'s
+    arguments), shared by `scdm.generate` and `scdm.app`."""
+    from .cli import add_bool_argument
+    from .performance import PRECISIONS
+    from .presets import PRESETS
+    parser.add_argument("--model_path", required=True, help="model*.pt or ema_*.pt; its args.json gives the model "
+                                                            "(released checkpoints: --preset)")
+    parser.add_argument("--preset", default="", choices=["", *PRESETS], metavar="NAME",
+                        help=f"model flags of a released checkpoint without args.json: {', '.join(PRESETS)}")
+    parser.add_argument("--class_schedule", default="", help="class schedule .npy (default: the run's)")
+    add_bool_argument(parser, "--use_ema", default=False,
+                      help="with a model*.pt path, use the EMA file of the same step (default: %(default)s)")
+    parser.add_argument("--device", default="", help="torch device, e.g. cpu or cuda:0 (default: cuda when available)")
+    parser.add_argument("--precision", default="", choices=["", *PRECISIONS],
+                        help="fp32, fp16 or bf16 autocast (default: the run's)")
+
+
 class LabelMapResized(UserWarning):
     """A label map of another size than the model's was nearest-resized to it."""
 

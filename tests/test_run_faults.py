@@ -44,6 +44,16 @@ def launch(launcher):
     return [sys.executable]
 
 
+def start_training(cmd, log_dir):
+    """A training run in its own process group, returned once it has logged a step (or after 180 s)."""
+    proc = subprocess.Popen([str(a) for a in cmd], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None and not (log_dir / "progress.csv").exists():
+        time.sleep(0.3)
+    return proc
+
+
 def one_error_line(stderr):
     """The `error:` lines (a progress bar redraws its line with carriage returns)."""
     lines = [part.strip() for line in stderr.splitlines() for part in line.split("\r")]
@@ -87,12 +97,8 @@ def test_stop_signal_to_the_process_group_with_workers_saves(toy, tmp_path, laun
     workers included. The run saves a complete set at the end of its step and stops."""
     cmd = [*launch(launcher), *train_args(toy, tmp_path, "--max_steps", 100000, "--save_interval", 100000,
                                           workers=2)]
-    proc = subprocess.Popen([str(a) for a in cmd], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = start_training(cmd, tmp_path)
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline and not (tmp_path / "progress.csv").exists():
-            time.sleep(0.3)
         time.sleep(1.0)  # a step or two with the workers running
         os.killpg(proc.pid, sig)
         out, err = proc.communicate(timeout=120)
@@ -145,12 +151,8 @@ def rank_pid(marker, rank_var, rank):
 def test_a_rank_that_dies_stops_the_others_within_a_minute(toy, tmp_path, launcher, rank_var):
     log_dir = tmp_path / "log"
     cmd = [*launch(launcher), *train_args(toy, log_dir, "--max_steps", 100000, "--save_interval", 100000)]
-    proc = subprocess.Popen([str(a) for a in cmd], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = start_training(cmd, log_dir)
     try:
-        deadline = time.time() + 180
-        while time.time() < deadline and not (log_dir / "progress.csv").exists():
-            time.sleep(0.3)
         victim = rank_pid(str(log_dir), rank_var, 1)
         assert victim is not None
         os.kill(victim, signal.SIGKILL)

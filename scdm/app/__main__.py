@@ -4,29 +4,20 @@
 import argparse
 import sys
 
-from ..cli import HelpFormatter, add_bool_argument, int_at_least, positive_int
+from ..cli import HelpFormatter, int_at_least, positive_int
 from ..errors import UserError, run_cli
-from ..performance import PRECISIONS
-from ..presets import PRESETS
+from ..pipeline import add_model_flags
 from .server import QUEUE_SIZE, make_server
 
 
 def create_argparser():
     p = argparse.ArgumentParser(prog="python -m scdm.app", description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--model_path", required=True, help="model*.pt or ema_*.pt; its args.json gives the model "
-                                                       "(released checkpoints: --preset)")
+    add_model_flags(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
     p.add_argument("--port", type=int_at_least(0), default=7860, help="port (0: any free one)")
     p.add_argument("--queue", type=positive_int, default=QUEUE_SIZE, help="jobs that may wait behind the running one")
     p.add_argument("--max_steps", type=positive_int, default=None,
                    help="most sampling steps a job may ask for (default: the model's diffusion steps)")
-    p.add_argument("--preset", default="", choices=["", *PRESETS], metavar="NAME",
-                   help=f"model flags of a released checkpoint without args.json: {', '.join(PRESETS)}")
-    p.add_argument("--class_schedule", default="", help="class schedule .npy (default: the run's)")
-    add_bool_argument(p, "--use_ema", default=False,
-                      help="with a model*.pt path, use the EMA file of the same step (default: %(default)s)")
-    p.add_argument("--device", default="", help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--precision", default="", choices=["", *PRECISIONS], help="autocast precision (default: the run's)")
     return p
 
 
