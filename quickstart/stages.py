@@ -86,38 +86,58 @@ class Stage:
 
 class Runner:
     """Runs entry points as `python -m module args` in their own session, so that Ctrl-C reaches the
-    quickstart only; it then sends the child SIGTERM (training saves a checkpoint) and waits."""
+    quickstart only; it then sends the children SIGTERM (training saves a checkpoint) and waits.
 
-    def __init__(self, python=None):
+    threads: OMP/MKL threads of each child (None: torch's default). Calls may come from several
+    threads at once (the robustness study runs stages side by side); `stop_all` stops every live child."""
+
+    def __init__(self, python=None, threads=None):
         self.python = python or sys.executable
         self.env = dict(os.environ)
         self.env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
         self.env.setdefault("PYTHONUNBUFFERED", "1")
+        if threads:
+            self.env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        self.live = set()
 
     def __call__(self, module, argv, what):
         cmd = [self.python, "-m", module, *map(str, argv)]
         print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
         proc = subprocess.Popen(cmd, env=self.env, start_new_session=True)
+        self.live.add(proc)
         try:
             code = proc.wait()
         except BaseException:
-            stop_child(proc)
+            stop_children([proc])
             raise
+        finally:
+            self.live.discard(proc)
         if code != 0:
             raise QuickstartError(f"{what} failed ({module} exit code {code}; its message is above). "
                                   f"Fix the cause and rerun: finished stages are kept")
 
+    def stop_all(self):
+        stop_children(list(self.live))
 
-def stop_child(proc, grace=120):
-    if proc.poll() is not None:
+
+def stop_children(procs, grace=120):
+    """SIGTERM to every running child, then wait for all (a training run saves a checkpoint first);
+    the ones still running after `grace` seconds, or after a second Ctrl-C, are killed."""
+    procs = [p for p in procs if p.poll() is None]
+    if not procs:
         return
-    log("stopping the running step (a training run saves a checkpoint first) ...")
+    log("stopping the running step(s) (a training run saves a checkpoint first) ...")
+    deadline = time.monotonic() + grace
     try:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=grace)
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
     except (subprocess.TimeoutExpired, KeyboardInterrupt):  # too slow, or a second Ctrl-C: stop now
-        proc.kill()
-        proc.wait()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def sample_checkpoint(cfg, log_dir):
@@ -129,18 +149,19 @@ def files(folder, subfolders, names):
     return [folder / sub / f"{n}.png" for sub in subfolders for n in names]
 
 
-def plan(out, cfg, runner):
-    """Every stage of the run, in order, with its key, outputs and work."""
-    markers = out / MARKER_DIR
+def remake(folder):
+    if folder.exists():
+        shutil.rmtree(folder)
+
+
+def data_stages(out, cfg, runner, markers):
+    """The toy dataset (seed cfg["seed"]), its class schedule and a noisy copy of its test maps per noise.
+    Returns (stages, toy, schedule, trees) with trees[noise] = (folder, the stage that makes it)."""
     data, toy = out / "data", out / "data" / "toy"
     schedule = data / "class_schedule.npy"
     test_names = [f"{i:05d}" for i in range(cfg["num_test"])]  # scdm.toy's names
     train_names = [f"{i:05d}" for i in range(cfg["num_train"])]
     stages = []
-
-    def remake(folder):
-        if folder.exists():
-            shutil.rmtree(folder)
 
     def make_toy(resume):
         remake(toy)
@@ -157,7 +178,7 @@ def plan(out, cfg, runner):
         lambda resume: runner("scdm.class_schedule", ["--dataset_mode", "folder", "--data_dir", toy, "--out", schedule],
                               "computing the class schedule")))
 
-    data_stage = {"clean": (toy, stages[0])}
+    trees = {"clean": (toy, stages[0])}
     for noise in cfg["noises"][1:]:
         tree = data / "noisy" / noise
         params = noise_params(cfg, noise)
@@ -171,68 +192,89 @@ def plan(out, cfg, runner):
         stages.append(Stage(f"noisy maps: {NOISE_NAMES[noise]}", {"noise": noise, "params": params, "toy": toy_key},
                             [tree / "dataset.json", tree / "corruption.json", *files(tree / "test", ["labels"], test_names)],
                             markers, make_noisy))
-        data_stage[noise] = (tree, stages[-1])
+        trees[noise] = (tree, stages[-1])
+    return stages, toy, schedule, trees
 
-    train_stage = {}
+
+def train_stage(cfg, runner, markers, toy, log_dir, flags, key, what):
+    """Train one model (flags: model and diffusion flags) with cfg's budget and cfg["seed"] into log_dir,
+    resuming from its last checkpoint; the outputs are the one checkpoint that is sampled."""
+    ckpt = sample_checkpoint(cfg, log_dir)
+
+    def train(resume):
+        log_dir.mkdir(parents=True, exist_ok=True)
+        steps = checkpoint_steps(log_dir)
+        last = steps[-1] if steps else None
+        if last is not None and last > cfg["steps"]:
+            raise QuickstartError(f"{log_dir} holds a model trained for {last} steps, more than --steps "
+                                  f"{cfg['steps']}; pass --steps {last} (or more), --fresh, or --out_dir DIR")
+        if last is not None:
+            prune_checkpoints(log_dir, [last])  # keep one set (disk): the one to resume from
+        if last == cfg["steps"] and ckpt.is_file():
+            return  # an earlier run ended right after its last save
+        argv = ["--data_dir", toy, *as_argv(flags),
+                "--batch_size", cfg["batch_size"], "--lr", cfg["lr"], "--ema_rate", cfg["ema_rate"],
+                "--ema_warmup", cfg["ema_warmup"],
+                "--drop_rate", cfg["drop_rate"], "--max_steps", cfg["steps"], "--log_dir", log_dir,
+                "--save_interval", max(25, math.ceil(cfg["steps"] / 4)), "--log_interval", 10,
+                "--num_workers", 0, "--seed", cfg["seed"]]
+        if last is not None:
+            log(f"  resuming {what} from step {last} of {cfg['steps']}")
+            argv += ["--resume_checkpoint", log_dir / model_name(last)]
+        else:  # stopped before its first checkpoint: nothing to resume, so no curve to continue either
+            for name in ("progress.csv", "log.txt"):
+                (log_dir / name).unlink(missing_ok=True)
+        runner("scdm.image_train", argv, f"training {what}")
+        if not ckpt.is_file():
+            raise QuickstartError(f"training {what} stopped before step {cfg['steps']} "
+                                  f"(no {ckpt.name}); rerun to continue")
+        prune_checkpoints(log_dir, [cfg["steps"]])
+    return Stage(f"train {what}", key, [ckpt], markers, train)
+
+
+def sample_stage(cfg, runner, markers, trained, made, folder, flags, unlabeled_to_zero, what):
+    """Sample the checkpoint of the `trained` stage on the test maps of the `made` stage's tree into folder
+    (cfg's sampler settings and cfg["seed"]; cfg.get("num_sets", 1) sample sets per map)."""
+    ckpt, tree = trained.outputs[0], made.outputs[0].parent
+    num_sets = cfg.get("num_sets", 1)
+    test_names = [f"{i:05d}" for i in range(cfg["num_test"])]
+
+    def sample(resume):
+        if not resume and folder.exists():
+            log(f"  {folder} holds samples of other settings or an unknown run; sampling again")
+            remake(folder)
+        argv = ["--model_path", ckpt, "--data_dir", tree, "--results_path", folder, *as_argv(flags),
+                "--num_samples", cfg["num_test"], "--batch_size", cfg["sample_batch"],
+                "--timestep_respacing", cfg["respacing"], "--s", cfg["s"],
+                "--extrapolation", cfg["extrapolation"], "--dynamic_threshold", cfg["dynamic_threshold"],
+                "--label_resize", True, "--unlabeled_to_zero", unlabeled_to_zero, "--seed", cfg["seed"]]
+        if num_sets > 1:
+            argv += ["--num_sets", num_sets]
+        runner("scdm.image_sample", argv, f"sampling {what}")
+    key = {"checkpoint": ckpt.name, "model": trained.key, "data": made.key, "unlabeled_to_zero": unlabeled_to_zero,
+           **{k: cfg[k] for k in ("respacing", "s", "extrapolation", "dynamic_threshold", "seed", "num_test")}}
+    sets = ["samples"] if num_sets == 1 else [f"samples_{k}" for k in range(num_sets)]
+    if num_sets > 1:
+        key["num_sets"] = num_sets
+    return Stage(f"sample {what}", key, files(folder, (*sets, "labels", "images"), test_names), markers, sample)
+
+
+def plan(out, cfg, runner):
+    """Every stage of the run, in order, with its key, outputs and work."""
+    markers = out / MARKER_DIR
+    stages, toy, schedule, trees = data_stages(out, cfg, runner, markers)
+    trained = {}
     for model in ("scdm", "sdm"):
-        log_dir = out / "train" / model
-        ckpt = sample_checkpoint(cfg, log_dir)
-
-        def train(resume, model=model, log_dir=log_dir, ckpt=ckpt):
-            log_dir.mkdir(parents=True, exist_ok=True)
-            steps = checkpoint_steps(log_dir)
-            last = steps[-1] if steps else None
-            if last is not None and last > cfg["steps"]:
-                raise QuickstartError(f"{log_dir} holds a model trained for {last} steps, more than --steps "
-                                      f"{cfg['steps']}; pass --steps {last} (or more), --fresh, or --out_dir DIR")
-            if last is not None:
-                prune_checkpoints(log_dir, [last])  # keep one set (disk): the one to resume from
-            if last == cfg["steps"] and ckpt.is_file():
-                return  # an earlier run ended right after its last save
-            argv = ["--data_dir", toy, *as_argv(model_flags(cfg, model, schedule)),
-                    "--batch_size", cfg["batch_size"], "--lr", cfg["lr"], "--ema_rate", cfg["ema_rate"],
-                    "--ema_warmup", cfg["ema_warmup"],
-                    "--drop_rate", cfg["drop_rate"], "--max_steps", cfg["steps"], "--log_dir", log_dir,
-                    "--save_interval", max(25, math.ceil(cfg["steps"] / 4)), "--log_interval", 10,
-                    "--num_workers", 0, "--seed", cfg["seed"]]
-            if last is not None:
-                log(f"  resuming {MODEL_NAMES[model]} from step {last} of {cfg['steps']}")
-                argv += ["--resume_checkpoint", log_dir / model_name(last)]
-            else:  # stopped before its first checkpoint: nothing to resume, so no curve to continue either
-                for name in ("progress.csv", "log.txt"):
-                    (log_dir / name).unlink(missing_ok=True)
-            runner("scdm.image_train", argv, f"training {MODEL_NAMES[model]}")
-            if not ckpt.is_file():
-                raise QuickstartError(f"training {MODEL_NAMES[model]} stopped before step {cfg['steps']} "
-                                      f"(no {ckpt.name}); rerun to continue")
-            prune_checkpoints(log_dir, [cfg["steps"]])
         key = dict(training_key(cfg), steps=cfg["steps"], model=model, flags=model_flags(cfg, model))
-        stages.append(Stage(f"train {MODEL_NAMES[model]}", key, [ckpt], markers, train))
-        train_stage[model] = (ckpt, stages[-1])
-
+        trained[model] = train_stage(cfg, runner, markers, toy, out / "train" / model,
+                                     model_flags(cfg, model, schedule), key, MODEL_NAMES[model])
+        stages.append(trained[model])
     for model in ("scdm", "sdm"):
-        ckpt, trained = train_stage[model]
         for noise in cfg["noises"]:
-            tree, made = data_stage[noise]
-            folder = out / "samples" / model / noise
-
-            def sample(resume, model=model, noise=noise, tree=tree, folder=folder, ckpt=ckpt):
-                if not resume and folder.exists():
-                    log(f"  {folder} holds samples of other settings or an unknown run; sampling again")
-                    remake(folder)
-                argv = ["--model_path", ckpt, "--data_dir", tree, "--results_path", folder,
-                        *as_argv(model_flags(cfg, model, schedule)),
-                        "--num_samples", cfg["num_test"], "--batch_size", cfg["sample_batch"],
-                        "--timestep_respacing", cfg["respacing"], "--s", cfg["s"],
-                        "--extrapolation", cfg["extrapolation"], "--dynamic_threshold", cfg["dynamic_threshold"],
-                        "--label_resize", True, "--unlabeled_to_zero", unlabeled_to_zero(cfg, model),
-                        "--seed", cfg["seed"]]
-                runner("scdm.image_sample", argv, f"sampling {MODEL_NAMES[model]} on {NOISE_NAMES[noise]}")
-            key = {"checkpoint": ckpt.name, "model": trained.key, "data": made.key,
-                   "unlabeled_to_zero": unlabeled_to_zero(cfg, model),
-                   **{k: cfg[k] for k in ("respacing", "s", "extrapolation", "dynamic_threshold", "seed", "num_test")}}
-            stages.append(Stage(f"sample {MODEL_NAMES[model]} on {NOISE_NAMES[noise]}", key,
-                                files(folder, ("samples", "labels", "images"), test_names), markers, sample))
+            tree, made = trees[noise]
+            stages.append(sample_stage(cfg, runner, markers, trained[model], made, out / "samples" / model / noise,
+                                       model_flags(cfg, model, schedule), unlabeled_to_zero(cfg, model),
+                                       f"{MODEL_NAMES[model]} on {NOISE_NAMES[noise]}"))
     return stages
 
 
