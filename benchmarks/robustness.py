@@ -18,7 +18,7 @@ image-statistics Frechet distance (`evaluations.image_stats`) to the clean test 
 diversity between two sample sets per map when an AlexNet backbone is found (--lpips_weights or the
 torch hub cache; else the JSON says it was not computed).
 
-Writes <out_dir>/ (data, runs, samples, results.md), --json (machine, code version, every setting,
+Writes <out_dir>/ (data, runs, samples, results.md), --out (the JSON: machine, code version, every setting,
 every per-seed number, mean and std over seeds, SCDM-minus-SDM differences paired by seed) and
 --grid (samples of every model on every noise). Stages run --jobs at a time with --threads each: at
 16 px a training step takes as long with one thread as with two, so two single-threaded runs side by
@@ -49,7 +49,7 @@ from quickstart.stages import MARKER_DIR, Runner, data_stages, sample_stage, tra
 from scdm.cli import (HelpFormatter, int_at_least, nonnegative_float, nonnegative_int, positive_float,  # noqa: E402
                       positive_int, rate_list)
 from scdm.errors import UserError, run_cli  # noqa: E402
-from scdm.fileio import atomic_write, save_image, write_json  # noqa: E402
+from scdm.fileio import atomic_write, check_writable_file, first_non_folder, save_image, write_json  # noqa: E402
 from scdm.presets import SAMPLING  # noqa: E402
 
 STATE_FILE = "study.json"
@@ -86,7 +86,7 @@ def build_parser():
     p.add_argument("--budget", choices=tuple(BUDGETS), default="default", help="size of the study (default: default)")
     p.add_argument("--out_dir", default=None, help=budget("out_dir", "working folder (data, runs, samples)"))
     p.add_argument("--fresh", action="store_true", help="remove the working folder first")
-    p.add_argument("--json", default=None, help="result JSON (default: <out_dir>/robustness.json)")
+    p.add_argument("--out", default=None, help="result JSON (default: <out_dir>/robustness.json)")
     p.add_argument("--grid", default=None, help="sample picture (default: <out_dir>/grid.png)")
     p.add_argument("--seeds", type=nonnegative_int, nargs="+", default=[0, 1, 2], help="training seeds (default: 0 1 2)")
     p.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS), help="models (default: all)")
@@ -238,6 +238,8 @@ def lpips_scorer(cfg):
     try:
         weights = backbone_weights(cfg["lpips_weights"], "alex", "--lpips_weights")
     except EvalError as e:
+        if cfg["lpips_weights"]:  # asked for and not usable: say so before hours of work
+            raise StudyError(str(e)) from None
         return None, f"not computed: {e}"
     import torch
     import torch.nn.functional as F
@@ -417,10 +419,16 @@ def prepare_out(out, cfg, fresh):
 
 
 def run(cfg, fresh=False, runner=None):
-    """The whole study; returns the report written to cfg['json']."""
+    """The whole study; returns the report written to cfg['out']."""
     from scdm.performance import describe_machine
     from quickstart.report import machine_line
     out = Path(cfg["out_dir"])
+    blocker = first_non_folder(out)
+    if blocker is not None:
+        raise StudyError(f"--out_dir {out}: {blocker} is a file, not a folder")
+    for flag in ("out", "grid"):  # outputs written at the end are checked before the work
+        if cfg[flag]:
+            check_writable_file(cfg[flag], f"--{flag}")
     prepare_out(out, cfg, fresh)
     lpips_fn, lpips_note = lpips_scorer(cfg)
     cfg["num_sets"] = 2 if lpips_fn else 1
@@ -451,9 +459,9 @@ def run(cfg, fresh=False, runner=None):
         "seconds": {"stages": seconds, "wall": wall, "stage_sum": round(sum(v for v in seconds.values() if v), 1)},
         "grid": str(grid),
     }
-    write_json(report, Path(cfg["json"] or out / "robustness.json"), sort_keys=True)
+    write_json(report, Path(cfg["out"] or out / "robustness.json"), sort_keys=True)
     print(md, flush=True)
-    log(f"done: {cfg['json'] or out / 'robustness.json'}, {grid}, {out / 'results.md'}")
+    log(f"done: {cfg['out'] or out / 'robustness.json'}, {grid}, {out / 'results.md'}")
     return report
 
 
@@ -464,7 +472,7 @@ def _raise_interrupt(signum, frame):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     cfg = resolve_config(args)
-    cfg.update(json=args.json, grid=args.grid, lpips_weights=args.lpips_weights)
+    cfg.update(out=args.out, grid=args.grid, lpips_weights=args.lpips_weights)
     old = signal.signal(signal.SIGTERM, _raise_interrupt)  # a cluster's stop takes the Ctrl-C path
     try:
         run(cfg, fresh=args.fresh)

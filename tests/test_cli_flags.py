@@ -5,14 +5,18 @@ later without a checked type fails here."""
 import argparse
 import importlib
 import math
+import sys
+from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # benchmark scripts with a main()
 
 CLIS = [
     "scdm.image_train", "scdm.image_sample", "scdm.toy", "scdm.class_schedule", "scdm.presets", "scdm.generate",
     "scdm.app.__main__", "scdm.slurm", "image_process.downsample", "image_process.edge", "image_process.random",
     "image_process.painter", "image_process.figure", "evaluations.fid.__main__", "evaluations.lpips.__main__",
-    "evaluations.miou.__main__", "evaluations.report", "quickstart.__main__",
+    "evaluations.miou.__main__", "evaluations.report", "quickstart.__main__", "robustness",
 ]
 
 # Number flags where any integer is meaningful (none today); listed with the reason when added.
@@ -67,7 +71,7 @@ def number_flags(parser):
         if isinstance(default, bool) or action.choices:
             continue
         if isinstance(default, (int, float)) or action.type in (int, float) or (
-                default == argparse.SUPPRESS and type_name(action).startswith(NUMBER_TYPES)):
+                default in (None, argparse.SUPPRESS) and type_name(action).startswith(NUMBER_TYPES)):
             yield max(action.option_strings, key=len), action
 
 

@@ -21,7 +21,7 @@ TINY = ["--budget", "tiny", "--models", "sdm", "scdm_classwise", "--seeds", "0",
 def run_study(out, *extra):
     args = robustness.build_parser().parse_args(TINY + ["--out_dir", str(out), *extra])
     cfg = robustness.resolve_config(args)
-    cfg.update(json=None, grid=None, lpips_weights=args.lpips_weights)
+    cfg.update(out=None, grid=None, lpips_weights=args.lpips_weights)
     return robustness.run(cfg, fresh=args.fresh)
 
 
