@@ -429,8 +429,8 @@ def run(cfg, fresh=False, runner=None):
     for flag in ("out", "grid"):  # outputs written at the end are checked before the work
         if cfg[flag]:
             check_writable_file(cfg[flag], f"--{flag}")
-    prepare_out(out, cfg, fresh)
     lpips_fn, lpips_note = lpips_scorer(cfg)
+    prepare_out(out, cfg, fresh)
     cfg["num_sets"] = 2 if lpips_fn else 1
     log(f"LPIPS diversity: {lpips_note}")
     runner = runner or Runner(threads=cfg["threads"])

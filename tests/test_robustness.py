@@ -93,6 +93,7 @@ def test_refuses_foreign_folder_and_changed_training(study, tmp_path):
     (["--seeds", "-1"], "--seeds"),
     (["--models", "gan"], "--models"),
     (["--jobs", "0"], "--jobs"),
+    (["--lpips_weights", "/no/alexnet.pth"], "--lpips_weights /no/alexnet.pth: file not found"),
 ])
 def test_bad_flags(flags, message, tmp_path, capsys):
     with pytest.raises((robustness.StudyError, SystemExit)) as e:
