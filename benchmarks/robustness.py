@@ -433,6 +433,7 @@ def run(cfg, fresh=False, runner=None):
     prepare_out(out, cfg, fresh)
     cfg["num_sets"] = 2 if lpips_fn else 1
     log(f"LPIPS diversity: {lpips_note}")
+    code = code_version()  # at the start: the code that ran the stages
     runner = runner or Runner(threads=cfg["threads"])
     stages, deps, samples = plan(out, cfg, runner)
     t0 = time.perf_counter()
@@ -448,7 +449,7 @@ def run(cfg, fresh=False, runner=None):
     grid = Path(cfg["grid"] or out / "grid.png")
     write_grid(out, cfg, variant_list, samples, grid)
     report = {
-        "machine": describe_machine(), "machine_line": machine, "code": code_version(),
+        "machine": describe_machine(), "machine_line": machine, "code": code,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "settings": cfg,
         "variants": [{"id": v, "model": m, "unlabeled_to_zero": z, "name": n,
                       "model_flags": model_flags(cfg, m)} for v, m, z, n in variant_list],
