@@ -66,7 +66,7 @@ def test_writes_every_output_with_every_per_seed_number(study):
     sdm_clean = written["summary"]["sdm"]["clean"]
     assert f"{100 * sdm_clean['miou_mean']:.1f} ± {100 * sdm_clean['miou_std']:.1f}" in md
     with Image.open(out / "grid.png") as grid:  # 2 label columns + 3 models; 2 maps x 2 noises
-        assert grid.size == (70 + 5 * 68, 30 + 2 * (2 * 68 + 8))
+        assert grid.size == (70 + 5 * 68, 32 + 2 * (2 * 68 + 8))
 
 
 def test_rerun_reuses_every_stage_and_scores_the_same(study):
