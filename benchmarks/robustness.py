@@ -191,8 +191,8 @@ def run_stages(stages, deps, jobs, runner):
     and no new one starts; Ctrl-C stops the running ones (training saves first). Returns seconds per stage."""
     pending, running, done, failures, seconds = list(stages), {}, set(), [], {}
     start = time.perf_counter()
-    try:
-        with ThreadPoolExecutor(jobs) as pool:
+    with ThreadPoolExecutor(jobs) as pool:
+        try:
             while pending or running:
                 ready = [s for s in pending if all(d in done for d in deps.get(s, ()))]
                 for st in ready[: 0 if failures else jobs - len(running)]:
@@ -210,9 +210,9 @@ def run_stages(stages, deps, jobs, runner):
                     else:
                         done.add(st)
                         seconds[st.name] = fut.result()
-    except BaseException:
-        runner.stop_all()
-        raise
+        except BaseException:  # Ctrl-C or SIGTERM: stop the children before the pool waits for them
+            runner.stop_all()
+            raise
     if failures:
         raise failures[0]
     return seconds

@@ -2,8 +2,12 @@
 files it writes, its summary against the per-seed numbers, a rerun that reuses every stage, and the
 folders and flags it refuses."""
 import json
+import os
+import signal
 import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import robustness  # noqa: E402
+from scdm.checkpoint import checkpoint_steps  # noqa: E402
 
 TINY = ["--budget", "tiny", "--models", "sdm", "scdm_classwise", "--seeds", "0", "1", "--noises", "edge",
         "--num_test", "2", "--lpips_weights", "random", "--jobs", "2"]
@@ -101,3 +106,25 @@ def test_bad_flags(flags, message, tmp_path, capsys):
     text = str(e.value) if isinstance(e.value, robustness.StudyError) else capsys.readouterr().err
     assert message in text
     assert not (tmp_path / "x").exists()
+
+
+def test_ctrl_c_stops_the_running_training_with_a_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "robustness.py"), "--budget", "tiny", "--models", "sdm",
+           "--seeds", "0", "--noises", "edge", "--steps", "2000", "--jobs", "1", "--out_dir", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    progress = out / "train" / "sdm_seed0" / "progress.csv"
+    deadline = time.monotonic() + 120
+    while not progress.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted; rerun the same command to continue" in err
+    assert "stopped by SIGTERM at step" in err  # the training child saved before it stopped
+    steps = checkpoint_steps(out / "train" / "sdm_seed0")
+    assert steps and steps[-1] < 2000
+    marker = json.loads((out / "stages" / "train_sdm_seed_0.json").read_text())
+    assert marker["complete"] is False  # a rerun resumes it instead of counting it done
