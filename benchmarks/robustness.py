@@ -2,7 +2,7 @@
 over training seeds, on clean and noisy toy label maps, on a CPU.
 
     python benchmarks/robustness.py                  # the study: about 90 min on 2 CPU cores; rerun to resume
-    python benchmarks/robustness.py --budget tiny    # a smoke run of every stage (about a minute)
+    python benchmarks/robustness.py --budget tiny    # a smoke run of every stage (about 3 minutes)
 
 Everything runs through the project's entry points, with the quickstart's stages (`quickstart.stages`):
 1. one toy dataset (`scdm.toy`, seed --data_seed), its class schedule, and DS / Edge / Random / Painter
