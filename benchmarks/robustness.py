@@ -31,7 +31,6 @@ import argparse
 import json
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -44,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from evaluations.image_stats import distribution_distance, image_statistics, load_images  # noqa: E402
+from evaluations.lpips import find_sample_sets  # noqa: E402
 from quickstart.config import NOISE_NAMES, arch_flags  # noqa: E402
 from quickstart.report import colorize, fmt_time  # noqa: E402
 from quickstart.stages import MARKER_DIR, Runner, data_stages, sample_stage, train_stage  # noqa: E402
@@ -52,6 +52,7 @@ from scdm.cli import (HelpFormatter, int_at_least, nonnegative_float, nonnegativ
 from scdm.errors import UserError, run_cli  # noqa: E402
 from scdm.fileio import atomic_write, check_writable_file, first_non_folder, save_image, write_json  # noqa: E402
 from scdm.presets import SAMPLING  # noqa: E402
+from scdm.results_folder import code_version  # noqa: E402
 
 STATE_FILE = "study.json"
 NOISES = ("clean", "ds", "edge", "random", "painter")
@@ -157,12 +158,12 @@ def model_flags(cfg, model, schedule=None):
 
 
 def plan(out, cfg, runner):
-    """(stages, what each stage waits for, the sampling stage of every (variant, seed, noise))."""
+    """(stages, what each stage waits for, the sample folder of every (variant, seed, noise))."""
     markers = out / MARKER_DIR
     data_cfg = dict(cfg, seed=cfg["data_seed"])
     stages, toy, schedule, trees = data_stages(out, data_cfg, runner, markers)
     deps = {s: [stages[0]] for s in stages[1:]}
-    samples = {}
+    sample_dirs = {}
     for seed in cfg["seeds"]:
         seed_cfg = dict(cfg, seed=seed)
         trained = {}
@@ -177,13 +178,13 @@ def plan(out, cfg, runner):
         for vid, model, zero, name in variants(cfg):
             for noise in cfg["noises"]:
                 tree, made = trees[noise]
-                st = sample_stage(seed_cfg, runner, markers, trained[model], made,
-                                  out / "samples" / vid / f"seed{seed}" / noise, model_flags(cfg, model, schedule),
-                                  zero, f"{name} seed {seed} on {NOISE_NAMES[noise]}")
+                folder = out / "samples" / vid / f"seed{seed}" / noise
+                st = sample_stage(seed_cfg, runner, markers, trained[model], made, folder,
+                                  model_flags(cfg, model, schedule), zero, f"{name} seed {seed} on {NOISE_NAMES[noise]}")
                 deps[st] = [trained[model], made]
                 stages.append(st)
-                samples[vid, seed, noise] = st
-    return stages, deps, samples
+                sample_dirs[vid, seed, noise] = folder
+    return stages, deps, sample_dirs
 
 
 def run_stages(stages, deps, jobs, runner):
@@ -228,10 +229,6 @@ def log(msg):
     print(f"[robustness] {msg}", file=sys.stderr, flush=True)
 
 
-def sample_sets(folder, num_sets):
-    return [folder / "samples"] if num_sets == 1 else [folder / f"samples_{k}" for k in range(num_sets)]
-
-
 def lpips_scorer(cfg):
     """(distance function or None, why not): LPIPS on samples upsampled to 64 px (AlexNet needs 32)."""
     from evaluations.common import EvalError
@@ -255,7 +252,7 @@ def lpips_scorer(cfg):
     return distance, f"LPIPS (AlexNet, {'random weights' if weights == 'random' else weights}) between 2 sample sets"
 
 
-def score(out, cfg, samples, lpips_fn):
+def score(out, cfg, sample_dirs, lpips_fn):
     """Per (variant, seed, noise): mIoU, pixel accuracy, FD and LPIPS diversity, from the files on disk."""
     import contextlib
     import io
@@ -267,9 +264,8 @@ def score(out, cfg, samples, lpips_fn):
     train = sorted(p.stem for p in (toy / "train" / "images").glob("*.png"))[: len(names)]
     floor = frechet(image_statistics(load_images(toy / "train" / "images", train)), ref)
     per = {}
-    for (vid, seed, noise), st in samples.items():
-        folder = st.outputs[0].parents[1]
-        sets = sample_sets(folder, cfg["num_sets"])
+    for (vid, seed, noise), folder in sample_dirs.items():
+        sets = find_sample_sets(folder, cfg["num_sets"])
         with contextlib.redirect_stderr(io.StringIO()):
             m = miou_of_toy_samples(sets[0], toy / "test" / "labels")
             lp = lpips_diversity(sets, distance_fn=lpips_fn)["lpips"] if lpips_fn else None
@@ -353,7 +349,7 @@ def markdown(cfg, variant_list, summary, paired, floor, lpips_note, seconds, wal
     return "\n".join(lines) + "\n"
 
 
-def write_grid(out, cfg, variant_list, samples, path):
+def write_grid(out, cfg, variant_list, sample_dirs, path):
     """label | noisy label | one column per model (seed 0's samples), a row per noise and test map."""
     seed = cfg["seeds"][0]
     labels = out / "data" / "toy" / "test" / "labels"
@@ -370,11 +366,11 @@ def write_grid(out, cfg, variant_list, samples, path):
     for name in names:
         clean = np.asarray(Image.open(labels / f"{name}.png"))
         for noise in cfg["noises"]:
-            first = samples[variant_list[0][0], seed, noise].outputs[0].parents[1]
+            first = sample_dirs[variant_list[0][0], seed, noise]
             tiles = [colorize(clean), colorize(np.asarray(Image.open(first / "labels" / f"{name}.png")))]
             for vid, *_ in variant_list:
-                folder = samples[vid, seed, noise].outputs[0].parents[1]
-                tiles.append(np.asarray(Image.open(sample_sets(folder, cfg["num_sets"])[0] / f"{name}.png").convert("RGB")))
+                sample0 = find_sample_sets(sample_dirs[vid, seed, noise], cfg["num_sets"])[0]
+                tiles.append(np.asarray(Image.open(sample0 / f"{name}.png").convert("RGB")))
             for c, t in enumerate(tiles):
                 canvas.paste(Image.fromarray(t.astype(np.uint8)).resize((tile, tile), Image.NEAREST),
                              (left + c * (tile + gap), y))
@@ -396,21 +392,8 @@ def header_lines(draw, text, width):
     return lines[:3]
 
 
-def code_version():
-    """The commit, and whether the working tree differed from it."""
-    try:
-        rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": rev.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
-
-
 def prepare_out(out, cfg, fresh):
     """Create or reuse the working folder; refuse a foreign folder or models trained with other settings."""
-    if out.exists() and not out.is_dir():
-        raise StudyError(f"--out_dir {out} exists and is not a folder")
     state_path = out / STATE_FILE
     if out.is_dir() and any(out.iterdir()):
         try:
@@ -448,19 +431,19 @@ def run(cfg, fresh=False, runner=None):
     log(f"LPIPS diversity: {lpips_note}")
     code = code_version()  # at the start: the code that ran the stages
     runner = runner or Runner(threads=cfg["threads"])
-    stages, deps, samples = plan(out, cfg, runner)
+    stages, deps, sample_dirs = plan(out, cfg, runner)
     t0 = time.perf_counter()
     seconds = run_stages(stages, deps, cfg["jobs"], runner)
     wall = round(time.perf_counter() - t0, 1)
     log("scoring ...")
-    per, floor = score(out, cfg, samples, lpips_fn)
+    per, floor = score(out, cfg, sample_dirs, lpips_fn)
     summary, paired = summarize(per, cfg)
     variant_list = variants(cfg)
     machine = machine_line()
     md = markdown(cfg, variant_list, summary, paired, floor, lpips_note, seconds, wall, machine)
     atomic_write(out / "results.md", md)
     grid = Path(cfg["grid"] or out / "grid.png")
-    write_grid(out, cfg, variant_list, samples, grid)
+    write_grid(out, cfg, variant_list, sample_dirs, grid)
     report = {
         "machine": describe_machine(), "machine_line": machine, "code": code,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "settings": cfg,

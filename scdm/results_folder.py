@@ -67,14 +67,15 @@ def check_results_path(results_path):
 
 
 def code_version():
-    """The scdm version and, for a git checkout, its commit (None when unavailable)."""
+    """The scdm version and, for a git checkout, its commit and whether tracked files differ from it
+    (None when unavailable): results made by uncommitted code say so."""
     try:
         from importlib.metadata import version
         scdm_version = version("scdm")
     except Exception:
         scdm_version = None
     source = Path(__file__).resolve().parents[1]
-    commit = None
+    commit = dirty = None
     try:
         out = subprocess.run(["git", "rev-parse", "--show-toplevel", "HEAD"], cwd=source, capture_output=True,
                              text=True, timeout=10)
@@ -82,9 +83,12 @@ def code_version():
         # Only the tree the package lives in: not a repository that merely contains an installed copy.
         if out.returncode == 0 and len(lines) == 2 and Path(lines[0]).resolve() == source:
             commit = lines[1]
+            status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source,
+                                    capture_output=True, text=True, timeout=10)
+            dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         pass
-    return {"scdm": scdm_version, "git_commit": commit}
+    return {"scdm": scdm_version, "git_commit": commit, "git_dirty": dirty}
 
 
 def read_corruption(data_dir):

@@ -40,7 +40,7 @@ def test_writes_every_output_with_every_per_seed_number(study):
     out, report = study
     written = json.loads((out / "robustness.json").read_text())
     assert written["summary"] == json.loads(json.dumps(report["summary"]))
-    assert written["code"]["commit"] and written["machine"]["cpus_usable"] >= 1
+    assert written["code"]["git_commit"] and written["code"]["git_dirty"] in (True, False) and written["machine"]["cpus_usable"] >= 1
     ids = [v["id"] for v in written["variants"]]
     assert ids == ["sdm", "scdm_classwise", "scdm_classwise_unlabeled_class"]
     assert {v["id"]: v["unlabeled_to_zero"] for v in written["variants"]} == {
