@@ -136,7 +136,8 @@ class SPADEGroupNorm(nn.Module):
         outs = []
         for weight, b in self._scale_shift_parts():
             per_tap = actv @ weight.permute(1, 2, 3, 0).reshape(weight.shape[1], -1)  # (U + 1, 9 * out)
-            out = gather_sum(per_tap.view(-1, weight.shape[0]), plan.pixel_taps)
+            by_row = plan.pixel_taps_by_row() if per_tap.requires_grad else None
+            out = gather_sum(per_tap.view(-1, weight.shape[0]), plan.pixel_taps, by_row)
             out = out + b.to(out.dtype)
             outs.append(out.view(bsz, h, w, -1).permute(0, 3, 1, 2))
         return self._split(outs)
@@ -182,30 +183,46 @@ class SPADEGroupNorm(nn.Module):
 
 
 class _GatherSum(torch.autograd.Function):
-    """out[n] = sum_j table[index[n, j]]. Forward is embedding_bag; backward scatters with index_add,
-    because embedding_bag's CPU backward sorts all indices, which costs more than the layer itself."""
+    """out[n] = sum_j table[index[n, j]]. Forward is embedding_bag. The backward, grad_table[r] = sum of
+    grad[n] over the (n, j) with index[n, j] = r, is an embedding_bag too when the caller passes the
+    index sorted by row (`rows_of`, built once per plan and shared by every norm at that size): it
+    writes each row once. Without it, index_add per column into a zero table; never embedding_bag's own
+    CPU backward, which sorts all indices on every call and costs more than the layer itself."""
 
     @staticmethod
-    def forward(ctx, table, index):
-        ctx.save_for_backward(index)
+    def forward(ctx, table, index, by_row):
+        ctx.save_for_backward(index, *(by_row or ()))
         ctx.num_rows = table.shape[0]
         return F.embedding_bag(index, table, mode="sum")
 
     @staticmethod
     def backward(ctx, grad):
-        (index,) = ctx.saved_tensors
+        index, *by_row = ctx.saved_tensors
         grad = grad.contiguous()
+        if by_row:
+            sources, offsets = by_row
+            return F.embedding_bag(sources, grad, offsets, mode="sum"), None, None
         grad_table = grad.new_zeros(ctx.num_rows, grad.shape[1])
         for j in range(index.shape[1]):
             grad_table.index_add_(0, index[:, j], grad)
-        return grad_table, None
+        return grad_table, None, None
 
 
-def gather_sum(table, index):
-    """(R, D) table, (N, K) row indices -> (N, D): the sum of the K rows picked per n."""
+def gather_sum(table, index, by_row=None):
+    """(R, D) table, (N, K) row indices -> (N, D): the sum of the K rows picked per n. `by_row`:
+    `rows_of(index, R)`, which makes the backward a gather as well."""
     if torch.is_grad_enabled() and table.requires_grad:
-        return _GatherSum.apply(table, index)
+        return _GatherSum.apply(table, index, by_row)
     return F.embedding_bag(index, table, mode="sum")
+
+
+def rows_of(index, num_rows):
+    """(sources, offsets): for each table row r, the n with index[n, j] = r are
+    sources[offsets[r]:offsets[r + 1]] (the index transposed, as embedding_bag bags). No host sync."""
+    flat = index.reshape(-1)
+    ordered, order = torch.sort(flat, stable=True)
+    offsets = torch.searchsorted(ordered, torch.arange(num_rows, device=flat.device))
+    return order // index.shape[1], offsets
 
 
 def _compute_dtype(weight):
@@ -232,6 +249,13 @@ class _PatchPlan:
 
     def __init__(self, pixel_taps, unique_taps=None):
         self.pixel_taps, self.unique_taps = pixel_taps, unique_taps
+        self._by_row = None
+
+    def pixel_taps_by_row(self):
+        """`rows_of` the per-patch table's pixel_taps, for the backward; built once, shared by the norms."""
+        if self._by_row is None:
+            self._by_row = rows_of(self.pixel_taps, 9 * (self.unique_taps.shape[0] + 1))
+        return self._by_row
 
 
 class SpadeLabels:

@@ -12,7 +12,7 @@ from scdm.fast_paths import UNIQUE_PATCH_MAX_RATIO, FastPaths, from_disable_spec
 from scdm.performance import maybe_compile, precision_context, resolve_precision
 from scdm.sampling import guided_model_output
 from scdm.script_util import create_model_and_diffusion
-from scdm.spade import SPADEGroupNorm, clear_spade_caches
+from scdm.spade import SPADEGroupNorm, clear_spade_caches, gather_sum, rows_of
 from scdm.unet import AttentionBlock, UNetModel
 
 RTOL = 1e-4
@@ -56,6 +56,31 @@ def _inputs(flags, b=4, null_rows=(), with_edge=True):
 
 def _configs_of_blocks(model):
     return {m.fast_paths for m in model.modules() if isinstance(m, (SPADEGroupNorm, AttentionBlock))}
+
+
+def test_gather_sum_backward_with_and_without_the_row_index():
+    """gather_sum's gradient, by index_add and by the by-row index (embedding_bag), equals that of the
+    same sum as a one-hot matrix product; rows nobody picks get zero, repeated picks count twice."""
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(12, 5, generator=g, dtype=torch.float64)
+    index = torch.randint(0, 10, (40, 3), generator=g)  # rows 10 and 11 never picked
+    index[0] = torch.tensor([4, 4, 4])
+    weight = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    picks = torch.nn.functional.one_hot(index, 12).to(table.dtype).sum(1)  # (40, 12)
+    expected = picks.t() @ weight
+    sources, offsets = rows_of(index, 12)
+    counts = torch.bincount(index.flatten(), minlength=12)
+    assert torch.equal(offsets, torch.cumsum(counts, 0) - counts)
+    for r in range(12):  # row r's bag: exactly the n that pick r, once per pick
+        bag = sources[offsets[r]:offsets[r] + counts[r]]
+        assert sorted(bag.tolist()) == sorted(n for n in range(40) for j in range(3) if index[n, j] == r)
+    for by_row in (None, rows_of(index, 12)):
+        t = table.clone().requires_grad_()
+        out = gather_sum(t, index, by_row)
+        _close(out, picks @ table, rtol=1e-12)
+        (out * weight).sum().backward()
+        _close(t.grad, expected, rtol=1e-12)
+        assert not t.grad[10:].any()
 
 
 # ----- fast == plain --------------------------------------------------------------------------
