@@ -38,6 +38,7 @@ class FastPaths:
     null_label_cache: Switch = True      # all-zero map (guidance, dropped labels): closed form, cached under no_grad
     shared_encoder: Switch = True        # guidance: the label-free encoder runs once for both halves
     channels_last: Switch = AUTO         # NHWC activations in the torso
+    fused_adamw: Switch = True           # training: AdamW's update as torch's fused kernel (scdm.train_util)
 
     def __post_init__(self):
         for name in self.names():

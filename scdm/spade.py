@@ -104,7 +104,7 @@ class SPADEGroupNorm(nn.Module):
         if len(names) > 1:
             weight = self.mlp_gamma.weight
             key = (weight.device, _compute_dtype(weight), "train" if torch.is_grad_enabled() else "eval",
-                   f"{labels.num_cond}x{labels.num_labels}x{size[0]}x{size[1]}", f"C={self.mlp_gamma.out_channels}",
+                   f"{_rows_bucket(labels.num_cond)}x{labels.num_labels}x{size[0]}x{size[1]}", f"C={self.mlp_gamma.out_channels}",
                    "fused" if self.fast_paths.fused_gamma_beta else "split",
                    "nhwc" if labels.fast_paths.channels_last else "nchw")
             candidates = {n: timed_call(lambda n=n: self.cond_scale_shift_by(n, labels, size, fresh=True),
@@ -223,6 +223,12 @@ def rows_of(index, num_rows):
     ordered, order = torch.sort(flat, stable=True)
     offsets = torch.searchsorted(ordered, torch.arange(num_rows, device=flat.device))
     return order // index.shape[1], offsets
+
+
+def _rows_bucket(rows):
+    """The labelled-row count as the autotuner keys it: "<=2^k". Under classifier-free dropout the count
+    changes from batch to batch; one choice per power of two keeps the timings (and their log lines) few."""
+    return f"<={1 << max(rows - 1, 0).bit_length()}"
 
 
 def _compute_dtype(weight):

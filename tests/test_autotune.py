@@ -157,3 +157,26 @@ def test_model_under_every_choice_equals_plain(tiny_flags, winners, training):
     with torch.no_grad() if not training else torch.enable_grad():
         model(x, t, y=y)
     assert tuner.choices == before and len(lines) == len(before)
+
+
+def test_spade_choices_are_shared_by_labelled_row_counts_up_to_a_power_of_two(tiny_flags):
+    """Classifier-free dropout changes how many rows carry labels from batch to batch: 3 and 4 labelled
+    rows share one SPADE timing per norm shape, 5 is timed anew."""
+    model, _ = _model(tiny_flags)
+    tuner, _, lines = _tuner({})
+    model.autotuner = tuner
+    model.fast_paths = model.fast_paths.replace(channels_last=False, sdpa_attention=False)
+    s = tiny_flags["image_size"]
+
+    def spade_keys(rows, dropped):
+        y = random_label_map(rows, tiny_flags["num_classes"], s, s)
+        y[rows - dropped:] = 0
+        with torch.no_grad():
+            model(torch.randn(rows, 3, s, s), torch.randint(0, 100, (rows,)), y=y)
+        return sorted(k for k in tuner.choices if k[0] == "spade")
+
+    three = spade_keys(4, dropped=1)
+    assert three and all("<=4x" in k[4] for k in three)
+    assert spade_keys(4, dropped=0) == three and spade_keys(5, dropped=1) == three  # 4 labelled rows each
+    five = spade_keys(6, dropped=1)
+    assert len(five) == 2 * len(three) and len(lines) == len(five)

@@ -186,7 +186,7 @@ def test_fast_paths_config():
     assert FastPaths() == FastPaths.all_on() and all(getattr(FastPaths(), n) for n in FastPaths.names())
     assert not any(getattr(FastPaths.all_off(), n) for n in FastPaths.names())
     assert set(FastPaths.names()) == {"sdpa_attention", "spade_gather", "spade_unique_patches", "fused_gamma_beta",
-                                      "null_label_cache", "shared_encoder", "channels_last"}
+                                      "null_label_cache", "shared_encoder", "channels_last", "fused_adamw"}
     one = FastPaths.all_off().replace(null_label_cache=True)
     assert one.spade_enabled and not FastPaths.all_off().replace(sdpa_attention=True).spade_enabled
     with pytest.raises(ValueError, match=r"unknown fast paths \['flash'\]; known: \["):

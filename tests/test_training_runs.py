@@ -17,7 +17,7 @@ from scdm.checkpoint import latest_complete_set, model_name
 from scdm.image_train import create_argparser
 from scdm.presets import PRESETS, as_argv
 from scdm.script_util import MODEL_FLAG_HELP, architecture_conflicts, model_and_diffusion_defaults
-from scdm.train_util import ema_decay, resolve_resume
+from scdm.train_util import adamw, ema_decay, load_adamw_state, resolve_resume
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
@@ -254,3 +254,39 @@ def test_every_training_flag_has_a_help_line_with_its_default(monkeypatch):
     assert "grad scaler on fp32 master weights" in text
     for flag in ("data_dir", "dataset_mode"):
         assert next(a for a in actions if a.dest == flag).help.startswith("required")
+
+
+def _adamw_run(fused, steps, start=None, params=None, first=0):
+    """`steps` AdamW steps on fixed pseudo-gradients from the same weights, optionally resuming `start`
+    (a saved state); returns the weights and the optimizer."""
+    g = torch.Generator().manual_seed(0)
+    weights = params or [torch.randn(7, 5, generator=g), torch.randn(3, generator=g)]
+    params = [w.clone().requires_grad_() for w in weights]
+    opt = adamw(params, lr=1e-2, weight_decay=0.1, fused=fused)
+    if start is not None:
+        load_adamw_state(opt, start)
+    for i in range(first, first + steps):
+        for p in params:
+            p.grad = torch.sin(torch.arange(p.numel(), dtype=torch.float32).view(p.shape) * (i + 1) + p.detach())
+        opt.step()
+    return [p.detach() for p in params], opt
+
+
+def test_fused_adamw_equals_the_plain_update_and_states_cross_over():
+    """The fused switch changes the kernel, not the update; a state saved by either kind resumes in the
+    other, which keeps its own kind (load_state_dict alone would adopt the saved flags)."""
+    plain, plain_opt = _adamw_run(False, 4)
+    fused, fused_opt = _adamw_run(True, 4)
+    assert fused_opt.defaults["fused"] is True and not plain_opt.defaults["fused"]
+    for a, b in zip(fused, plain):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6)
+    start_weights, _ = _adamw_run(False, 2)
+    for saved_by, resumed_as in ((True, False), (False, True)):
+        _, opt = _adamw_run(saved_by, 2)
+        state = opt.state_dict()
+        resumed, resumed_opt = _adamw_run(resumed_as, 2, start=state, params=start_weights, first=2)
+        assert [g["fused"] for g in resumed_opt.param_groups] == [resumed_opt.defaults["fused"]]
+        step = next(iter(resumed_opt.state.values()))["step"]
+        assert float(step) == 4 and step.dtype == torch.float32
+        for a, b in zip(resumed, plain):  # 2 + 2 steps equal 4 in one go
+            assert torch.allclose(a, b, rtol=0, atol=1e-6)
