@@ -29,7 +29,8 @@ images/s per batch size in fp32 and bf16, plain vs fast, model FLOP utilisation 
 peak; training images/s and peak memory at batch 10 with and without gradient checkpointing.
 
 The plain path is the released computation: every fast path off (the model's config
-`FastPaths.all_off()`), two separate passes for guidance, AdamW's per-tensor loop; the fast path is the default config.
+`FastPaths.all_off()`), two separate passes for guidance, AdamW's per-tensor loop; the fast path is
+the default config.
 Times are wall clock after warm-up, plain and fast interleaved; we report the median and the best
 of the repeats (the best is the robust figure on a machine shared with other jobs).
 """
