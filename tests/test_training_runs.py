@@ -2,6 +2,7 @@
 broken checkpoint sets), EMA warm-up, the run config in args.json, and flag help."""
 import csv
 import json
+import math
 import os
 import re
 import shutil
@@ -17,7 +18,7 @@ from scdm.checkpoint import latest_complete_set, model_name
 from scdm.image_train import create_argparser
 from scdm.presets import PRESETS, as_argv
 from scdm.script_util import MODEL_FLAG_HELP, architecture_conflicts, model_and_diffusion_defaults
-from scdm.train_util import adamw, ema_decay, load_adamw_state, resolve_resume
+from scdm.train_util import TrainLoop, adamw, ema_decay, load_adamw_state, resolve_resume
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
@@ -290,3 +291,28 @@ def test_fused_adamw_equals_the_plain_update_and_states_cross_over():
         assert float(step) == 4 and step.dtype == torch.float32
         for a, b in zip(resumed, plain):  # 2 + 2 steps equal 4 in one go
             assert torch.allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_gradient_check_uses_the_norm_and_the_exact_check_only_when_it_is_off():
+    """The divergence guard: a finite global norm means finite gradients (no per-tensor pass); a NaN or
+    Inf anywhere gives a non-finite norm and is caught; finite gradients whose squares overflow fp32
+    make the norm inf, and the exact check then still says finite."""
+    loop = TrainLoop.__new__(TrainLoop)  # only .model is used
+    loop.model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    grads = [torch.arange(p.numel(), dtype=torch.float32).view(p.shape) - 3 for p in loop.model.parameters()]
+    for p, g in zip(loop.model.parameters(), grads):
+        p.grad = g.clone()
+    expected = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
+    calls = []
+    exact = loop._grads_finite
+    loop._grads_finite = lambda: calls.append(1) or exact()
+    norm, finite = loop._grad_norm_if_finite()
+    assert finite and abs(norm - expected) <= 1e-5 * expected and calls == []
+    params = list(loop.model.parameters())
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        params[2].grad[1, 0] = bad
+        norm, finite = loop._grad_norm_if_finite()
+        assert not finite and not math.isfinite(norm)
+    params[2].grad[1, 0] = 3e30  # finite, but its square is not a float32
+    norm, finite = loop._grad_norm_if_finite()
+    assert norm == math.inf and finite
