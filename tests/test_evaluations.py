@@ -74,6 +74,68 @@ def test_frechet_distance_against_scipy_symmetric_form():
     assert fid_mod.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-7)
 
 
+def _few_image_features(n, d, seed):
+    """(n, d) features with n <= d: their covariance is singular (rank n - 1)."""
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) * 0.3 + rng.normal(size=d)
+
+
+def _frechet_by_nuclear_norm(f1, f2):
+    """The Frechet distance without any matrix square root: with S_i = A_i A_i^T (A_i the centred
+    features / sqrt(n - 1)), the nonzero eigenvalues of S1 S2 are the squared singular values of
+    A_1^T A_2, so Tr sqrt(S1 S2) is the nuclear norm of A_1^T A_2."""
+    a1 = (f1 - f1.mean(0)).T / np.sqrt(len(f1) - 1)
+    a2 = (f2 - f2.mean(0)).T / np.sqrt(len(f2) - 1)
+    diff = f1.mean(0) - f2.mean(0)
+    nuclear = np.linalg.svd(a1.T @ a2, compute_uv=False).sum()
+    return diff @ diff + (a1 ** 2).sum() + (a2 ** 2).sum() - 2 * nuclear
+
+
+@pytest.mark.parametrize("n, d", [(5, 12), (12, 12), (40, 12)])
+def test_trace_sqrt_product_against_nuclear_norm(n, d):
+    """The symmetric-form trace is exact for singular (n <= d) and regular covariances alike."""
+    f1, f2 = _few_image_features(n, d, 3), _few_image_features(n + 2, d, 4)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    a1 = (f1 - f1.mean(0)).T / np.sqrt(n - 1)
+    a2 = (f2 - f2.mean(0)).T / np.sqrt(n + 1)
+    expected = np.linalg.svd(a1.T @ a2, compute_uv=False).sum()
+    assert fid_mod.trace_sqrt_product(s1, s2) == pytest.approx(expected, rel=1e-7)
+
+
+def test_frechet_distance_falls_back_to_symmetric_form_when_sqrtm_goes_complex(monkeypatch):
+    """Where pytorch-fid's sqrtm fails (how often depends on the LAPACK build and the CPU's rounding),
+    the distance of N < D images is still the exact, real, non-negative value."""
+    import pytorch_fid.fid_score as pf
+
+    calls = []
+
+    def complex_sqrtm(*args, **kwargs):
+        calls.append(1)
+        raise ValueError("Imaginary component 519.6")
+
+    monkeypatch.setattr(pf, "calculate_frechet_distance", complex_sqrtm)
+    f1, f2 = _few_image_features(6, 30, 5), _few_image_features(8, 30, 6)
+    value = fid_mod.frechet_distance(f1.mean(0), np.cov(f1, rowvar=False), f2.mean(0), np.cov(f2, rowvar=False))
+    assert calls == [1]
+    expected = _frechet_by_nuclear_norm(f1, f2)
+    assert expected > 0 and value == pytest.approx(expected, rel=1e-7)
+    assert fid_mod.frechet_distance(f1.mean(0), np.cov(f1, rowvar=False),
+                                    f1.mean(0), np.cov(f1, rowvar=False)) == pytest.approx(0, abs=1e-9 * expected)
+
+
+def test_frechet_distance_of_few_images_matches_nuclear_norm_on_either_path():
+    """N < D end to end, whichever path this machine's LAPACK takes: never an error, and the value
+    agrees with the square-root-free formula."""
+    f1, f2 = _few_image_features(6, 30, 7), _few_image_features(9, 30, 8)
+    value = fid_mod.frechet_distance(f1.mean(0), np.cov(f1, rowvar=False), f2.mean(0), np.cov(f2, rowvar=False))
+    assert value == pytest.approx(_frechet_by_nuclear_norm(f1, f2), rel=1e-4)
+
+
+def test_frechet_distance_rejects_mismatched_covariance():
+    with pytest.raises(EvalError, match="covariance shapes"):
+        fid_mod.frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(4))
+
+
 def test_fid_of_folder_with_itself_is_zero(tmp_path):
     a = write_images(tmp_path / "a", 24)
     feats = pooled(torch.stack([load_rgb(p)[0] for p in list_images(a).values()])).double().numpy()

@@ -8,6 +8,7 @@ name matching between sample and ground-truth folders, an injectable feature ext
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 import warnings
@@ -25,6 +26,7 @@ from evaluations.common import (
 )
 from scdm.datasets import iter_user_errors_clean
 from scdm.fileio import atomic_write, file_sha256
+from scdm.stop_signals import worker_options
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE
@@ -121,7 +123,7 @@ def features_of(files: List[Path], feature_fn: FeatureFn, size, batch_size: int 
     """(N, D) float64 features of `files`, each brought to `size` = (W, H) by the size policy."""
     from tqdm import tqdm
     loader = torch.utils.data.DataLoader(_Images(files, size), batch_size=max(1, batch_size),
-                                         shuffle=False, num_workers=num_workers)
+                                         shuffle=False, **worker_options(num_workers))
     out, resized = [], 0
     with torch.no_grad():
         for batch, was_resized in iter_user_errors_clean(tqdm(loader, desc=desc, leave=False, file=sys.stderr,
@@ -144,18 +146,42 @@ def statistics(feats: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """pytorch-fid's (numerically stabilized) Frechet distance between two Gaussians."""
+    """pytorch-fid's (numerically stabilized) Frechet distance between two Gaussians.
+
+    Where its matrix square root goes complex (singular covariances: fewer images than features),
+    the trace term comes from the symmetric form instead (`trace_sqrt_product`), which is real and
+    stable for any positive semi-definite pair; such an FID is still biased by the few images."""
     from pytorch_fid.fid_score import calculate_frechet_distance
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape:
         raise EvalError(f"feature sizes differ: {mu1.shape[0]} vs {mu2.shape[0]} (statistics made with other --dims?)")
-    with warnings.catch_warnings():
+    if sigma1.shape != (mu1.shape[0],) * 2 or sigma2.shape != sigma1.shape:
+        raise EvalError(f"covariance shapes {sigma1.shape} and {sigma2.shape} do not match {mu1.shape[0]} features")
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
         warnings.simplefilter("ignore")  # scipy: `disp` deprecation, singular-matrix notes
         try:
-            return float(calculate_frechet_distance(mu1, np.atleast_2d(sigma1), mu2, np.atleast_2d(sigma2)))
-        except ValueError as e:  # sqrtm went complex: far too few images for the feature size
-            raise EvalError(f"the Frechet distance is numerically undefined ({e}); use more images "
-                            f"(at least as many as the {mu1.shape[0]} features) or a smaller --dims") from None
+            return float(calculate_frechet_distance(mu1, sigma1, mu2, sigma2))
+        except ValueError:  # "Imaginary component ...": sqrtm of a singular product went complex
+            pass
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product(sigma1, sigma2))
+
+
+def trace_sqrt_product(sigma1, sigma2) -> float:
+    """Tr sqrt(S1 S2) for positive semi-definite S1, S2, as the sum of the square roots of the
+    eigenvalues of the symmetric matrix sqrt(S1) S2 sqrt(S1) (the same eigenvalues as S1 S2, but
+    computed by a symmetric solver, so they stay real). Eigenvalues within rounding of zero count as
+    zero: a square root would turn their 1e-16 into 1e-8."""
+    def psd_eigenvalues(m):
+        w, v = np.linalg.eigh((m + m.T) / 2.0)
+        w[w <= len(w) * np.finfo(np.float64).eps * max(float(np.abs(w).max()), 1e-300)] = 0.0
+        return w, v
+
+    w, v = psd_eigenvalues(np.asarray(sigma1, dtype=np.float64))
+    root1 = (v * np.sqrt(w)) @ v.T
+    inner, _ = psd_eigenvalues(root1 @ np.asarray(sigma2, dtype=np.float64) @ root1)
+    return float(np.sqrt(inner).sum())
 
 
 # ---------------------------------------------------------------------------------- npz stats
