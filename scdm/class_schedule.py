@@ -34,6 +34,7 @@ from .datasets import build_dataset, iter_user_errors_clean
 from .errors import run_cli
 from .dataset_layouts import LAYOUTS
 from .fileio import check_writable_file, save_npy
+from .stop_signals import worker_options
 
 UNIFORM_LAMBDA = 0.5     # absent and unlabeled classes: diffuse uniformly
 MIN_LAMBDA = 1.001
@@ -88,7 +89,7 @@ def collect_class_stats(dataset_mode, data_dir, num_classes=None, unlabeled_id=N
     c = dataset.info.num_classes
     images_with = np.zeros(c, dtype=np.int64)
     area_sum = np.zeros(c, dtype=np.float64)
-    loader = DataLoader(_ClassFractions(dataset), batch_size=None, num_workers=num_workers)
+    loader = DataLoader(_ClassFractions(dataset), batch_size=None, **worker_options(num_workers))
     if progress:
         from tqdm import tqdm
         loader = tqdm(loader, total=len(dataset), desc="label statistics", unit="map")

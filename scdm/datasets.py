@@ -21,7 +21,7 @@ from .dataset_layouts import (  # noqa: F401  (re-exported: the loader's public 
     list_records, raw_unlabeled_id, read_ids, read_rgb, remap_labels, require_data_dir, resize_ids,
 )
 from .errors import UserError
-from .stop_signals import ignore_in_worker
+from .stop_signals import worker_options
 
 FLOAT_EXACT = 2 ** 24  # ids at or above this do not survive the float32 cond tensors
 
@@ -228,7 +228,7 @@ def load_data(*, dataset_mode, data_dir, batch_size, image_size, class_cond=True
             f"shard(s) ({dataset.split_size} image(s) in --data_dir {data_dir}, split "
             f"{'train' if is_train else 'test'}); every rank needs at least one full batch. "
             "Use a smaller --batch_size or fewer processes.")
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=not deterministic, num_workers=num_workers,
-                        drop_last=True, persistent_workers=num_workers > 0, worker_init_fn=ignore_in_worker)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=not deterministic, drop_last=True,
+                        persistent_workers=num_workers > 0, **worker_options(num_workers))
     return _endless(loader, class_cond)
 

@@ -29,7 +29,7 @@ from .cli import (HelpFormatter, accept_gpus_per_node, add_bool_argument, minus_
                   resolve_dataset_flags)
 from .conditioning import Conditioning
 from .dataset_layouts import CORRUPTION_FILE, display_names
-from .datasets import build_dataset
+from .datasets import build_dataset, iter_user_errors_clean
 from .errors import run_cli
 from .fast_paths import from_disable_spec
 from .fileio import remove_temp_files, save_image
@@ -44,7 +44,7 @@ from .results_folder import (
 from .run_config import ema_warning, given_flags, load_checked, preset_differences, resolve_model_flags
 from .sampling import SAMPLERS, resolve_sampler, sample_loop
 from .script_util import add_dict_to_argparser, args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
-from .stop_signals import ignore_in_worker
+from .stop_signals import worker_options
 
 # Formats the default as nothing: help lines that say their default in words get no "(default: ...)".
 NO_DEFAULT_LINE = "%(default).0s"
@@ -277,7 +277,7 @@ def run(args, given, root, model_path, model_flags, info, precision, fast_paths)
     total = len(dataset) if args.num_samples < 0 else min(args.num_samples, len(dataset))
     mine = list(range(rank, total, world))  # fixed order; shards never overlap, uneven counts are fine
     loader = DataLoader(Subset(dataset, mine), batch_size=args.batch_size, shuffle=False,
-                        num_workers=args.num_workers, worker_init_fn=ignore_in_worker)
+                        **worker_options(args.num_workers))
     colors = palette(palette_name(args.dataset_mode, args.data_dir), args.num_classes, info.unlabeled_id)
     out_dirs = sample_dirs(args.num_sets)
     steps = diffusion.num_timesteps
@@ -285,7 +285,7 @@ def run(args, given, root, model_path, model_flags, info, precision, fast_paths)
     bar = tqdm(total=len(mine) * args.num_sets * steps, desc="sampling", unit="step", dynamic_ncols=True,
                disable=None if rank == 0 else True)
     new = 0
-    for images, cond in loader:
+    for images, cond in iter_user_errors_clean(loader):
         batch_names = [Path(p).stem for p in cond["path"]]
         todo = [i for i, n in enumerate(batch_names)
                 if not all((root / d / f"{n}.png").exists() for d in ["images", "labels", *out_dirs])]

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from .errors import EXIT_USER_ERROR, UserError, print_error
 from .fileio import write_json
+from .stop_signals import reap_workers
 
 FAULT_KEY = "scdm/fault"
 POLL_SECONDS = 0.5
@@ -41,6 +42,7 @@ def _exit_now(code, message=None):
     if message:
         print(message, file=sys.stderr, flush=True)
     sys.stdout.flush()
+    reap_workers()  # os._exit skips the exit hooks that would otherwise end them
     os._exit(code)
 
 

@@ -3,12 +3,21 @@
 Schedulers signal the whole process group, data-loader workers included. A worker that dies of
 the signal makes the loader raise before the main process can save, so workers ignore the stop
 signals (`ignore_in_worker`, a DataLoader `worker_init_fn`) and leave when the main process shuts
-the loader down (or dies: torch's workers watch their parent). The main process turns the first
-signal into a request (`StopRequest`) that the training loop honours at the end of its step; a
-second Ctrl-C stops at once without saving.
+the loader down. The main process turns the first signal into a request (`StopRequest`) that the
+training loop honours at the end of its step; a second Ctrl-C stops at once without saving.
+
+Workers that ignore SIGTERM must still never outlive the main process. When it exits while a
+loader is alive (an error, a stop, the end of `main`), torch leaves the workers to
+multiprocessing's exit hook, which would send them SIGTERM and wait forever; `worker_options`
+registers `reap_workers` to run first and kill them. A main process killed outright leaves them to
+torch's own watch on their parent, which ends them within about five seconds.
 """
+import atexit
+import multiprocessing
+import multiprocessing.util  # its exit hook must be registered before ours (atexit runs last-in first)
 import signal
 import sys
+import threading
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -17,6 +26,34 @@ def ignore_in_worker(_worker_id=None):
     """DataLoader `worker_init_fn`: the main process decides how the run stops."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+
+
+def reap_workers(timeout=5.0):
+    """Kill the daemonic child processes (loader and pool workers) and wait for them. Only for a
+    main process on its way out: nothing a worker holds is worth saving then."""
+    children = [p for p in multiprocessing.active_children() if p.daemon]
+    if not children:
+        return
+    if threading.current_thread() is threading.main_thread():
+        # torch's SIGCHLD handler would report each killed worker as a crash of the loader.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for p in children:
+        p.kill()
+    for p in children:
+        p.join(timeout)
+
+
+_reaper_registered = False
+
+
+def worker_options(num_workers):
+    """DataLoader keyword arguments for `num_workers` processes that survive a stop signal sent to
+    the whole process group and still end with the main process, however it ends."""
+    global _reaper_registered
+    if num_workers > 0 and not _reaper_registered:
+        atexit.register(reap_workers)
+        _reaper_registered = True
+    return dict(num_workers=num_workers, worker_init_fn=ignore_in_worker if num_workers > 0 else None)
 
 
 def exit_code(signum):

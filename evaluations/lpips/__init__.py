@@ -20,6 +20,7 @@ from evaluations.common import (
     EvalError, default_device, list_images, load_rgb, match_names, note_resized, resolve_weights,
 )
 from scdm.datasets import iter_user_errors_clean
+from scdm.stop_signals import worker_options
 
 DistanceFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (B,3,H,W) in [-1,1] x2 -> (B,)
 NETS = ("alex", "vgg", "squeeze")
@@ -137,7 +138,7 @@ def lpips_diversity(sets: Sequence[Path], distance_fn: Optional[DistanceFn] = No
     pairs = list(combinations(range(len(sets)), 2))
     per_name = np.zeros(len(names))
     loader = torch.utils.data.DataLoader(_SameName(names, listings), batch_size=None,
-                                         num_workers=num_workers)
+                                         **worker_options(num_workers))
     buf_a, buf_b, buf_idx, resized = [], [], [], 0
 
     def flush():
