@@ -2,7 +2,9 @@
 
 A write lands in a temporary file beside its target and is renamed over it only when complete, so a
 crash, a full disk or Ctrl-C never leaves a half-written checkpoint, PNG or report under the final
-name (a rerun that skips existing files would otherwise trust a broken one). Temporary files are
+name (a rerun that skips existing files would otherwise trust a broken one). A temporary file's name
+says which host and process writes it, so a run that starts in a folder removes what a killed writer
+left there (`remove_temp_files`) without touching the files of writers still at work. Temporary files are
 created 0600 by `mkstemp`; the finished file gets the permissions the umask gives any new file
 (0644 under umask 022), so results can be shared on a cluster. Renaming replaces a symbolic link
 at the target instead of writing through it.
@@ -12,13 +14,30 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 from .errors import UserError
 
 TEMP_SUFFIX = ".tmp"
+# .<target name>.<host>-<pid>.<mkstemp's characters>.tmp, and the older .<target name>.<characters>.tmp
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+?)\.(?:(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.)?[A-Za-z0-9_]+\.tmp$")
+# A writer on another host of a shared file system cannot be asked whether it still runs: its
+# temporary files are left alone for this long.
+OTHER_HOST_GRACE_SECONDS = 24 * 3600
+
+
+def _host():
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname().split(".")[0]) or "host"
+
+
+def _temp_prefix(path):
+    return f".{path.name}.{_host()}-{os.getpid()}."
 
 
 def current_umask():
@@ -55,7 +74,7 @@ def atomic_path(path, fsync=False, set_mode=True):
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=TEMP_SUFFIX, dir=path.parent)
     except OSError as e:
         raise WriteError(f"cannot write {path}: {write_failure(e)}") from None
     os.close(fd)
@@ -102,9 +121,20 @@ def save_torch(obj, path):
             if "write" not in str(e) and "unexpected pos" not in str(e):
                 raise
             f.flush()  # raises the OSError behind it (ENOSPC, EFBIG, ...) when there is one
+            _probe_write(f)  # or a write of our own does, in the OS's words
             raise OSError(errno.EIO, f"the write failed; is the disk or quota full? ({str(e).splitlines()[0][:100]})") from None
 
     atomic_write(path, write, mode="wb", fsync=True)
+
+
+def _probe_write(f, chunk=1 << 16, chunks=64):
+    """torch's zip writer hides the OSError of a failed write; writing on at the end of the file
+    raises it again (ENOSPC "No space left on device", EDQUOT, EFBIG) while there is still no room.
+    The file is a temporary one that is removed afterwards."""
+    fd = f.fileno()
+    os.lseek(fd, 0, os.SEEK_END)
+    for _ in range(chunks):
+        os.write(fd, b"\0" * chunk)
 
 
 def save_npy(array, path):
@@ -181,10 +211,12 @@ def folder_problem(folder):
 
 
 def check_writable(folder, flag):
-    """Create `folder` and prove a file can be written there, before any long work starts."""
+    """Create `folder` and prove a file can be written there, before any long work starts; then
+    clear what killed writers left in it (`remove_temp_files`)."""
     why = folder_problem(folder)
     if why:
         raise PermissionError(f"{flag} {folder} is not writable: {why}")
+    note_removed_temp_files(folder)
 
 
 def check_writable_file(path, flag):
@@ -198,15 +230,47 @@ def check_writable_file(path, flag):
     why = folder_problem(path.parent)
     if why:
         raise PermissionError(f"{flag} {path} cannot be written: {why}")
+    note_removed_temp_files(path.parent)
+
+
+def note_removed_temp_files(folder):
+    """`remove_temp_files`, saying on stderr when there was something to remove."""
+    removed = remove_temp_files(folder)
+    if removed:
+        print(f"note: removed {removed} temporary file(s) of an interrupted write in {folder}", file=sys.stderr)
+    return removed
+
+
+def _writer_gone(match, path):
+    if match.group("pid") is None:  # named before writers were recorded: no writer of today's runs
+        return True
+    if match.group("host") != _host():
+        try:
+            return time.time() - path.stat().st_mtime > OTHER_HOST_GRACE_SECONDS
+        except OSError:
+            return False
+    pid = int(match.group("pid"))
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def remove_temp_files(folder):
-    """Delete temporary files that a killed writer left in `folder` (not recursive)."""
+    """Delete the temporary files that killed writers left in `folder` (not recursive): ours by
+    name, and only where the writing process is gone. Returns how many were removed."""
     folder = Path(folder)
     if not folder.is_dir():
         return 0
     removed = 0
     for f in folder.glob(f".*{TEMP_SUFFIX}"):
-        f.unlink(missing_ok=True)
-        removed += 1
+        match = _TEMP_NAME.match(f.name)
+        if match and f.is_file() and _writer_gone(match, f):
+            f.unlink(missing_ok=True)
+            removed += 1
     return removed

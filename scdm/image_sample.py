@@ -32,7 +32,7 @@ from .dataset_layouts import CORRUPTION_FILE, display_names
 from .datasets import build_dataset, iter_user_errors_clean
 from .errors import run_cli
 from .fast_paths import from_disable_spec
-from .fileio import remove_temp_files, save_image
+from .fileio import note_removed_temp_files, save_image
 from .palettes import colorize, palette, palette_name
 from .overview import write_overview
 from .performance import PRECISIONS, maybe_compile, precision_context, resolve_precision
@@ -225,7 +225,7 @@ def main(argv=None):
     model_path = resolve_model_path(args)
     root = check_results_path(args.results_path)
     for folder in [root, *(d for d in root.iterdir() if d.is_dir())] if root.is_dir() else []:
-        remove_temp_files(folder)  # left by a killed earlier run into this folder
+        note_removed_temp_files(folder)  # left by a killed earlier run into this folder
     model_flags = resolve_model_flags(args, given, model_path, args.preset)
     info = resolve_dataset_flags(args)
     precision = resolve_precision(args.precision, args.use_fp16 if "use_fp16" in given or not args.precision

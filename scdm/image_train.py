@@ -21,7 +21,7 @@ from .cli import (HelpFormatter, accept_gpus_per_node, minus_one_or_positive, no
                   resolve_dataset_flags, respacing)
 from .conditioning import Conditioning
 from .errors import run_cli
-from .fileio import check_writable, copy_file, remove_temp_files, write_json
+from .fileio import check_writable, copy_file, write_json
 from .datasets import load_data
 from .fast_paths import from_disable_spec
 from .label_diffusion import DISCRETE_CLASSWISE
@@ -206,8 +206,6 @@ def main(argv=None):
         print(f"dry run: flags, data ({info.num_classes} classes in {args.data_dir}), resume "
               f"({resume or 'fresh run'}) and --log_dir {log_dir} are usable; nothing trained", flush=True)
         return 0
-    if remove_temp_files(log_dir):
-        print(f"note: removed the temporary files of an interrupted save in {log_dir}", file=sys.stderr)
 
     dist_util.setup_dist()
     try:

@@ -2,6 +2,9 @@
 import errno
 import os
 import stat
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -67,8 +70,35 @@ def test_link_or_copy_keeps_the_source_mode(tmp_path, umask022):
     assert (tmp_path / "out" / "img.jpg").read_bytes() == b"jpeg" and mode(src) == 0o444
 
 
-def test_remove_temp_files(tmp_path):
-    (tmp_path / ".x.png.abc.tmp").write_text("")
-    (tmp_path / "keep.png").write_text("")
-    assert fileio.remove_temp_files(tmp_path) == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["keep.png"]
+def test_remove_temp_files_takes_only_those_of_writers_that_are_gone(tmp_path):
+    """What a SIGKILL in the middle of a save leaves is removed by the next run in that folder; the
+    temporary file of a writer still at work (another rank, another run) is not."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead_pid = int(dead.stdout)
+    host = fileio._host()
+    killed = tmp_path / f".model000100.pt.{host}-{dead_pid}.abcd1234.tmp"
+    legacy = tmp_path / ".x.png.abcd_123.tmp"
+    live_peer = tmp_path / f".ema.pt.{host}-{os.getppid()}.zzzz9999.tmp"  # a live process (pytest's parent)
+    own = tmp_path / f".opt.pt.{host}-{os.getpid()}.qqqq0000.tmp"
+    remote = tmp_path / f".y.png.otherhost-{dead_pid}.abcd1234.tmp"
+    old_remote = tmp_path / f".z.png.otherhost-{dead_pid}.abcd1234.tmp"
+    not_ours = tmp_path / ".editor-swap.tmp"
+    for f in (killed, legacy, live_peer, own, remote, old_remote, not_ours, tmp_path / "keep.png"):
+        f.write_bytes(b"x")
+    day_ago = time.time() - fileio.OTHER_HOST_GRACE_SECONDS - 60
+    os.utime(old_remote, (day_ago, day_ago))
+    assert fileio.remove_temp_files(tmp_path) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        p.name for p in (live_peer, own, remote, not_ours, tmp_path / "keep.png"))
+
+
+def test_temp_names_carry_host_and_pid(tmp_path):
+    seen = []
+    with fileio.atomic_path(tmp_path / "a.json") as tmp:
+        seen.append(tmp.name)
+        assert fileio.remove_temp_files(tmp_path) == 0  # its own writer is alive
+        tmp.write_text("{}")
+    assert seen[0].startswith(f".a.json.{fileio._host()}-{os.getpid()}.") and seen[0].endswith(".tmp")
+    assert fileio._TEMP_NAME.match(seen[0])
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]

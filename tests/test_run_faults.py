@@ -226,6 +226,7 @@ def test_a_full_disk_during_a_checkpoint_save_keeps_the_last_complete_set(toy, r
     assert p.returncode == 2, p.stderr[-3000:]
     errors = one_error_line(p.stderr)
     assert len(errors) == 1 and errors[0].startswith("error: checkpoint set of step 3 not saved (cannot write "), p.stderr
+    assert "File too large" in errors[0], errors  # the OS's own words (here EFBIG; ENOSPC on a full disk)
     assert errors[0].endswith(f"the last complete set is {run_copy / 'model000002.pt'}")
     assert "Traceback" not in p.stderr
     assert not (run_copy / "ema_0.9999_000003.pt").exists()  # no half set
