@@ -71,16 +71,20 @@ class _Watchdog(threading.Thread):
                           f"error: stopping all ranks: {who} failed (see its error)" if self.rank == 0 else None)
 
 
-def _tell_torchrun(exc, code):
+def _tell_torchrun(exc, code, message=None):
     """torchrun prints a summary of failed ranks after ours; an error file makes its root cause our
     message instead of "<N/A>" (the format of torch.distributed.elastic's error handler)."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
-    line = f"{type(exc).__name__}: {exc}" if code != 1 else "".join(traceback.format_exception(exc))
+    stamp = int(time.time())
+    if message:  # stopped by another rank's fault: one second later, so torchrun names that one the root cause
+        line, stamp = message, stamp + 1
+    else:
+        line = f"{type(exc).__name__}: {exc}" if code != 1 else "".join(traceback.format_exception(exc))
     try:
-        write_json({"message": {"message": line, "extraInfo": {"py_callstack": line,
-                                                                "timestamp": str(int(time.time()))}}}, path)
+        write_json({"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(stamp)}}},
+                   path)
     except (OSError, UserError):
         pass
 
@@ -98,16 +102,36 @@ def report(exc):
         pass
 
 
+# What gloo and the TCP store say when the other end of a connection went away.
+LOST_PEER_WORDS = ("Connection closed by peer", "Connection reset", "Broken pipe", "Read error", "recvBytes",
+                   "Socket Timeout", "timed out", "Connection refused")
+
+
 def lost_peer_message(exc):
-    """One line for a collective that failed because a peer process went away, else None."""
-    if not isinstance(exc, getattr(dist, "DistBackendError", RuntimeError)):
+    """One line for a collective that failed because a peer process went away, else None. The
+    failure arrives as DistBackendError or as the plain RuntimeError that DDP's bucket rebuild
+    raises; when the peer reported its own error first, the line names it."""
+    if not isinstance(exc, RuntimeError):
         return None
     text = str(exc)
-    if not any(s in text for s in ("Connection closed by peer", "Connection reset", "Broken pipe",
-                                   "recvBytes", "Socket Timeout", "timed out")):
+    if not any(s in text for s in LOST_PEER_WORDS):
         return None
+    who = _reported_fault()
+    if who:
+        return f"stopping all ranks: {who} failed (see its error)"
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     return f"rank {dist.get_rank()}: another rank stopped or died during a collective operation ({first[:200]})"
+
+
+def _reported_fault():
+    """The rank that reported a fault to the store, if one did and the store still answers."""
+    store = _store()
+    try:
+        if store is not None and store.check([FAULT_KEY]):
+            return store.get(FAULT_KEY).decode(errors="replace")
+    except Exception:  # noqa: BLE001 (the store may be gone with the rank that hosted it)
+        pass
+    return None
 
 
 @contextlib.contextmanager
@@ -128,8 +152,9 @@ def watched():
         # Said here and at once: a launcher may kill this process as soon as a peer exits.
         message = lost_peer_message(e)
         code = EXIT_USER_ERROR if message else print_error(e, where=f"rank {dist.get_rank()}")
-        report(e)
-        _tell_torchrun(e, code)
+        if not message:  # a lost peer is not a fault of this rank's own to report
+            report(e)
+        _tell_torchrun(e, code, message)
         _exit_now(code, f"error: {message}" if message else None)
     else:
         _watchdog.stopped.set()
