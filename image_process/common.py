@@ -266,6 +266,7 @@ def _init_worker(job: Job) -> None:
     global _JOB
     _JOB = job
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool's terminate() ends the worker, not the parent's handler
 
 
 def _process_in_worker(item: Item) -> tuple:

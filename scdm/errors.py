@@ -6,11 +6,24 @@ subclass of `UserError` (datasets, checkpoints, evaluations, image_process, the 
 callers can catch one family; ValueError, FileNotFoundError and PermissionError raised by
 argument checks count as user errors too.
 """
+import signal
 import sys
+import threading
 import traceback
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, like Ctrl-C: `finally` blocks and `except
+    KeyboardInterrupt` cleanups run (temporary files, worker pools, half-built trees)."""
+
+    signum = signal.SIGTERM
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 class UserError(ValueError):
@@ -27,6 +40,9 @@ def print_error(exc, where=""):
     if where:  # another process's progress bar may hold the current line
         print(file=sys.stderr, flush=True)
     where = f"{where}: " if where else ""
+    if isinstance(exc, Terminated):
+        print(f"{where}stopped by SIGTERM", file=sys.stderr, flush=True)
+        return 128 + int(exc.signum)
     if isinstance(exc, KeyboardInterrupt):
         print(f"{where}interrupted", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
@@ -44,13 +60,19 @@ def run_cli(main, argv=None, extra_errors=()):
     """Run `main(argv)` and return its result; a user error prints `error: ...` and exits 2.
 
     `extra_errors`: exception types that are user errors for this tool only. An integer that
-    `main` returns becomes the exit code (as `sys.exit` would do with it)."""
+    `main` returns becomes the exit code (as `sys.exit` would do with it). While `main` runs,
+    SIGTERM raises `Terminated` (exit 143) unless `main` installs its own handler."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         result = main(argv)
     except USER_ERRORS + tuple(extra_errors) as e:
         sys.exit(print_error(e))
     except KeyboardInterrupt as e:
         sys.exit(print_error(e))
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, old)
     if isinstance(result, int) and not isinstance(result, bool) and result:
         sys.exit(result)
     return result

@@ -26,18 +26,19 @@ from .errors import UserError
 
 TEMP_SUFFIX = ".tmp"
 # .<target name>.<host>-<pid>.<mkstemp's characters>.tmp, and the older .<target name>.<characters>.tmp
-_TEMP_NAME = re.compile(r"^\.(?P<target>.+?)\.(?:(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.)?[A-Za-z0-9_]+\.tmp$")
+TEMP_NAME = re.compile(r"^\.(?P<target>.+?)\.(?:(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)\.)?[A-Za-z0-9_]+\.tmp$")
 # A writer on another host of a shared file system cannot be asked whether it still runs: its
 # temporary files are left alone for this long.
 OTHER_HOST_GRACE_SECONDS = 24 * 3600
 
 
-def _host():
+def host_name():
+    """This host's short name as it appears in temporary-file names."""
     return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname().split(".")[0]) or "host"
 
 
 def _temp_prefix(path):
-    return f".{path.name}.{_host()}-{os.getpid()}."
+    return f".{path.name}.{host_name()}-{os.getpid()}."
 
 
 def current_umask():
@@ -244,7 +245,7 @@ def note_removed_temp_files(folder):
 def _writer_gone(match, path):
     if match.group("pid") is None:  # named before writers were recorded: no writer of today's runs
         return True
-    if match.group("host") != _host():
+    if match.group("host") != host_name():
         try:
             return time.time() - path.stat().st_mtime > OTHER_HOST_GRACE_SECONDS
         except OSError:
@@ -269,7 +270,7 @@ def remove_temp_files(folder):
         return 0
     removed = 0
     for f in folder.glob(f".*{TEMP_SUFFIX}"):
-        match = _TEMP_NAME.match(f.name)
+        match = TEMP_NAME.match(f.name)
         if match and f.is_file() and _writer_gone(match, f):
             f.unlink(missing_ok=True)
             removed += 1

@@ -76,7 +76,7 @@ def test_remove_temp_files_takes_only_those_of_writers_that_are_gone(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True)
     dead_pid = int(dead.stdout)
-    host = fileio._host()
+    host = fileio.host_name()
     killed = tmp_path / f".model000100.pt.{host}-{dead_pid}.abcd1234.tmp"
     legacy = tmp_path / ".x.png.abcd_123.tmp"
     live_peer = tmp_path / f".ema.pt.{host}-{os.getppid()}.zzzz9999.tmp"  # a live process (pytest's parent)
@@ -99,6 +99,6 @@ def test_temp_names_carry_host_and_pid(tmp_path):
         seen.append(tmp.name)
         assert fileio.remove_temp_files(tmp_path) == 0  # its own writer is alive
         tmp.write_text("{}")
-    assert seen[0].startswith(f".a.json.{fileio._host()}-{os.getpid()}.") and seen[0].endswith(".tmp")
-    assert fileio._TEMP_NAME.match(seen[0])
+    assert seen[0].startswith(f".a.json.{fileio.host_name()}-{os.getpid()}.") and seen[0].endswith(".tmp")
+    assert fileio.TEMP_NAME.match(seen[0])
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]

@@ -178,6 +178,42 @@ def test_unreadable_map_stops_cleanly_without_partial_files(ade, tmp_path, capsy
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ADEChallengeData2016"]
 
 
+def test_sigterm_to_the_main_process_ends_the_pool_and_leaves_nothing(ade, tmp_path, capsys, monkeypatch):
+    """A scheduler's SIGTERM to the main process alone: the pool workers end with it (they would
+    otherwise wait on their task queue forever) and no half-built tree stays."""
+    import multiprocessing
+    import signal
+    import threading
+    import time
+
+    from image_process import common
+
+    started = tmp_path / "started"
+    slow = common.process
+
+    def slow_process(job, item):  # the workers are forked: they run this patched function
+        started.touch()
+        time.sleep(0.5)
+        return slow(job, item)
+
+    monkeypatch.setattr(common, "process", slow_process)
+
+    def stop_when_a_worker_runs():
+        deadline = time.monotonic() + 60
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    out = tmp_path / "out"
+    threading.Thread(target=stop_when_a_worker_runs, daemon=True).start()
+    code = run("edge", ade, out, workers=2)
+    assert code == 143, capsys.readouterr().err
+    assert "stopped by SIGTERM" in capsys.readouterr().err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ADEChallengeData2016", "started"]
+    assert not multiprocessing.active_children()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # run_cli put the handler back
+
+
 def test_module_entry_point_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "image_process.edge", "--data_dir", str(tmp_path / "none"),
                            "--out_dir", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
