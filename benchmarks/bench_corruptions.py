@@ -208,7 +208,7 @@ def machine():
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     p.add_argument("--size", type=int, default=256, help="side of the timed maps")
     p.add_argument("--maps", type=int, default=20, help="maps timed with the vectorized code")
     p.add_argument("--slow_maps", type=int, default=3, help="maps timed with the Python loops")

@@ -438,7 +438,7 @@ def run_gpu(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["cpu", "gpu", "precision", "all"], default="cpu")
     parser.add_argument("--cpu_parts", default="guided,train,precision",
                         help="which CPU measurements: comma-separated guided, train, precision")

@@ -83,7 +83,7 @@ def build_parser():
     def budget(key, text):
         return f"{text}; default {d[key]}" + (f", tiny: {t[key]}" if t[key] != d[key] else "")
 
-    p = argparse.ArgumentParser(prog="python benchmarks/robustness.py", formatter_class=HelpFormatter,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python benchmarks/robustness.py", formatter_class=HelpFormatter,
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--budget", choices=tuple(BUDGETS), default="default", help="size of the study (default: default)")
     p.add_argument("--out_dir", default=None, help=budget("out_dir", "working folder (data, runs, samples)"))

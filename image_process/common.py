@@ -431,7 +431,7 @@ def _fill_help() -> str:
 
 
 def parser(noise: Noise) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"python -m image_process.{noise.name}", description=noise.description,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog=f"python -m image_process.{noise.name}", description=noise.description,
                                 epilog=noise.epilog, formatter_class=HelpFormatter)
     p.add_argument("--data_dir", required=True, type=Path,
                    help="dataset root (e.g. ADEChallengeData2016, or a folder-layout root such as the toy data)")

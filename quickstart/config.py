@@ -35,7 +35,7 @@ def build_parser():
     def budget(key, text=""):  # budget flags default to SUPPRESS: absent means "the budget's value"
         return f"{text}{'; ' if text else ''}default {d[key]}" + (f", --quick: {q[key]}" if q[key] != d[key] else "")
 
-    p = argparse.ArgumentParser(
+    p = argparse.ArgumentParser(allow_abbrev=False,
         prog="python -m quickstart", formatter_class=HelpFormatter,
         description="Quickstart and miniature robustness benchmark: SCDM vs SDM on noisy toy label maps, on CPU.",
         epilog="--quick changes the defaults of out_dir, num_test, steps, respacing and sample_batch "

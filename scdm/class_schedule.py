@@ -137,7 +137,7 @@ def format_table(stats, lambdas, unlabeled_id=None, max_rows=24):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m scdm.class_schedule", formatter_class=HelpFormatter,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m scdm.class_schedule", formatter_class=HelpFormatter,
                                 description="Compute the per-class lambda file for discrete_zero_classwise.")
     p.add_argument("--dataset_mode", required=True, choices=sorted(LAYOUTS), help="layout of --data_dir")
     p.add_argument("--data_dir", required=True, help="dataset root")

@@ -174,16 +174,24 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def accept_gpus_per_node(parser):
-    """The released scripts pass `--gpus_per_node N`; devices come from the launcher here."""
+    """The released launch flags: `--gpus_per_node N` (processes come from the launcher here) and
+    `--gpu N` (the device of a single-process run)."""
     parser.add_argument("--gpus_per_node", type=positive_int, default=None,
                         help="accepted for the released scripts; ignored: the number of processes comes from "
                              "the launcher (mpiexec -n, torchrun --nproc_per_node) and each uses one device")
+    parser.add_argument("--gpu", type=nonnegative_int, default=None,
+                        help="the CUDA device of a single-process run (released flag); under a launcher each "
+                             "process takes its local rank's GPU")
 
 
 def note_gpus_per_node(args):
+    """Say that --gpus_per_node is ignored, and apply --gpu."""
     if getattr(args, "gpus_per_node", None) is not None:
         print(f"note: --gpus_per_node {args.gpus_per_node} is ignored: processes come from the launcher "
               "(mpiexec -n N / torchrun --nproc_per_node N), one device each", file=sys.stderr, flush=True)
+    if getattr(args, "gpu", None) is not None:
+        from .dist_util import select_gpu
+        select_gpu(args.gpu)
 
 
 def resolve_dataset_flags(args):

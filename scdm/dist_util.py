@@ -60,6 +60,21 @@ def _mpi_comm():
     return MPI
 
 
+_gpu = None  # --gpu N of a single-process run (the released flag); None: local rank % visible GPUs
+
+
+def select_gpu(index):
+    """The released `--gpu N`: the CUDA device of a single-process run."""
+    global _gpu, _local_rank
+    if index is None:
+        return
+    if not torch.cuda.is_available():
+        raise LaunchError(f"--gpu {index}: CUDA is not available here; leave --gpu out to run on the CPU")
+    if index >= torch.cuda.device_count():
+        raise LaunchError(f"--gpu {index}: only {torch.cuda.device_count()} GPU(s) visible (0..{torch.cuda.device_count() - 1})")
+    _gpu = _local_rank = index
+
+
 def setup_dist(backend=None, timeout_minutes=30):
     """Create the process group for however this process was launched. Idempotent."""
     global _local_rank
@@ -67,6 +82,9 @@ def setup_dist(backend=None, timeout_minutes=30):
         return
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     launcher = detect_launcher()
+    if _gpu is not None and launcher != "single":
+        raise LaunchError(f"--gpu {_gpu} picks the device of a single-process run; under {launcher} each process "
+                          "takes its local rank's GPU: leave --gpu out")
     timeout = datetime.timedelta(minutes=timeout_minutes)
     if launcher == "torchrun":
         _local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -102,7 +120,7 @@ def setup_dist(backend=None, timeout_minutes=30):
                                 timeout=timeout)
         _say_launcher("mpi", f"rendezvous {addr}:{port}")
         return
-    _local_rank = 0
+    _local_rank = 0 if _gpu is None else _gpu
     _set_device()
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
                             timeout=timeout)

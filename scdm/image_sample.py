@@ -30,7 +30,7 @@ from .cli import (HelpFormatter, accept_gpus_per_node, add_bool_argument, minus_
 from .conditioning import Conditioning
 from .dataset_layouts import CORRUPTION_FILE, display_names
 from .datasets import build_dataset, iter_user_errors_clean
-from .errors import run_cli
+from .errors import UserError, run_cli
 from .fast_paths import from_disable_spec
 from .fileio import note_removed_temp_files, save_image
 from .palettes import colorize, palette, palette_name
@@ -148,7 +148,7 @@ def create_argparser():
     model_defaults = model_and_diffusion_defaults()
     model_defaults["num_classes"] = -1
     model_defaults.pop("dataset_mode")
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=HelpFormatter)
     add_dict_to_argparser(parser, defaults, helps=sampler_help(defaults), types=SAMPLE_FLAG_TYPES)
     parser.add_argument("--sampler", default="", choices=["", *SAMPLERS], metavar="NAME",
                         help=f"reverse-process update, one of {', '.join(SAMPLERS)}: ancestral (released), ddim, or "
@@ -164,6 +164,9 @@ def create_argparser():
                            f"wrote there ({', '.join(OUTPUT_DIRS)}, samples_*, {', '.join(OUTPUT_FILES)}) and nothing else (default: %(default)s)")
     add_dict_to_argparser(parser, model_defaults, helps={k: model_flag_help(k) for k in model_defaults})
     accept_gpus_per_node(parser)
+    add_bool_argument(parser, "--seed_align", default=True,
+                      help="released flag: the same random draws for a map in clean and noisy runs; here always so, "
+                           "since every image draws from its own seeded stream (False is refused) (default: %(default)s)")
     return parser
 
 
@@ -220,6 +223,9 @@ def main(argv=None):
     args = create_argparser().parse_args(argv)
     given = given_flags(create_argparser, argv)
     note_gpus_per_node(args)
+    if not args.seed_align:
+        raise UserError("--seed_align False is not available: every image's noise comes from its own seeded stream, "
+                        "so clean and noisy runs of the same maps always share their draws")
     fast_paths = from_disable_spec(args.disable_fast_paths)
     check_sampling_flags(args)
     model_path = resolve_model_path(args)

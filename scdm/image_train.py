@@ -136,7 +136,7 @@ def create_argparser():
     )
     defaults.update(model_and_diffusion_defaults())
     defaults["num_classes"] = -1
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=HelpFormatter)
     add_dict_to_argparser(parser, defaults, {**MODEL_FLAG_HELP, **TRAIN_FLAG_HELP}, TRAIN_FLAG_TYPES)
     accept_gpus_per_node(parser)
     return parser
@@ -229,8 +229,12 @@ def train(args, log_dir, precision, fast_paths, info, conditioning, flags, resum
         for line in warnings:
             print(f"warning: {line}", file=sys.stderr, flush=True)
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"scdm: {n_params / 1e6:.2f}M parameters, {dist_util.get_world_size()} process(es) on "
+        world = dist_util.get_world_size()
+        print(f"scdm: {n_params / 1e6:.2f}M parameters, {world} process(es) on "
               f"{dist_util.dev()}, precision {precision}, log dir {log_dir}", flush=True)
+        # --batch_size is per process, as in the released scripts (10 per GPU on 4 GPUs: 40).
+        print(f"global batch {args.batch_size * world} (--batch_size {args.batch_size} per process x {world} "
+              f"process(es))", flush=True)
 
     data = load_data(dataset_mode=args.dataset_mode, data_dir=args.data_dir, batch_size=args.batch_size,
                      image_size=args.image_size, class_cond=args.class_cond, is_train=args.is_train,

@@ -120,7 +120,7 @@ def plot(columns, out, smoothing=0.9, title=""):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m scdm.plot_progress", formatter_class=HelpFormatter,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m scdm.plot_progress", formatter_class=HelpFormatter,
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("log_dir", help="a training run's --log_dir (it holds progress.csv)")
     p.add_argument("--out", default="", help=f"the PNG to write (default: LOG_DIR/{DEFAULT_OUT})")

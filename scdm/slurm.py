@@ -143,7 +143,7 @@ def rendezvous(task, environ):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m scdm.slurm",
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m scdm.slurm",
                                 description="Expand a Slurm node list (default: $SLURM_JOB_NODELIST), one host a line.")
     p.add_argument("nodelist", nargs="?", type=str, default=None,
                    help="e.g. 'gpu[01-04,07]' (default: $SLURM_JOB_NODELIST, else $SLURM_NODELIST)")

@@ -210,7 +210,7 @@ def make_toy_dataset(out_dir, num_train=256, num_test=32, size=64, seed=0, progr
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m scdm.toy", formatter_class=HelpFormatter,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m scdm.toy", formatter_class=HelpFormatter,
                                 description="Write the synthetic toy dataset (folder layout + dataset.json).")
     p.add_argument("--out_dir", help="output folder (new, empty, or a previous toy dataset); required")
     add_deprecated_alias(p, "--out", "--out_dir", dest="out_dir")

@@ -31,7 +31,7 @@ if [ -z "${MODEL:-}" ]; then echo "error: set MODEL=path/to/ema_0.9999_NNNNNN.pt
 if [ -n "${CLASS_SCHEDULE:-}" ]; then set -- --class_schedule "$CLASS_SCHEDULE" "$@"; fi
 DATA_DIR=${DATA_DIR:-data/$preset}
 RESULTS=${RESULTS:-RESULTS/$preset-SCDM-$steps}
-flags=$(preset_flags "$preset" "sample$steps")
+flags=$(preset_flags "$preset" "sample$steps" --omit_model)  # the architecture: --preset or the run's args.json
 [ -n "${BATCH_SIZE:-}" ] && set -- --batch_size "$BATCH_SIZE" "$@"
 # A noisy benchmark tree (it has a corruption.json): its holes reach the model as the all-zero [MASK]
 # state that label diffusion taught it, not as the unlabeled class (see the README, "Noisy label maps").

@@ -1,11 +1,15 @@
 #!/bin/sh
-# Train SCDM with a preset:  sh scripts/train.sh PRESET [scratch|finetune] [extra flags...]
+# Train with a preset:  sh scripts/train.sh PRESET [STAGE] [extra flags...]
 #   PRESET: ade20k | coco | celeba | cityscapes (256x256, GPUs) | toy (built-in data, CPU, minutes);
-#   the flags of each come from scdm/presets.py (`python -m scdm.presets PRESET train` prints them).
-#   scratch: train from scratch; finetune: classifier-free fine-tuning (drop_rate 0.2) from RESUME.
-# Environment: NUM_GPUS, DATA_DIR (default data/PRESET), LOG_DIR (default OUTPUT/PRESET-SCDM[-FINETUNE]),
-#   CLASS_SCHEDULE (per-class lambda .npy; computed from the data into LOG_DIR when unset), MAX_STEPS,
-#   RESUME (checkpoint for finetune, e.g. OUTPUT/ade20k-SCDM/model300000.pt), PYTHON, LAUNCHER=torchrun.
+#   the flags of each come from scdm/presets.py (`python -m scdm.presets PRESET STAGE` prints them).
+#   STAGE, SCDM's released recipe: train (default; from scratch, label dropout 0.2) | resume (the
+#   released second stage: lr 2e-5 from RESUME). SDM's recipe, for baselines: sdm-train (no dropout) |
+#   sdm-finetune (classifier-free fine-tuning from RESUME; `finetune` is its old name). `scratch` = train.
+#   --batch_size is per process, as in the released scripts; the run prints the global batch.
+# Environment: NUM_GPUS, DATA_DIR (default data/PRESET), LOG_DIR (default OUTPUT/PRESET-SCDM[-RESUME],
+#   OUTPUT/PRESET-SDM[-FINETUNE]), CLASS_SCHEDULE (per-class lambda .npy; computed from the data into
+#   LOG_DIR when unset), MAX_STEPS, RESUME (the checkpoint resume and sdm-finetune continue from, e.g.
+#   OUTPUT/ade20k-SCDM/model300000.pt), PYTHON, LAUNCHER=torchrun.
 #   A rerun continues from the latest complete checkpoint in LOG_DIR. Relative paths are taken from the
 #   folder you run the script in.
 set -eu
@@ -22,27 +26,37 @@ esac
 if [ -z "$preset" ]; then
     echo "error: unknown preset '${1:-}'; choose one of: $PRESET_NAMES" >&2; usage >&2; exit 2
 fi
-stage=scratch
-case "${1:-}" in scratch|finetune) stage=$1; shift ;; esac
+stage=train
+case "${1:-}" in
+    train|scratch|resume|sdm-train|sdm-finetune|finetune) stage=$1; shift ;;
+esac
+case "$stage" in
+    scratch) stage=train ;;
+    finetune) stage=sdm-finetune ;;
+esac
 
 DATA_DIR=${DATA_DIR:-data/$preset}
-suffix=""; [ "$stage" = finetune ] && suffix="-FINETUNE"
-LOG_DIR=${LOG_DIR:-OUTPUT/$preset-SCDM$suffix}
+case "$stage" in
+    train) default_log=OUTPUT/$preset-SCDM ;;
+    resume) default_log=OUTPUT/$preset-SCDM-RESUME ;;
+    sdm-train) default_log=OUTPUT/$preset-SDM ;;
+    sdm-finetune) default_log=OUTPUT/$preset-SDM-FINETUNE ;;
+esac
+LOG_DIR=${LOG_DIR:-$default_log}
 mode=$(preset_flags "$preset" model --get dataset_mode)
 # A run continues from the latest complete checkpoint set in LOG_DIR (`--resume_checkpoint auto`, a
-# fresh start when there is none); a finetune run starts from RESUME until it has checkpoints of its own.
+# fresh start when there is none); resume and sdm-finetune start from RESUME until they have their own.
 resume=auto
-if [ "$stage" = finetune ]; then
-    if ! ls "$LOG_DIR"/model*.pt >/dev/null 2>&1; then
-        if [ -z "${RESUME:-}" ]; then
-            echo "error: finetune needs RESUME=path/to/modelNNNNNN.pt (the scratch run's checkpoint)" >&2; exit 2
-        fi
-        resume=$RESUME
-    fi
-    flags=$(preset_flags "$preset" finetune)
-else
-    flags=$(preset_flags "$preset" train)
-fi
+case "$stage" in
+    resume|sdm-finetune)
+        if ! ls "$LOG_DIR"/model*.pt >/dev/null 2>&1; then
+            if [ -z "${RESUME:-}" ]; then
+                echo "error: $stage needs RESUME=path/to/modelNNNNNN.pt (the checkpoint to continue from)" >&2; exit 2
+            fi
+            resume=$RESUME
+        fi ;;
+esac
+flags=$(preset_flags "$preset" "$stage")
 set -- --resume_checkpoint "$resume" "$@"
 [ -n "${MAX_STEPS:-}" ] && set -- --max_steps "$MAX_STEPS" "$@"
 if [ "$preset" = toy ]; then

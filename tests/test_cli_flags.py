@@ -125,3 +125,44 @@ def test_the_walk_sees_the_flags_it_should():
         mp.undo()
     assert {"--save_interval", "--log_interval", "--diffusion_steps", "--lr", "--batch_size"} <= set(flags)
     assert parse_error(capture_parser("scdm.image_train", pytest.MonkeyPatch()), ["--save_interval", "0"])
+
+
+@pytest.mark.parametrize("module_name", CLIS)
+def test_no_flag_is_taken_by_its_prefix(module_name, monkeypatch):
+    """A typo or an unknown flag is an error naming it, never another flag (e.g. the released `--gpu 0`
+    must not become `--gpus_per_node 0`)."""
+    parser = capture_parser(module_name, monkeypatch)
+    assert parser.allow_abbrev is False, f"{module_name}: argparse prefix matching is on"
+
+
+def test_an_abbreviated_flag_is_an_error_naming_it(capsys):
+    from scdm.image_train import create_argparser
+    with pytest.raises(SystemExit) as e:
+        create_argparser().parse_args(["--save_inter", "5"])
+    assert e.value.code == 2 and "unrecognized arguments: --save_inter 5" in capsys.readouterr().err
+
+
+def test_released_gpu_flags():
+    """`--gpu N` is the released device flag of a single-process run; it is its own flag, and without
+    CUDA it is one line naming it."""
+    from scdm import dist_util
+    from scdm.image_sample import create_argparser as sample_parser
+    from scdm.image_train import create_argparser as train_parser
+    for make in (train_parser, sample_parser):
+        args = make().parse_args(["--gpu", "0", "--gpus_per_node", "4"])
+        assert args.gpu == 0 and args.gpus_per_node == 4
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(dist_util.LaunchError, match=r"--gpu 0: CUDA is not available here"):
+            dist_util.select_gpu(0)
+
+
+def test_seed_align_is_accepted_and_false_is_refused_with_the_reason(tmp_path, capsys):
+    from scdm.errors import run_cli
+    from scdm.image_sample import create_argparser, main
+    assert create_argparser().parse_args(["--seed_align", "True"]).seed_align is True
+    with pytest.raises(SystemExit) as e:
+        run_cli(main, ["--seed_align", "False", "--model_path", str(tmp_path / "m.pt"), "--results_path",
+                       str(tmp_path / "out")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --seed_align False is not available") and "own seeded stream" in err

@@ -33,6 +33,54 @@ def test_every_preset_builds(tmp_path):
         assert diffusion.num_timesteps == flags["diffusion_steps"]
 
 
+# What a preset leaves to the user: paths, seeds, GPU counts and sample counts.
+NOT_IN_PRESETS = {"data_dir", "resume_checkpoint", "model_path", "results_path", "seed", "gpus_per_node", "num_samples"}
+RELEASED_LINE_OF = {"train": "{}-scratch", "resume": "{}-resume", "sample25": "{}-25", "sample1000": "{}-1000"}
+
+
+def same_flag_value(ours, released):
+    """A preset value against the released script's string ("1e-4" vs 0.0001, "True" vs True)."""
+    if isinstance(ours, bool) or not isinstance(ours, (int, float)):
+        return str(ours) == released
+    return float(ours) == float(released)
+
+
+@pytest.mark.parametrize("stage", sorted(RELEASED_LINE_OF))
+@pytest.mark.parametrize("name", ["ade20k", "coco", "celeba"])
+def test_every_preset_stage_is_the_released_line(compat_dir, name, stage):
+    scripts = json.loads((compat_dir / "released_scripts.json").read_text())
+    group = "sample" if stage.startswith("sample") else "train"
+    released = {k: v for k, v in scripts[group][RELEASED_LINE_OF[stage].format(name)].items() if k not in NOT_IN_PRESETS}
+    ours = get_preset(name).flags(stage)
+    if stage == "sample1000":  # the released 1000-step line passes no respacing: all steps, which ours names
+        assert ours.pop("timestep_respacing") == "1000"
+    assert set(ours) == set(released), f"only ours: {set(ours) - set(released)}, only released: {set(released) - set(ours)}"
+    wrong = {k: (ours[k], released[k]) for k in ours if not same_flag_value(ours[k], released[k])}
+    assert not wrong, f"{name} {stage}: (ours, released) {wrong}"
+
+
+def test_released_lines_parse_with_the_released_meaning(compat_dir):
+    """Every flag of every released launch line is accepted by our entry point and parses to its value."""
+    from scdm.image_sample import create_argparser as sample_parser
+    from scdm.image_train import create_argparser as train_parser
+    scripts = json.loads((compat_dir / "released_scripts.json").read_text())
+    for group, make in (("train", train_parser), ("sample", sample_parser)):
+        for line, flags in scripts[group].items():
+            args = make().parse_args([w for k, v in flags.items() for w in (f"--{k}", v)])
+            for k, v in flags.items():
+                assert same_flag_value(getattr(args, k), v), (line, k, getattr(args, k), v)
+
+
+def test_sdm_recipe_is_a_named_baseline():
+    ade = get_preset("ade20k")
+    assert "drop_rate" not in ade.flags("sdm-train") and ade.flags("sdm-finetune")["drop_rate"] == 0.2
+    assert ade.flags("finetune") == ade.flags("sdm-finetune") and ade.flags("scratch") == ade.flags("train")
+    for name in ("cityscapes", "toy"):  # SCDM-style stages too: dropout from scratch
+        preset = get_preset(name)
+        assert preset.flags("train")["drop_rate"] == 0.2 and preset.flags("resume")["drop_rate"] == 0.2
+        assert preset.flags("resume")["lr"] < preset.flags("train")["lr"]
+
+
 def test_stages_and_errors():
     toy = get_preset("toy")
     assert toy.flags("train")["max_steps"] == 1000 and toy.flags("finetune")["drop_rate"] == 0.2
@@ -52,6 +100,10 @@ def test_cli_prints_parsable_flags(capsys):
     assert args.num_classes == 183 and args.no_instance is False and args.use_fp16 is True
     assert main(["toy", "model", "--get", "dataset_mode"]) == 0
     assert capsys.readouterr().out.strip() == "folder"
+    assert main(["ade20k", "sample25", "--omit_model"]) == 0
+    assert shlex.split(capsys.readouterr().out) == ["--timestep_respacing", "ddim25", "--s", "1.5", "--extrapolation",
+                                                    "0.8", "--dynamic_threshold", "0.95", "--batch_size", "10",
+                                                    "--use_fp16", "True"]
 
 
 def test_shell_scripts_read_the_table():

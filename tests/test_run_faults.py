@@ -290,9 +290,11 @@ def test_an_optimizer_file_of_another_architecture_is_a_message(toy, run_copy, t
 
 # ----- check before work -------------------------------------------------------------------------------
 @pytest.mark.parametrize("args,env,expected", [
-    (["toy", "finetune"], {}, "error: finetune needs RESUME="),
-    (["toy", "finetune"], {"RESUME": "missing/model000010.pt"}, "error: --resume_checkpoint missing/model000010.pt "
-                                                                 "does not exist"),
+    (["toy", "resume"], {}, "error: resume needs RESUME="),
+    (["toy", "sdm-finetune"], {}, "error: sdm-finetune needs RESUME="),
+    (["toy", "finetune"], {}, "error: sdm-finetune needs RESUME="),
+    (["toy", "resume"], {"RESUME": "missing/model000010.pt"}, "error: --resume_checkpoint missing/model000010.pt "
+                                                               "does not exist"),
     (["toy", "--lr", "abc"], {}, "argument --lr: a number"),
 ])
 def test_train_sh_checks_everything_before_any_work(toy, tmp_path, args, env, expected):

@@ -8,7 +8,7 @@ from scdm.fileio import check_writable_file, write_json
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m evaluations.lpips", formatter_class=HelpFormatter, description=(
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m evaluations.lpips", formatter_class=HelpFormatter, description=(
         "Diversity: LPIPS averaged over all pairs of the K samples of each label map, then over "
         "label maps. Sets: RESULTS_DIR/samples_0 .. samples_{K-1} (set 0 may be samples/)."))
     p.add_argument("--results", required=True, metavar="RESULTS_DIR", help="a sampler results folder")
