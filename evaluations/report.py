@@ -45,8 +45,10 @@ def sample_dir(results: Path) -> Path:
 def evaluate(results, gt=None, dataset: Optional[str] = None, num_classes: Optional[int] = None,
              ignore_index: Optional[int] = None, fid_weights: Optional[str] = None,
              lpips_weights: Optional[str] = None, num_sets: Optional[int] = None, batch_size: int = 50,
-             device=None, dims: int = 2048, num_workers: int = 0) -> dict:
-    """Every applicable metric of a results folder, as one JSON-ready dict."""
+             device=None, dims: int = 2048, num_workers: int = 0, miou_gt: str = "clean") -> dict:
+    """Every applicable metric of a results folder, as one JSON-ready dict. mIoU is scored against
+    `miou_gt` (`evaluations.miou.ground_truth`): by default the clean annotations, also for samples
+    of a noisy tree; FID against the real images."""
     from evaluations import fid as fid_mod, lpips as lpips_mod, miou as miou_mod
     results = Path(results)
     if not results.is_dir():
@@ -101,25 +103,32 @@ def evaluate(results, gt=None, dataset: Optional[str] = None, num_classes: Optio
                 entry.update(value=res["lpips"], num_sets=res["num_sets"], num_names=res["num_names"])
     report["lpips"] = entry
 
-    # mIoU: segmenter predictions in pred/, or the exact toy segmenter for the toy dataset.
-    labels, pred = results / "labels", results / "pred"
-    entry = {"value": None, "dataset": dataset}
-    if not labels.is_dir():
-        entry["status"] = f"skipped: no ground-truth labels at {labels}"
-    elif pred.is_dir():
-        if dataset is None and num_classes is None:
-            entry["status"] = (f"skipped: predictions found at {pred}, but neither --dataset_mode nor --num_classes "
-                               "was given")
+    # mIoU: segmenter predictions in pred/, or the exact toy segmenter for the toy dataset, against
+    # the clean annotations (a noisy tree's source) unless --miou_gt says otherwise.
+    pred = results / "pred"
+    entry = {"value": None, "dataset": dataset, "gt": miou_gt}
+    try:
+        gt_labels = miou_mod.ground_truth(results, miou_gt, report["manifest"])
+    except UserError as e:
+        gt_labels = None
+        entry["status"] = f"skipped: {e}" if not (results / "labels").is_dir() and miou_gt in miou_mod.GT_CHOICES \
+            else f"failed: {e}"
+    if gt_labels is not None:
+        entry.update(gt=gt_labels.kind, gt_labels=str(gt_labels.where), gt_description=gt_labels.description)
+        if pred.is_dir():
+            if dataset is None and num_classes is None:
+                entry["status"] = (f"skipped: predictions found at {pred}, but neither --dataset_mode nor "
+                                   "--num_classes was given")
+            else:
+                res, entry["status"] = _status(lambda: miou_mod.miou_of_folders(
+                    pred, gt_labels, num_classes, dataset or "folder", ignore_index))
+                entry["segmenter"] = "external (pred/)"
+        elif dataset == "toy":
+            res, entry["status"] = _status(lambda: miou_mod.miou_of_toy_samples(samples, gt_labels))
+            entry["segmenter"] = "toy (exact)"
         else:
-            res, entry["status"] = _status(lambda: miou_mod.miou_of_folders(
-                pred, labels, num_classes, dataset or "folder", ignore_index))
-            entry["segmenter"] = "external (pred/)"
-    elif dataset == "toy":
-        res, entry["status"] = _status(lambda: miou_mod.miou_of_toy_samples(samples, labels))
-        entry["segmenter"] = "toy (exact)"
-    else:
-        entry["status"] = (f"skipped: no predictions at {pred} (run a segmenter, see evaluations/README.md; "
-                           "--dataset_mode toy uses the built-in toy segmenter)")
+            entry["status"] = (f"skipped: no predictions at {pred} (run a segmenter, see evaluations/README.md; "
+                               "--dataset_mode toy uses the built-in toy segmenter)")
     if entry["status"] == "ok":
         entry.update(value=res["miou"], pixel_accuracy=res["pixel_accuracy"], num_classes=res["num_classes"],
                      ignore_index=res["ignore_index"], classes_present=len(res["classes_present"]),
@@ -144,7 +153,8 @@ def markdown(report: dict) -> str:
          notes(l, f"AlexNet, {l.get('num_sets')} sets x {l.get('num_names')} label maps")),
         ("mIoU % (higher is better)", cell(m, lambda v: f"{100 * v:.2f}"),
          notes(m, f"{m.get('segmenter')}, {m.get('num_classes')} classes, "
-                  f"{m.get('classes_present')} present, dataset {m.get('dataset') or 'folder'}")),
+                  f"{m.get('classes_present')} present, dataset {m.get('dataset') or 'folder'}; "
+                  f"against {m.get('gt_description')}")),
         ("images", str(report["num_images"]), report["settings"]["samples"]),
     ]
     lines = [f"# Evaluation of {report['results']}", "", "| metric | value | notes |", "|---|---|---|"]
@@ -171,6 +181,10 @@ def parse_args(argv=None):
                    help="mIoU classes; None: the dataset's")
     p.add_argument("--ignore_index", "--ignore-index", type=nonnegative_int, default=None,
                    help="raw label id not scored by mIoU; None: the dataset's raw unlabeled id")
+    p.add_argument("--miou_gt", "--miou-gt", default="clean", metavar="clean|noisy|DIR",
+                   help="labels mIoU is scored against: clean (the clean annotations; for samples of a noisy tree, "
+                        "those of the source dataset named in its corruption.json), noisy (the maps the model was "
+                        "given), or a folder of label maps")
     p.add_argument("--num_sets", "--num-sets", type=positive_int, default=None,
                    help="LPIPS sample sets K; None: every consecutive samples_<k> folder")
     p.add_argument("--fid-weights", "--fid_weights", default=None,
@@ -201,7 +215,7 @@ def main(argv=None):
         check_writable_file(out, "--out-prefix")
     report = evaluate(args.results, args.gt, args.dataset_mode, args.num_classes, args.ignore_index,
                       args.fid_weights, args.lpips_weights, args.num_sets, args.batch_size, args.device,
-                      args.dims, args.num_workers)
+                      args.dims, args.num_workers, args.miou_gt)
     md = markdown(report)
     write_json(report, outputs[0])
     atomic_write(outputs[1], md)

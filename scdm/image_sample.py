@@ -39,6 +39,7 @@ from .performance import PRECISIONS, maybe_compile, precision_context, resolve_p
 from .presets import PRESETS
 from .results_folder import (
     OUTPUT_DIRS, OUTPUT_FILES, build_manifest, check_results_path, plan_results, prepare_results, read_corruption,
+    unlabeled_handling,
     sample_dirs,
 )
 from .run_config import ema_warning, given_flags, load_checked, preset_differences, resolve_model_flags
@@ -257,6 +258,12 @@ def run(args, given, root, model_path, model_flags, info, precision, fast_paths)
         info_line(rank, f"{Path(args.data_dir) / CORRUPTION_FILE}: a noisy tree ({corruption.get('noise')} "
                         f"{json.dumps(corruption.get('params'))}); label maps are resized to their images "
                         "(--label_resize True)")
+    if args.cond_diffuse and corruption is None and info.unlabeled_id is not None:
+        info_line(rank, f"unlabeled pixels (id {info.unlabeled_id}) reach the model {unlabeled_handling(args)} "
+                        f"(--unlabeled_to_zero {args.unlabeled_to_zero}); "
+                        + ("" if args.unlabeled_to_zero else "for the holes of a noisy tree made elsewhere pass "
+                           "--unlabeled_to_zero True (the [MASK] state), or register the tree with "
+                           "`python -m image_process.describe`"))
     conditioning = Conditioning(args.num_classes, args.no_instance, info.unlabeled_id,
                                 unlabeled_to_zero=args.unlabeled_to_zero)
     flags = args_to_dict(args, model_and_diffusion_defaults().keys())

@@ -42,6 +42,7 @@ NOT_COMPARED = {
     "sampling.num_sets", "sampling.num_workers", "sampling.compile", "sampling.disable_fast_paths",
     "sampling.use_ema", "sampling.ema_rate", "sampling.results_path", "sampling.overwrite", "sampling.preset",
     "sampling.use_checkpoint", "sampling.use_fp16", "sampling.class_schedule", "sampling.gpus_per_node",
+    "sampling.gpu", "sampling.seed_align", "labels.unlabeled",
     "outputs", "code", "environment",
 }
 
@@ -107,6 +108,15 @@ def read_corruption(data_dir):
     return meta
 
 
+def unlabeled_handling(args):
+    """How the unlabeled id reaches the model, in words (the log and the manifest say it)."""
+    if getattr(args, "unlabeled_id", -1) is None or getattr(args, "unlabeled_id", -1) < 0:
+        return "not at all (no unlabeled id)"
+    if args.unlabeled_to_zero:
+        return "as the all-zero [MASK] state"
+    return f"as the unlabeled class {args.unlabeled_id}"
+
+
 def build_manifest(args, model_path, model_flags, precision, corruption):
     """What makes this results folder: checkpoint, every flag, label source, code version."""
     match = CHECKPOINT_FILE.match(model_path.name)
@@ -134,7 +144,8 @@ def build_manifest(args, model_path, model_flags, precision, corruption):
         "sampling": sampling,
         "seed": args.seed,
         "labels": {"data_dir": str(Path(args.data_dir).resolve()) if args.data_dir else "",
-                   "dataset_mode": args.dataset_mode, "is_train": args.is_train, "corruption": corruption},
+                   "dataset_mode": args.dataset_mode, "is_train": args.is_train, "corruption": corruption,
+                   "unlabeled": unlabeled_handling(args)},
         "outputs": [*OUTPUT_DIRS, *sample_dirs(args.num_sets)[1:], *OUTPUT_FILES],
         "code": code_version(),
         "environment": {"device": str(dist_util.dev()), "world_size": dist_util.get_world_size(),

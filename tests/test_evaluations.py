@@ -532,3 +532,73 @@ def test_report_files_honour_the_umask(toy, tmp_path, no_hub):
     for name in ("report.json", "report.md"):
         assert stat.S_IMODE((res / name).stat().st_mode) == 0o644
     assert [p.name for p in res.iterdir() if p.name.startswith(".")] == []
+
+
+# ------------------------------------------------------------------ the noisy-benchmark protocol
+@pytest.fixture(scope="module")
+def edge_results(toy, tmp_path_factory):
+    """Samples of a tiny random model from an Edge tree of the toy test maps (image_process), as the
+    sampler writes them: manifest with the tree's corruption.json, labels/ = the noisy maps."""
+    from image_process import edge
+    from scdm import image_sample
+    from tiny_run import make_tiny_run
+    root = tmp_path_factory.mktemp("edge_protocol")
+    assert edge.main(["--data_dir", str(toy), "--dataset_mode", "folder", "--out_dir", str(root / "edge"),
+                      "--image_size", "32", "--radius", "3", "--quiet"]) == 0
+    model = make_tiny_run(root / "run", image_size=32, num_classes=8, unlabeled_id=7)
+    image_sample.main(["--model_path", str(model), "--data_dir", str(root / "edge"), "--results_path",
+                       str(root / "res"), "--timestep_respacing", "ddim2", "--batch_size", "3"])
+    return root / "res"
+
+
+def test_noisy_tree_samples_are_scored_against_the_clean_annotations(toy, edge_results, no_hub):
+    res = edge_results
+    manifest = json.loads((res / "manifest.json").read_text())
+    assert manifest["labels"]["corruption"]["noise"] == "edge"
+    clean = miou_mod.miou_of_toy_samples(res / "samples", toy / "test" / "labels")["miou"]
+    noisy = miou_mod.miou_of_toy_samples(res / "samples", res / "labels")["miou"]
+    assert clean != noisy  # the Edge holes make the two ground truths differ
+    report_mod.main(["--results", str(res), "--dataset_mode", "toy", "--fid-weights", "random", "--lpips-weights",
+                     "random", "--dims", "64", "--device", "cpu", "--out-prefix", "clean"])
+    entry = json.loads((res / "clean.json").read_text())["miou"]
+    assert entry["status"] == "ok" and entry["value"] == pytest.approx(clean, abs=1e-12)
+    assert entry["gt"] == "clean" and Path(entry["gt_labels"]) == toy.resolve()
+    assert "the clean annotations of" in (res / "clean.md").read_text()
+    report_mod.main(["--results", str(res), "--dataset_mode", "toy", "--fid-weights", "random", "--lpips-weights",
+                     "random", "--dims", "64", "--device", "cpu", "--out-prefix", "noisy", "--miou_gt", "noisy"])
+    entry = json.loads((res / "noisy.json").read_text())["miou"]
+    assert entry["gt"] == "noisy" and entry["value"] == pytest.approx(noisy, abs=1e-12)
+    from evaluations.miou.__main__ import main as miou_main
+    assert miou_main(["--results", str(res), "--dataset_mode", "toy"])["miou"] == pytest.approx(clean, abs=1e-12)
+    got = miou_main(["--results", str(res), "--dataset_mode", "toy", "--miou_gt", str(toy / "test" / "labels")])
+    assert got["gt"] == "folder" and got["miou"] == pytest.approx(clean, abs=1e-12)
+
+
+def test_a_missing_clean_source_is_one_line(toy, edge_results, tmp_path, capsys):
+    import shutil
+    res = Path(shutil.copytree(edge_results, tmp_path / "res"))
+    manifest = json.loads((res / "manifest.json").read_text())
+    manifest["labels"]["corruption"]["data_dir"] = str(tmp_path / "moved")
+    (res / "manifest.json").write_text(json.dumps(manifest))
+    from evaluations.miou.__main__ import main as miou_main
+    with pytest.raises(SystemExit) as e:
+        run_cli(miou_main, ["--results", str(res), "--dataset_mode", "toy"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("error:") == 1 and "Traceback" not in err
+    assert str(tmp_path / "moved") in err and "--miou_gt" in err
+
+
+def test_unlabeled_handling_is_said_and_recorded_without_corruption_json(toy, tmp_path, capsys):
+    """An SCDM model on a tree without corruption.json (e.g. a noisy set made elsewhere): the log says
+    how unlabeled pixels reach the model and the flag that changes it; the manifest records it."""
+    from scdm import image_sample
+    from tiny_run import make_tiny_run
+    model = make_tiny_run(tmp_path / "run", image_size=32, num_classes=8, unlabeled_id=7)
+    for flag, words in (("False", "as the unlabeled class 7"), ("True", "as the all-zero [MASK] state")):
+        out = tmp_path / f"res_{flag}"
+        image_sample.main(["--model_path", str(model), "--data_dir", str(toy), "--results_path", str(out),
+                           "--timestep_respacing", "ddim2", "--num_samples", "1", "--unlabeled_to_zero", flag])
+        err = capsys.readouterr().err
+        assert f"unlabeled pixels (id 7) reach the model {words} (--unlabeled_to_zero {flag})" in err
+        assert ("--unlabeled_to_zero True (the [MASK] state)" in err) == (flag == "False")
+        assert json.loads((out / "manifest.json").read_text())["labels"]["unlabeled"] == words

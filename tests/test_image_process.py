@@ -409,3 +409,54 @@ def test_no_op_noise_is_reported(cli, flags, hint, toy_folder, tmp_path, capsys)
     if changed is not None:  # stored at the clean size: the fraction is the plain share of differing pixels
         assert manifest["changed_fraction"] == pytest.approx(np.mean(changed), abs=1e-6)
     assert manifest["changed_fraction"] > 0.001
+
+
+# ----------------------------------------------------------------------------- describe
+@pytest.fixture(scope="module")
+def toy64(tmp_path_factory):
+    from scdm.toy import make_toy_dataset
+    return Path(make_toy_dataset(tmp_path_factory.mktemp("toy64") / "toy", 1, 10, 64, 0))
+
+
+@pytest.mark.parametrize("cli,noise,flags", [("edge", "edge", []), ("random", "random", []),
+                                             ("downsample", "ds", ["--size", 16])])
+def test_describe_registers_a_tree_made_elsewhere(toy64, tmp_path, cli, noise, flags):
+    """A noisy tree without corruption.json (as the released noisy sets come) gets one: the noise
+    (guessed), the changed share as image_process measures it, and the clean source."""
+    from image_process import describe
+    out = tmp_path / cli
+    assert run(cli, toy64, out, "--dataset_mode", "folder", *flags) == 0
+    made = json.loads((out / "corruption.json").read_text())
+    (out / "corruption.json").unlink()
+    assert describe.main(["--data_dir", str(out), "--clean_dir", str(toy64), "--dataset_mode", "folder"]) == 0
+    got = json.loads((out / "corruption.json").read_text())
+    assert got["noise"] == noise and got["changed_fraction"] == made["changed_fraction"] > 0
+    assert got["data_dir"] == str(toy64.resolve()) and got["split"] == "test" and got["num"] == 10
+    from scdm.results_folder import read_corruption
+    assert read_corruption(out)["noise"] == noise  # the sampler reads it as one of ours
+
+
+def test_describe_refuses_what_it_cannot_pair(toy64, tmp_path, capsys):
+    import shutil
+
+    from image_process import describe
+    from scdm.errors import run_cli
+    out = tmp_path / "edge"
+    assert run("edge", toy64, out, "--dataset_mode", "folder") == 0
+    for argv, needle in (([], "already exists"), (["--clean_dir", str(tmp_path / "none"), "--overwrite", "True"],
+                                                  "--clean_dir"),
+                         (["--clean_dir", str(out), "--overwrite", "True"], "the same folder")):
+        base = ["--data_dir", str(out), "--clean_dir", str(toy64), "--dataset_mode", "folder"]
+        with pytest.raises(SystemExit) as e:
+            run_cli(describe.main, base + argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and needle in err and "Traceback" not in err, err
+    other = Path(shutil.copytree(toy64, tmp_path / "other"))
+    (other / "test" / "images" / "00000.png").rename(other / "test" / "images" / "99999.png")
+    (other / "test" / "labels" / "00000.png").rename(other / "test" / "labels" / "99999.png")
+    (other / "test" / "instances" / "00000.png").rename(other / "test" / "instances" / "99999.png")
+    (out / "corruption.json").unlink()
+    with pytest.raises(SystemExit):
+        run_cli(describe.main, ["--data_dir", str(out), "--clean_dir", str(other), "--dataset_mode", "folder"])
+    assert "no clean map of the same name" in capsys.readouterr().err
+    assert not (out / "corruption.json").exists()

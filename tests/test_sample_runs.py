@@ -85,7 +85,7 @@ def test_model_path_is_enough(toy, trained, sampled):
     assert m["sampling"]["timestep_respacing"] == "ddim2" and m["sampling"]["s"] == 1.0 and m["seed"] == 0
     assert m["sampling"]["precision"] == "fp32"
     assert m["labels"] == {"data_dir": str(toy.resolve()), "dataset_mode": "folder", "is_train": False,
-                           "corruption": None}
+                           "corruption": None, "unlabeled": "as the unlabeled class 7"}
     assert m["code"]["scdm"] and "git_commit" in m["code"]
     # no EMA warning for the raw model
     assert "warning" not in p.stderr

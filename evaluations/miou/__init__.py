@@ -16,17 +16,74 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 from evaluations.common import (
     EvalError, image_size, list_images, load_label, load_rgb, match_names, note_resized,
 )
-from scdm.dataset_layouts import LAYOUTS
+from scdm.dataset_layouts import LAYOUTS, DatasetError, list_records
 from scdm.fileio import save_image
 
 DATASETS = tuple(sorted(LAYOUTS)) + ("toy",)
+GT_CHOICES = ("clean", "noisy")  # or a folder of label maps
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    """The label maps mIoU is scored against: name -> file, and what they are (for the report)."""
+    files: Dict[str, Path]
+    where: Path          # the folder (or source tree) they come from
+    kind: str            # "clean", "noisy" or "folder"
+    description: str
+
+
+def ground_truth(results, choice: str = "clean", manifest: Optional[dict] = None) -> GroundTruth:
+    """Which labels the samples of a results folder are scored against.
+
+    The benchmark asks whether an image follows the true scene, so by default ("clean") samples made
+    from a noisy tree (its manifest carries the tree's `corruption.json`) are scored against the clean
+    annotations of the source dataset the tree was made from, matched by name; samples of a clean
+    tree against the maps they were made from (`labels/`). "noisy": always `labels/`, the maps the
+    model was given. Any other value is a folder of label maps."""
+    results = Path(results)
+    labels = results / "labels"
+    corruption = ((manifest or {}).get("labels") or {}).get("corruption")
+    if choice not in GT_CHOICES:
+        folder = Path(choice)
+        if not folder.is_dir():
+            raise EvalError(f"--miou_gt {choice}: not a folder of label maps (or use clean / noisy)")
+        return GroundTruth(list_images(folder, "--miou_gt label folder"), folder, "folder",
+                           f"the label maps in {folder} (--miou_gt)")
+    if not labels.is_dir():
+        raise EvalError(f"no label maps at {labels} (is {results} a sampler results folder?)")
+    given = list_images(labels, "ground-truth label folder")
+    if choice == "noisy":
+        what = "the noisy input maps" if corruption else "the input maps"
+        return GroundTruth(given, labels, "noisy", f"{what} the samples were made from ({labels})")
+    if not corruption:
+        return GroundTruth(given, labels, "clean", f"the input maps ({labels}), which are the clean annotations: "
+                                                   "they were not made by a noise (no corruption.json)")
+    source, mode, split = corruption.get("data_dir"), corruption.get("dataset_mode"), corruption.get("split")
+    noise = corruption.get("noise", "a noise")
+    if not source or not mode:
+        raise EvalError(f"the noisy tree's corruption.json ({noise}) does not name its clean source (data_dir, "
+                        "dataset_mode); pass --miou_gt DIR (the clean label maps) or --miou_gt noisy")
+    try:
+        records = list_records(mode, source, is_train=False, split=split)
+    except DatasetError as e:
+        raise EvalError(f"mIoU against the clean annotations: the {noise} tree was made from {source} "
+                        f"({mode}, split {split}), which cannot be read: {e}; pass --miou_gt DIR (the clean "
+                        "label maps) or --miou_gt noisy") from None
+    clean = {Path(r.image).stem: Path(r.label) for r in records}
+    missing = sorted(set(given) - set(clean))
+    if missing:
+        raise EvalError(f"mIoU against the clean annotations: {len(missing)} sampled map(s) have no clean label in "
+                        f"{source} (split {split}), e.g. {missing[0]}; pass --miou_gt DIR or --miou_gt noisy")
+    return GroundTruth({n: clean[n] for n in given}, Path(source), "clean",
+                       f"the clean annotations of {source} ({mode}, split {split}), the source of the {noise} "
+                       f"tree the samples were made from")
 
 
 @dataclass(frozen=True)
@@ -142,13 +199,22 @@ def _score(pairs: Iterable[Tuple[str, np.ndarray, Path]], spec: LabelSpec, num: 
     return out
 
 
+def _gt_listing(gt) -> Tuple[Path, Dict[str, Path]]:
+    """(where, name -> label file) of a ground-truth folder or of a `GroundTruth`."""
+    if isinstance(gt, GroundTruth):
+        return gt.where, dict(gt.files)
+    return Path(gt), list_images(gt, "ground-truth label folder")
+
+
 def miou_of_folders(pred_dir, gt_dir, num_classes: Optional[int] = None, dataset: str = "folder",
                     ignore_index: Optional[int] = None) -> dict:
     """mIoU of the segmenter predictions in `pred_dir` (class ids 0..N-1, one PNG per name)
-    against the raw ground-truth labels in `gt_dir` (see the module doc for the presets)."""
+    against the raw ground-truth labels in `gt_dir` (a folder or a `GroundTruth`; see the module
+    doc for the presets)."""
     spec = label_spec(dataset, num_classes, ignore_index)
-    preds, gts = list_images(pred_dir, "prediction folder"), list_images(gt_dir, "ground-truth label folder")
-    names = match_names([(Path(pred_dir), preds), (Path(gt_dir), gts)])
+    preds = list_images(pred_dir, "prediction folder")
+    gt_where, gts = _gt_listing(gt_dir)
+    names = match_names([(Path(pred_dir), preds), (gt_where, gts)])
     resized = [0]
 
     def pairs() -> Iterator:
@@ -167,8 +233,8 @@ def segment_toy_folder(samples_dir, gt_dir=None, save_pred=None) -> Iterator[Tup
     With `gt_dir`, images are first brought to the label size (bicubic, the size policy)."""
     from scdm.toy import segment_toy_image
     images = list_images(samples_dir, "sample folder")
-    gts = list_images(gt_dir, "ground-truth label folder") if gt_dir is not None else None
-    names = match_names([(Path(samples_dir), images), (Path(gt_dir), gts)]) if gts else sorted(images)
+    gt_where, gts = _gt_listing(gt_dir) if gt_dir is not None else (None, None)
+    names = match_names([(Path(samples_dir), images), (gt_where, gts)]) if gts else sorted(images)
     for name in names:
         size = image_size(gts[name]) if gts else None
         img, _ = load_rgb(images[name], size)
@@ -182,7 +248,7 @@ def segment_toy_folder(samples_dir, gt_dir=None, save_pred=None) -> Iterator[Tup
 def miou_of_toy_samples(samples_dir, gt_dir, save_pred=None) -> dict:
     """Segment toy samples with the exact toy segmenter and score them against the toy labels."""
     spec = label_spec("toy")
-    gts = list_images(gt_dir, "ground-truth label folder")
+    _, gts = _gt_listing(gt_dir)
     pairs = ((path, pred, gts[name]) for name, pred, path in segment_toy_folder(samples_dir, gt_dir, save_pred))
     return dict(_score(pairs, spec, len(gts)), dataset="toy", segmenter="toy (exact, scdm.toy)",
                 class_names=class_names_of("toy"))

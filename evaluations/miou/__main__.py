@@ -1,10 +1,12 @@
 """python -m evaluations.miou --pred PRED_DIR --gt GT_DIR --dataset_mode ade20k [--num_classes N] [--ignore_index I]
                               [--out metrics.json]
-   python -m evaluations.miou --segmenter toy --samples DIR --gt GT_DIR [--save_pred_dir DIR]   (toy data)"""
+   python -m evaluations.miou --segmenter toy --samples DIR --gt GT_DIR [--save_pred_dir DIR]   (toy data)
+   python -m evaluations.miou --results RESULTS_DIR [--miou_gt clean|noisy|DIR] ...   (a sampler results folder:
+       its samples, its pred/ or the toy segmenter, against the clean annotations by default)"""
 import argparse
 
 from evaluations.common import EvalError
-from evaluations.miou import DATASETS, dataset_preset, miou_of_folders, miou_of_toy_samples
+from evaluations.miou import DATASETS, dataset_preset, ground_truth, miou_of_folders, miou_of_toy_samples
 from scdm.cli import HelpFormatter, add_deprecated_alias, nonnegative_int, positive_int
 from scdm.errors import run_cli
 from scdm.fileio import check_writable, check_writable_file, write_json
@@ -26,7 +28,14 @@ def parse_args(argv=None):
         "mIoU of segmenter predictions on samples against the ground-truth label maps "
         "(raw dataset ids; --dataset_mode picks the id mapping and the ignored id)."))
     p.add_argument("--pred", default=None, metavar="PRED_DIR", help="predicted class ids 0..N-1, <name>.png")
-    p.add_argument("--gt", required=True, metavar="GT_DIR", help="ground-truth label ids, <name>.png")
+    p.add_argument("--gt", default=None, metavar="GT_DIR", help="ground-truth label ids, <name>.png (required "
+                   "without --results)")
+    p.add_argument("--results", default=None, metavar="RESULTS_DIR",
+                   help="a sampler results folder: scores its samples (pred/ when present, else --segmenter toy) "
+                        "against --miou_gt")
+    p.add_argument("--miou_gt", "--miou-gt", default="clean", metavar="clean|noisy|DIR",
+                   help="with --results: clean (the clean annotations; for a noisy tree's samples, those of its "
+                        "source dataset), noisy (the maps the model was given), or a label folder")
     p.add_argument("--num_classes", "--num-classes", type=positive_int, default=None,
                    help=f"scored classes; default the dataset's: {_presets()}")
     p.add_argument("--ignore_index", "--ignore-index", type=nonnegative_int, default=None,
@@ -48,8 +57,34 @@ def parse_args(argv=None):
     return args
 
 
+def _from_results(args):
+    """--results: the samples, predictions and ground truth of a sampler results folder."""
+    from pathlib import Path
+
+    from evaluations.report import sample_dir
+    from scdm.results_folder import MANIFEST, read_manifest
+    if args.gt is not None:
+        raise EvalError("--results finds the ground truth itself: use --miou_gt clean|noisy|DIR instead of --gt")
+    results = Path(args.results)
+    if not results.is_dir():
+        raise EvalError(f"--results {results}: results folder not found")
+    manifest = read_manifest(results / MANIFEST) if (results / MANIFEST).is_file() else None
+    gt = ground_truth(results, args.miou_gt, manifest)
+    print(f"mIoU against {gt.description}")
+    if (results / "pred").is_dir() and args.segmenter is None and args.pred is None:
+        args.pred = str(results / "pred")
+    if args.pred is None and args.samples is None:
+        args.samples = str(sample_dir(results))
+    if args.dataset_mode == "toy" and args.pred is None:
+        args.segmenter, args.dataset_mode = "toy", "folder"
+    return gt
+
+
 def main(argv=None):
     args = parse_args(argv)
+    gt = _from_results(args) if args.results else args.gt
+    if gt is None:
+        raise EvalError("give --gt GT_DIR (the ground-truth label maps), or --results RESULTS_DIR")
     if args.out:
         check_writable_file(args.out, "--out")
     if args.save_pred_dir:
@@ -59,14 +94,16 @@ def main(argv=None):
             raise EvalError("--segmenter toy takes --samples DIR (the images to segment), not --pred")
         if args.dataset_mode not in ("toy", "folder") or args.num_classes is not None or args.ignore_index is not None:
             raise EvalError("--segmenter toy scores toy labels: leave out --dataset_mode/--num_classes/--ignore_index")
-        res = miou_of_toy_samples(args.samples, args.gt, save_pred=args.save_pred_dir)
+        res = miou_of_toy_samples(args.samples, gt, save_pred=args.save_pred_dir)
     else:
         if args.pred is None:
             raise EvalError("give --pred PRED_DIR (segmenter output), or --segmenter toy --samples DIR")
-        res = miou_of_folders(args.pred, args.gt, args.num_classes, args.dataset_mode, args.ignore_index)
+        res = miou_of_folders(args.pred, gt, args.num_classes, args.dataset_mode, args.ignore_index)
     miou = "n/a" if res["miou"] is None else f"{res['miou']:.6f}"
     print(f"mIoU: {miou}  pixel accuracy: {res['pixel_accuracy']:.6f}  ({res['num_images']} images, "
           f"{len(res['classes_present'])} of {res['num_classes']} classes present)")
+    if args.results:
+        res = dict(res, gt=gt.kind, gt_labels=str(gt.where), gt_description=gt.description)
     if args.out:
         write_json(res, args.out)
     return res
