@@ -69,6 +69,9 @@ BUDGETS = {
                  lr=5e-4, ema_rate="0.99", respacing="ddim2", sample_batch=2),
 }
 # Settings the trained models depend on: a folder holding models trained with others is refused.
+# Every model, the SDM baseline included, trains with SCDM's recipe (label dropout from the first step);
+# SDM differs only in having no label diffusion, so the comparison isolates the method.
+RECIPE = "SCDM (label dropout 0.2 from scratch); SDM baseline: the same recipe, no label diffusion"
 TRAINING_KEYS = ("size", "num_train", "num_test", "batch_size", "lr", "ema_rate", "ema_warmup", "drop_rate",
                  "num_channels", "data_seed")
 
@@ -448,7 +451,7 @@ def run(cfg, fresh=False, runner=None):
         "machine": describe_machine(), "machine_line": machine, "code": code,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "settings": cfg,
         "variants": [{"id": v, "model": m, "unlabeled_to_zero": z, "name": n,
-                      "model_flags": model_flags(cfg, m)} for v, m, z, n in variant_list],
+                      "model_flags": model_flags(cfg, m), "recipe": RECIPE} for v, m, z, n in variant_list],
         "metrics": {"miou": "exact toy segmenter (scdm.toy) vs the clean test labels, unlabeled not scored, 0..1",
                     "fd": "Frechet distance of 30 image statistics (evaluations.image_stats) to the clean test images",
                     "lpips": lpips_note},

@@ -98,7 +98,8 @@ def results_markdown(cfg, results, floor, timing, machine):
     lines = ["# Quickstart: SCDM vs SDM on noisy toy label maps", "",
              f"{cfg['num_test']} held-out toy maps ({cfg['size']}x{cfg['size']}); both models: the same "
              f"{arch_flags(cfg)['num_channels']}-channel SPADE UNet, {cfg['steps']} steps of batch {cfg['batch_size']} "
-             f"(lr {cfg['lr']}, dropout of the label map {cfg['drop_rate']}), sampled from "
+             f"(lr {cfg['lr']}, dropout of the label map {cfg['drop_rate']} from the first step: SCDM's recipe, "
+             f"for the SDM baseline too, which differs only in having no label diffusion), sampled from "
              f"{'EMA ' + cfg['ema_rate'] + (' with warm-up' if cfg.get('ema_warmup') else '') if cfg['sample_from'] == 'ema' else 'the raw'} weights with "
              f"{cfg['respacing']}, s={cfg['s']}, extrapolation {cfg['extrapolation']}, dynamic threshold "
              f"{cfg['dynamic_threshold']}.", "",
@@ -139,6 +140,7 @@ def write_report(out, cfg, results, floor, timing, n_params):
     report = {
         "config": cfg, "results": results, "fd_real_vs_real": floor, "seconds": timing, "machine": machine,
         "parameters_per_model": n_params,
+        "recipe": "SCDM (label dropout from the first step) for both; the SDM baseline has no label diffusion",
         "metrics": {"miou": "exact toy segmenter vs the clean test labels (unlabeled not scored), 0..1",
                     "fd": "Frechet distance of 30 image statistics (evaluations.image_stats) to the "
                           "clean test images"},
