@@ -32,7 +32,7 @@ from .stop_signals import exit_code
 from .script_util import (MODEL_FLAG_HELP, add_dict_to_argparser, architecture_conflicts, args_to_dict,
                           create_model_and_diffusion, model_and_diffusion_defaults)
 from .train_monitor import TrainMonitor
-from .train_samples import DEFAULT_MAPS, DEFAULT_RESPACING, TrainSamples, sampling_diffusion
+from .train_samples import DEFAULT_MAPS, DEFAULT_RESPACING, TrainSamples, check_sample_respacing
 from .train_util import TrainingDiverged, TrainLoop, check_resume_members, parse_ema_rates, resolve_resume
 
 TRAIN_FLAG_HELP = dict(
@@ -201,7 +201,7 @@ def main(argv=None):
         warnings += check_resume_members(resume, parse_ema_rates(args.ema_rate), args.allow_partial_resume)
     check_writable(log_dir, "--log_dir")
     if args.sample_interval:
-        sampling_diffusion(flags, args.sample_respacing)  # a respacing this diffusion cannot take stops here
+        check_sample_respacing(flags, args.sample_respacing)
     if args.dry_run:
         print(f"dry run: flags, data ({info.num_classes} classes in {args.data_dir}), resume "
               f"({resume or 'fresh run'}) and --log_dir {log_dir} are usable; nothing trained", flush=True)

@@ -305,6 +305,17 @@ class GridLayout:
         return x + self.tile + GAP, y + FOOT
 
 
+def check_sample_respacing(flags, respacing):
+    """Stop before training on a --sample_respacing this diffusion cannot take. Only the image
+    diffusion's steps matter here, so the check needs no class schedule (train.sh computes it after)."""
+    from .script_util import create_gaussian_diffusion
+    try:
+        create_gaussian_diffusion(steps=flags["diffusion_steps"], noise_schedule=flags["noise_schedule"],
+                                  timestep_respacing=respacing)
+    except ValueError as e:
+        raise UserError(f"--sample_respacing {respacing}: {e}") from None
+
+
 def sampling_diffusion(flags, respacing):
     """The training diffusion respaced to `respacing` (e.g. ddim10) for the grids."""
     try:

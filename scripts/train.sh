@@ -64,8 +64,9 @@ if [ "$preset" = toy ]; then
 fi
 # Every flag, the data, the resume and LOG_DIR are checked before the class schedule (minutes on a
 # real dataset) is computed.
+dry_run() { "$PYTHON" -m scdm.image_train --dry_run --data_dir "$DATA_DIR" --log_dir "$LOG_DIR" "$@" >/dev/null; }
 # shellcheck disable=SC2086
-"$PYTHON" -m scdm.image_train --dry_run --data_dir "$DATA_DIR" --log_dir "$LOG_DIR" $flags "$@" >/dev/null
+if [ -n "${CLASS_SCHEDULE:-}" ]; then dry_run --class_schedule "$CLASS_SCHEDULE" $flags "$@"; else dry_run $flags "$@"; fi
 if [ -z "${CLASS_SCHEDULE:-}" ]; then
     CLASS_SCHEDULE="$LOG_DIR/class_schedule.npy"
     [ -f "$CLASS_SCHEDULE" ] || "$PYTHON" -m scdm.class_schedule --dataset_mode "$mode" \

@@ -304,3 +304,18 @@ def test_train_sh_checks_everything_before_any_work(toy, tmp_path, args, env, ex
     assert expected in p.stderr, p.stderr
     assert not list(tmp_path.rglob("class_schedule*"))  # the schedule was not computed
     assert not list(tmp_path.rglob("*.pt"))
+
+
+@pytest.mark.parametrize("with_schedule", [False, True])
+def test_train_sh_with_sample_grids_on_a_fresh_run(toy, tmp_path, with_schedule):
+    """The documented `sh scripts/train.sh toy --sample_interval N`: the pre-check needs no class
+    schedule yet (train.sh computes it after), and takes CLASS_SCHEDULE when it is given."""
+    env = dict(ENV, DATA_DIR=str(toy), LOG_DIR=str(tmp_path / "log"), MAX_STEPS="1")
+    if with_schedule:
+        run([sys.executable, "-m", "scdm.class_schedule", "--dataset_mode", "folder", "--data_dir", toy,
+             "--out", tmp_path / "lambda.npy"])
+        env["CLASS_SCHEDULE"] = str(tmp_path / "lambda.npy")
+    p = run(["sh", ROOT / "scripts" / "train.sh", "toy", "--sample_interval", 1, "--sample_respacing", "ddim2",
+             "--sample_maps", 2, "--batch_size", 2], check=False, cwd=tmp_path, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (tmp_path / "log" / "model000001.pt").is_file() and list((tmp_path / "log" / "samples").glob("*.png"))
