@@ -187,7 +187,7 @@ def data_stages(out, cfg, runner, markers):
             remake(tree)  # image_process writes into an empty folder only
             runner(f"image_process.{NOISE_CLI[noise]}",
                    ["--dataset_mode", "folder", "--data_dir", toy, "--out_dir", tree, "--num", cfg["num_test"],
-                    "--seed", cfg["seed"], "--image_size", cfg["size"], "--workers", 1, *as_argv(params)],
+                    "--seed", cfg["seed"], "--image_size", cfg["size"], "--num_workers", 1, *as_argv(params)],
                    f"building the {NOISE_NAMES[noise]} maps")
         stages.append(Stage(f"noisy maps: {NOISE_NAMES[noise]}", {"noise": noise, "params": params, "toy": toy_key},
                             [tree / "dataset.json", tree / "corruption.json", *files(tree / "test", ["labels"], test_names)],
