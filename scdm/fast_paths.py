@@ -12,9 +12,10 @@ the choice once. True or False forces it either way. The other switches only rem
 """
 import contextlib
 import dataclasses
+import logging
 import math
-import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Union
 
@@ -108,8 +109,30 @@ def apply_settings(config: FastPaths, spec: str, flag="--fast_paths") -> FastPat
     return config.replace(**changes)
 
 
-def _log_stderr(line):
-    print(line, file=sys.stderr, flush=True)
+_detail_sinks = []  # where the per-choice lines go (set by an entry point: its run log, stderr with --verbose)
+
+
+def route_details(*sinks):
+    """Send each choice's line to these callables from now on (none: only to `logging` at DEBUG).
+    The console gets one `summary_line` per run instead."""
+    _detail_sinks[:] = sinks
+
+
+def _log_details(line):
+    logging.getLogger("scdm.fast_paths").debug(line)
+    for sink in _detail_sinks:
+        sink(line)
+
+
+def summary_line(tuner):
+    """One line for the console: how many choices were timed, in how long, and what won."""
+    if not tuner.choices:
+        return None
+    won = {}
+    for (name, *_), choice in tuner.choices.items():
+        won.setdefault(name, Counter())[choice] += 1
+    parts = "; ".join(f"{name} " + ", ".join(f"{c} {n}" for c, n in counts.most_common()) for name, counts in won.items())
+    return f"fast paths: {len(tuner.choices)} choice(s) timed in {tuner.seconds:.1f} s ({parts})"
 
 
 class Autotuner:
@@ -120,9 +143,10 @@ class Autotuner:
     is logged once per key. `clock` is injectable so tests can script the timings. Under torch.compile
     nothing is timed: the first candidate (the static default) is used."""
 
-    def __init__(self, clock=time.perf_counter, repeats=1, log=_log_stderr):
+    def __init__(self, clock=time.perf_counter, repeats=1, log=_log_details):
         self.clock, self.repeats, self.log = clock, repeats, log
         self.choices, self.timings = {}, {}
+        self.seconds = 0.0  # wall time spent timing candidates
         self.current = None  # (name, candidate) being timed, for scripted clocks
 
     def choose(self, name, key, candidates, device=None):
@@ -136,7 +160,7 @@ class Autotuner:
             return hit
         if torch.compiler.is_compiling():
             return names[0]
-        times, outer = {}, self.current
+        times, outer, began = {}, self.current, time.perf_counter()
         devices = [torch.device(device)] if device is not None and torch.device(device).type == "cuda" else []
         # Timing runs leave the random streams (dropout) alone, and keep their saved tensors out of an
         # enclosing gradient checkpoint (which must see the same tensors when it recomputes).
@@ -153,6 +177,8 @@ class Autotuner:
                     best = min(best, self.clock() - start)
                 times[cand] = best
         self.current = outer
+        if outer is None:  # a nested choice's time is inside its outer one's
+            self.seconds += time.perf_counter() - began
         choice = min(names, key=lambda c: times[c])
         self.choices[full], self.timings[full] = choice, times
         timed = ", ".join(f"{c} {times[c] * 1e3:.1f} ms" for c in sorted(names, key=lambda c: times[c]))

@@ -31,7 +31,7 @@ from .conditioning import Conditioning
 from .dataset_layouts import CORRUPTION_FILE, display_names
 from .datasets import build_dataset, iter_user_errors_clean
 from .errors import UserError, run_cli
-from .fast_paths import from_disable_spec
+from .fast_paths import from_disable_spec, route_details, summary_line
 from .fileio import note_removed_temp_files, save_image
 from .palettes import colorize, palette, palette_name
 from .overview import write_overview
@@ -78,6 +78,7 @@ SAMPLER_HELP = dict(
     precision="fp32, fp16 or bf16 (autocast); empty: fp16 with --use_fp16 True, else fp32",
     compile="torch.compile the model (falls back to eager where it cannot)",
     disable_fast_paths="'all' or comma-separated names of scdm.fast_paths.FastPaths to turn off (debugging)",
+    verbose="print each fast-path choice (by default one summary line)",
 )
 
 
@@ -145,6 +146,7 @@ def create_argparser():
         precision="",
         compile=False,
         disable_fast_paths="",
+        verbose=False,
     )
     model_defaults = model_and_diffusion_defaults()
     model_defaults["num_classes"] = -1
@@ -297,7 +299,8 @@ def run(args, given, root, model_path, model_flags, info, precision, fast_paths)
     # One bar over images x sets x steps; quiet on other ranks and when stderr is not a terminal.
     bar = tqdm(total=len(mine) * args.num_sets * steps, desc="sampling", unit="step", dynamic_ncols=True,
                disable=None if rank == 0 else True)
-    new = 0
+    new, said_fast_paths = 0, False
+    route_details(*([lambda line: tqdm.write(line, file=sys.stderr)] if args.verbose and rank == 0 else []))
     for images, cond in iter_user_errors_clean(loader):
         batch_names = [Path(p).stem for p in cond["path"]]
         todo = [i for i, n in enumerate(batch_names)
@@ -319,6 +322,12 @@ def run(args, given, root, model_path, model_flags, info, precision, fast_paths)
                     f"--model_path {model_path} gave non-finite samples (NaN or Inf) for "
                     f"{', '.join(batch_names[i] for i in todo)}; nothing was written for them"
                     + ("; fp16 can overflow: try --precision bf16 or fp32" if precision == "fp16" else ""))
+            if not said_fast_paths:  # the first batch timed the fast paths: one line about it
+                said_fast_paths = True
+                tuner = getattr(model, "autotuner", None)
+                line = summary_line(tuner) if tuner is not None and rank == 0 else None
+                if line:
+                    tqdm.write(line + ("" if args.verbose else " (each choice: --verbose)"), file=sys.stderr)
             for j, i in enumerate(todo):
                 img = to_uint8(x[j].float())
                 targets = [f"samples_{k}"] if args.num_sets > 1 else []

@@ -75,6 +75,7 @@ TRAIN_FLAG_HELP = dict(
                          "from scratch); without it such a resume is refused",
     dry_run="check the flags, the data, the resume and --log_dir, then exit without training (scripts run this "
             "before long preparations)",
+    verbose="also print each fast-path choice (always in LOG_DIR/log.txt; the console gets one summary line)",
     use_fp16="released: train in fp16; here autocast fp16 with a grad scaler on fp32 master weights (same "
              "checkpoint layout)",
     sample_interval="steps between sample grids LOG_DIR/samples/step_NNNNNN.png (fixed maps, clean and with DS, "
@@ -128,6 +129,7 @@ def create_argparser():
         ema_warmup=False,
         allow_partial_resume=False,
         dry_run=False,
+        verbose=False,
         sample_interval=0,
         sample_maps=DEFAULT_MAPS,
         sample_respacing=DEFAULT_RESPACING,
@@ -158,7 +160,7 @@ def check_same_architecture(resume_checkpoint, flags):
 
 
 # Flags a resumed run never takes from its run config: where it is, what it resumes from, and how.
-NOT_INHERITED = ("log_dir", "resume_checkpoint", "allow_partial_resume", "dry_run")
+NOT_INHERITED = ("log_dir", "resume_checkpoint", "allow_partial_resume", "dry_run", "verbose")
 
 
 def inherit_run_flags(args, argv, log_dir):
@@ -245,7 +247,7 @@ def train(args, log_dir, precision, fast_paths, info, conditioning, flags, resum
                                        conditioning=conditioning, flags=flags, respacing=args.sample_respacing,
                                        count=args.sample_maps, precision=precision, seed=args.seed)
     loop = TrainLoop(
-        model=model, diffusion=diffusion, data=data, conditioning=conditioning,
+        model=model, diffusion=diffusion, data=data, conditioning=conditioning, verbose=args.verbose,
         batch_size=args.batch_size, microbatch=args.microbatch, lr=args.lr, ema_rate=args.ema_rate,
         log_interval=args.log_interval, save_interval=args.save_interval,
         resume_checkpoint=resume, precision=precision, fp16_scale_growth=args.fp16_scale_growth,

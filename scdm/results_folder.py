@@ -42,7 +42,7 @@ NOT_COMPARED = {
     "sampling.num_sets", "sampling.num_workers", "sampling.compile", "sampling.disable_fast_paths",
     "sampling.use_ema", "sampling.ema_rate", "sampling.results_path", "sampling.overwrite", "sampling.preset",
     "sampling.use_checkpoint", "sampling.use_fp16", "sampling.class_schedule", "sampling.gpus_per_node",
-    "sampling.gpu", "sampling.seed_align", "labels.unlabeled",
+    "sampling.gpu", "sampling.seed_align", "sampling.verbose", "labels.unlabeled",
     "outputs", "code", "environment",
 }
 

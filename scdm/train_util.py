@@ -24,6 +24,7 @@ from .fileio import WriteError
 from .logger import MetricLogger
 from .performance import precision_context
 from .resample import LossSecondMomentResampler, UniformSampler
+from .fast_paths import route_details, summary_line
 from .stop_signals import StopRequest
 from .train_monitor import memory_stats
 
@@ -146,7 +147,7 @@ def data_parallel(model, device):
 
 
 class TrainLoop:
-    def __init__(self, *, model, diffusion, data, conditioning: Conditioning, batch_size, lr, log_dir,
+    def __init__(self, *, model, diffusion, data, conditioning: Conditioning, batch_size, lr, log_dir, verbose=False,
                  microbatch=-1, ema_rate="0.9999", log_interval=10, save_interval=10000,
                  resume_checkpoint="", precision="fp32", fp16_scale_growth=1e-3, schedule_sampler=None,
                  weight_decay=0.0, lr_anneal_steps=0, max_steps=0, max_bad_steps=50, flags=None,
@@ -177,6 +178,8 @@ class TrainLoop:
         self.log_dir = Path(log_dir)
         self.device = dist_util.dev()
         self.logger = MetricLogger(log_dir, enabled=dist_util.is_main())
+        if dist_util.is_main():  # each fast-path choice, in the run's log.txt (and on stderr with --verbose)
+            route_details(self.logger.text, *([lambda line: tqdm.write(line, file=sys.stderr)] if verbose else []))
 
         self.step = 0
         self.bad_steps = 0
@@ -272,13 +275,19 @@ class TrainLoop:
         bar = tqdm(total=self.last_step(), initial=self.step, desc="training", unit="step",
                    disable=not dist_util.is_main(), dynamic_ncols=True)
         images_seen, since, paused = 0, time.perf_counter(), 0.0
-        stopping = False
+        stopping = said_fast_paths = False
         with StopRequest(self._announce_stop) as stop:
             try:
                 while not self.done():
                     images, cond = next(self.data)
                     self.run_step(images, cond)
                     self.step += 1
+                    if not said_fast_paths:  # the first step timed the fast paths: one line about it
+                        said_fast_paths = True
+                        tuner = getattr(self.model, "autotuner", None)
+                        line = summary_line(tuner) if tuner is not None and dist_util.is_main() else None
+                        if line:
+                            tqdm.write(f"{line}; per choice: {self.logger.dir / 'log.txt'}", file=sys.stderr)
                     images_seen += images.shape[0] * dist_util.get_world_size()
                     bar.update(1)
                     saving = self.step % self.save_interval == 0

@@ -180,3 +180,22 @@ def test_spade_choices_are_shared_by_labelled_row_counts_up_to_a_power_of_two(ti
     assert spade_keys(4, dropped=0) == three and spade_keys(5, dropped=1) == three  # 4 labelled rows each
     five = spade_keys(6, dropped=1)
     assert len(five) == 2 * len(three) and len(lines) == len(five)
+
+
+def test_choices_go_to_the_routed_sinks_and_the_console_gets_one_summary():
+    from scdm import fast_paths
+    lines = []
+    clock = ScriptedClock({("op", "a"): 3.0, ("op", "b"): 1.0, ("sdpa", "x"): 2.0, ("sdpa", "y"): 5.0})
+    tuner = Autotuner(clock=clock, repeats=1)
+    clock.tuner = tuner
+    fast_paths.route_details(lines.append)
+    try:
+        for key in (1, 2, 3):
+            tuner.choose("op", ("cpu", key), {"a": lambda: None, "b": lambda: None})
+        tuner.choose("sdpa", ("cpu",), {"x": lambda: None, "y": lambda: None})
+    finally:
+        fast_paths.route_details()
+    assert len(lines) == 4 and all(line.startswith("fast paths: ") for line in lines)
+    summary = fast_paths.summary_line(tuner)
+    assert summary.startswith("fast paths: 4 choice(s) timed in ") and summary.endswith("(op b 3; sdpa x 1)")
+    assert fast_paths.summary_line(Autotuner()) is None

@@ -164,6 +164,12 @@ def test_training_that_ends_normally_leaves_no_worker(toy, tmp_path):
     p = run_marked(["-m", "scdm.image_train", *ARCH, "--data_dir", toy, "--log_dir", tmp_path / "log",
                     "--batch_size", 2, "--num_workers", 2, "--max_steps", 2], tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
+    # Quiet by default: one summary line of the fast-path autotuner; each choice is in the run's log.
+    tuner_lines = [line for line in p.stderr.splitlines() if "fast paths:" in line]
+    assert len(tuner_lines) == 1 and "choice(s) timed in" in tuner_lines[0], p.stderr[-3000:]
+    logged = [line for line in (tmp_path / "log" / "log.txt").read_text().splitlines() if "fast paths:" in line]
+    assert len(logged) > 1 and all(": using " in line for line in logged)
+    assert "deprecated" not in p.stderr
 
 
 def start_marked(args, cwd):
