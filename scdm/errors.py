@@ -6,6 +6,7 @@ subclass of `UserError` (datasets, checkpoints, evaluations, image_process, the 
 callers can catch one family; ValueError, FileNotFoundError and PermissionError raised by
 argument checks count as user errors too.
 """
+import os
 import signal
 import sys
 import threading
@@ -70,6 +71,9 @@ def run_cli(main, argv=None, extra_errors=()):
         sys.exit(print_error(e))
     except KeyboardInterrupt as e:
         sys.exit(print_error(e))
+    except BrokenPipeError:  # `... | head` closed the pipe: stop quietly, as other command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(128 + signal.SIGPIPE)
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, old)

@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # b
 
 CLIS = [
     "scdm.image_train", "scdm.image_sample", "scdm.toy", "scdm.class_schedule", "scdm.presets", "scdm.generate",
-    "scdm.app.__main__", "scdm.slurm", "image_process.downsample", "image_process.edge", "image_process.random",
+    "scdm.app.__main__", "scdm.slurm", "scdm.classes", "image_process.describe", "image_process.downsample",
+    "image_process.edge", "image_process.random",
     "image_process.painter", "image_process.figure", "evaluations.fid.__main__", "evaluations.lpips.__main__",
     "evaluations.miou.__main__", "evaluations.report", "quickstart.__main__", "robustness",
 ]
