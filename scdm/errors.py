@@ -6,11 +6,13 @@ subclass of `UserError` (datasets, checkpoints, evaluations, image_process, the 
 callers can catch one family; ValueError, FileNotFoundError and PermissionError raised by
 argument checks count as user errors too.
 """
+import contextlib
 import os
 import signal
 import sys
 import threading
 import traceback
+import warnings
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -55,6 +57,23 @@ def print_error(exc, where=""):
     traceback.print_exception(exc)
     sys.stderr.flush()
     return 1
+
+
+@contextlib.contextmanager
+def warnings_as_lines(prefix="warning"):
+    """Python warnings raised in the block, each printed as one `warning: ...` line on stderr when
+    it ends (not Python's file:line form with the source line)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            seen = set()
+            for w in caught:
+                text = str(w.message)
+                if text not in seen:
+                    seen.add(text)
+                    print(f"{prefix}: {text}", file=sys.stderr, flush=True)
 
 
 def run_cli(main, argv=None, extra_errors=()):

@@ -16,7 +16,7 @@ import numpy as np
 
 from .cli import HelpFormatter, add_bool_argument, float_in, nonnegative_float, nonnegative_int, positive_int
 from .dataset_layouts import IMAGE_EXTENSIONS
-from .errors import UserError, run_cli
+from .errors import UserError, run_cli, warnings_as_lines
 from .fileio import check_writable, save_image
 from .overview import legend_entries, side_by_side
 from .pipeline import (
@@ -81,9 +81,10 @@ def main(argv=None):
     maps = list_label_maps(args.labels)
     out = Path(args.out)
     check_writable(out, "--out")
-    pipe = SCDMPipeline.from_checkpoint(args.model_path, device=args.device or None, precision=args.precision or None,
-                                        preset=args.preset, class_schedule=args.class_schedule or None,
-                                        use_ema=args.use_ema)
+    with warnings_as_lines():
+        pipe = SCDMPipeline.from_checkpoint(args.model_path, device=args.device or None,
+                                            precision=args.precision or None, preset=args.preset,
+                                            class_schedule=args.class_schedule or None, use_ema=args.use_ema)
     for name, path in maps:
         with warnings.catch_warnings(record=True) as notes:
             warnings.simplefilter("always")

@@ -32,7 +32,7 @@ from .label_diffusion import COND_OPTS, GAUSSIAN
 from .palettes import MASK_COLOR, colorize, ids_from_colors, palette, palette_name
 from .performance import precision_context, resolve_precision
 from .presets import SAMPLING
-from .run_config import ema_warning, given_flags, load_checked, resolve_model_flags
+from .run_config import ema_warning, given_flags, load_checked, preset_differences, resolve_model_flags
 from .sampling import SAMPLERS, resolve_sampler, sample_loop
 from .script_util import args_to_dict, create_diffusion, create_model_and_diffusion, model_and_diffusion_defaults
 
@@ -93,6 +93,10 @@ def load_model(model_path, preset="", class_schedule=None, use_ema=False):
     args = create_argparser().parse_args(argv)
     path = resolve_model_path(args)
     model_flags = resolve_model_flags(args, given_flags(create_argparser, argv), path, preset)
+    differs = preset_differences(model_flags, args)
+    if differs:  # the run's own args.json wins over a preset: said, never silent
+        warnings.warn(f"preset {preset!r} not used for {', '.join(differs)}: the {model_flags.source} gives the "
+                      "model flags")
     run = model_flags.run_config
     data_dir = str((run.flags if run else {}).get("data_dir") or "")
     info = resolve_dataset_flags(args)

@@ -84,3 +84,13 @@ def test_user_errors(setup, args, message):
     p = generate("--model_path", model, "--out", base / "err", *[s.format(base=base) for s in args])
     assert p.returncode == 2
     assert message.format(base=base) in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_preset_that_contradicts_the_run_config_is_one_warning_naming_what_wins(setup):
+    base, model, maps, a = setup
+    p = generate("--model_path", model, "--labels", maps / "square.png", "--out", base / "preset", "--steps", 2,
+                 "--preset", "ade20k")
+    assert p.returncode == 0, p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.startswith("warning: preset 'ade20k' not used for")]
+    assert len(lines) == 1 and "num_classes" in lines[0] and f"the run config {model.parent / 'args.json'}" in lines[0]
+    assert "UserWarning" not in p.stderr and "warnings.warn" not in p.stderr

@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from ..cli import HelpFormatter, int_at_least, positive_int
-from ..errors import UserError, run_cli
+from ..errors import UserError, run_cli, warnings_as_lines
 from ..pipeline import add_model_flags
 from .server import QUEUE_SIZE, make_server
 
@@ -26,9 +26,10 @@ def main(argv=None):
     if args.port > 65535:
         raise UserError(f"--port {args.port}: expected 0..65535")
     from ..pipeline import SCDMPipeline
-    pipe = SCDMPipeline.from_checkpoint(args.model_path, device=args.device or None, precision=args.precision or None,
-                                        preset=args.preset, class_schedule=args.class_schedule or None,
-                                        use_ema=args.use_ema)
+    with warnings_as_lines():
+        pipe = SCDMPipeline.from_checkpoint(args.model_path, device=args.device or None,
+                                            precision=args.precision or None, preset=args.preset,
+                                            class_schedule=args.class_schedule or None, use_ema=args.use_ema)
     try:
         server = make_server(pipe, args.host, args.port, queue_size=args.queue, max_steps=args.max_steps)
     except OSError as e:
