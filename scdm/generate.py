@@ -43,8 +43,10 @@ def create_argparser():
                    help=f"x0 extrapolation e (0: off; default: {DEFAULT_EXTRAPOLATION}, 0 with dpm++2m)")
     p.add_argument("--dynamic_threshold", type=float_in(0.0, 1.0, hi_open=True), default=DEFAULT_THRESHOLD,
                    help="dynamic-thresholding percentile (0: plain clipping)")
-    add_bool_argument(p, "--unlabeled_to_zero", default=False,
-                      help="unlabeled pixels become SCDM's [MASK] state (holes the model fills) (default: %(default)s)")
+    add_bool_argument(p, "--unlabeled_to_zero", default=None,
+                      help="unlabeled pixels become SCDM's [MASK] state (holes the model fills); default: True for a "
+                           "model with label diffusion (SCDM), False (the unlabeled class) for one without, as in the "
+                           "Python pipeline and the painter")
     add_bool_argument(p, "--raw_ids", default=False,
                       help="maps hold stored dataset ids, remapped by the layout (ADE20K 0 -> unlabeled, k -> k-1; "
                            "COCO 255 -> unlabeled) (default: %(default)s)")
@@ -85,13 +87,19 @@ def main(argv=None):
         pipe = SCDMPipeline.from_checkpoint(args.model_path, device=args.device or None,
                                             precision=args.precision or None, preset=args.preset,
                                             class_schedule=args.class_schedule or None, use_ema=args.use_ema)
+    unlabeled_to_zero = pipe.is_scdm if args.unlabeled_to_zero is None else args.unlabeled_to_zero
+    if pipe.unlabeled_id is not None:
+        print(f"unlabeled pixels (id {pipe.unlabeled_id}) reach the model "
+              f"{'as the [MASK] state' if unlabeled_to_zero else 'as the unlabeled class'} (--unlabeled_to_zero "
+              f"{unlabeled_to_zero}{'' if args.unlabeled_to_zero is not None else ', the default for this model'})",
+              file=sys.stderr, flush=True)
     for name, path in maps:
         with warnings.catch_warnings(record=True) as notes:
             warnings.simplefilter("always")
             ids = pipe.read_label_map(path, raw_ids=args.raw_ids, what=str(path))
             images = pipe(ids, num_samples=args.num_samples, steps=args.steps, guidance_scale=args.s, seed=args.seed,
                           sampler=args.sampler, eta=args.eta, extrapolation=args.extrapolation,
-                          dynamic_threshold=args.dynamic_threshold, unlabeled_to_zero=args.unlabeled_to_zero,
+                          dynamic_threshold=args.dynamic_threshold, unlabeled_to_zero=unlabeled_to_zero,
                           batch_size=args.batch_size, names=[name])
         for n in notes:
             print(f"note: {n.message}", file=sys.stderr, flush=True)

@@ -13,6 +13,7 @@ A label map is an (H, W) integer array of class ids, a PIL image or a PNG path o
 grey or palette indices), or a colour picture in the model's palette. `MASK_ID` (-1) marks pixels in
 SCDM's absorbing [MASK] state (the all-zero conditioning vector): holes the model fills freely.
 """
+import os
 import warnings
 from dataclasses import dataclass
 from os import PathLike
@@ -288,16 +289,18 @@ class SCDMPipeline:
     # ------------------------------------------------------------------------------ sampling
     def __call__(self, label_map, num_samples=1, steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE, seed=0, *,
                  raw_ids=False, instance=None, sampler=DEFAULT_SAMPLER, eta=0.0, extrapolation=None,
-                 dynamic_threshold=DEFAULT_THRESHOLD, clip_denoised=True, unlabeled_to_zero=False, batch_size=4,
+                 dynamic_threshold=DEFAULT_THRESHOLD, clip_denoised=True, unlabeled_to_zero=None, batch_size=4,
                  names=None, callback=None):
         """Sample `num_samples` images per label map; returns a list of PIL images, or one such list
         per map when `label_map` is a batch (a list of maps, or an (N, H, W) array).
 
         The sampler options are the ones of `scdm.image_sample` (`sampler` one of sampling.SAMPLERS,
-        `eta`, `extrapolation`, `dynamic_threshold` (0: plain clipping), `unlabeled_to_zero`).
+        `eta`, `extrapolation`, `dynamic_threshold` (0: plain clipping), `unlabeled_to_zero`; None: [MASK] for
+        a model with label diffusion, the unlabeled class for one without, as generate and the painter).
         `extrapolation=None`: the released 0.8, or 0 for the multistep solver, whose own history
         extrapolates already (0.8 on top of it ruined toy samples: 22% vs 90% pixel accuracy at 10 steps).
-        `names` key the per-image seeds (default: the position in the batch). `callback(done, total)`
+        `names` key the per-image seeds (default: a path's file name, as `scdm.generate` and
+        `scdm.image_sample` key them, else the position in the batch). `callback(done, total)`
         runs after every model step; an exception raised there stops sampling (the app's cancel)."""
         single = not is_sequence_of_maps(label_map)
         maps = [label_map] if single else list(label_map)
@@ -320,7 +323,11 @@ class SCDMPipeline:
             raise UserError(f"sampler={sampler!r}: expected one of {', '.join(SAMPLERS)}") from e
         if extrapolation is None:
             extrapolation = 0.0 if sampler.startswith("dpm") else DEFAULT_EXTRAPOLATION
-        names = [str(i) for i in range(len(maps))] if names is None else [str(n) for n in names]
+        if unlabeled_to_zero is None:
+            unlabeled_to_zero = self.is_scdm
+        if names is None:
+            names = [Path(m).stem if isinstance(m, (str, os.PathLike)) else str(i) for i, m in enumerate(maps)]
+        names = [str(n) for n in names]
         if len(names) != len(maps):
             raise UserError(f"{len(names)} names for {len(maps)} label maps")
         ids = [self.read_label_map(m, raw_ids, what=f"label map {names[i]}") for i, m in enumerate(maps)]

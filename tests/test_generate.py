@@ -94,3 +94,23 @@ def test_a_preset_that_contradicts_the_run_config_is_one_warning_naming_what_win
     lines = [line for line in p.stderr.splitlines() if line.startswith("warning: preset 'ade20k' not used for")]
     assert len(lines) == 1 and "num_classes" in lines[0] and f"the run config {model.parent / 'args.json'}" in lines[0]
     assert "UserWarning" not in p.stderr and "warnings.warn" not in p.stderr
+
+
+def test_pipeline_given_a_path_gives_generates_images(setup):
+    """One behaviour across entry points: the same map file, seed and sample index give the same image
+    from the pipeline (which keys its seeds on the file name, as generate does) and from generate, and
+    both treat unlabeled pixels alike by default ([MASK] for this SCDM model)."""
+    base, model, maps, a = setup
+    out = base / "same"
+    p = generate("--model_path", model, "--labels", maps / "square.png", "--out", out, "--num_samples", 2,
+                 "--steps", 2, "--seed", 3)
+    assert p.returncode == 0, p.stderr
+    assert "unlabeled pixels (id 3) reach the model as the [MASK] state (--unlabeled_to_zero True, the default" in p.stderr
+    pipe = SCDMPipeline.from_checkpoint(model)
+    images = pipe(str(maps / "square.png"), num_samples=2, steps=2, seed=3)
+    for k in range(2):
+        assert (np.asarray(Image.open(out / "samples" / f"square_{k}.png")) == np.asarray(images[k])).all()
+    by_position = pipe(a.astype(np.int64), num_samples=1, steps=2, seed=3)  # an array has no name: keyed "0"
+    assert not (np.asarray(by_position[0]) == np.asarray(images[0])).all()
+    assert (np.asarray(pipe(a.astype(np.int64), num_samples=1, steps=2, seed=3, unlabeled_to_zero=True)[0])
+            == np.asarray(pipe(a.astype(np.int64), num_samples=1, steps=2, seed=3)[0])).all()

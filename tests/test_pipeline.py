@@ -36,8 +36,8 @@ def pixels(images):
 def test_array_and_png_path_give_identical_images(pipe, tmp_path):
     ids = label_map()
     Image.fromarray(ids.astype(np.uint8)).save(tmp_path / "map.png")
-    a = pipe(ids, num_samples=2, steps=STEPS, seed=7)
-    b = pipe(str(tmp_path / "map.png"), num_samples=2, steps=STEPS, seed=7)
+    a = pipe(ids, num_samples=2, steps=STEPS, seed=7, names=["map"])
+    b = pipe(str(tmp_path / "map.png"), num_samples=2, steps=STEPS, seed=7)  # a path is keyed on its file name
     assert len(a) == 2 and all(isinstance(im, Image.Image) and im.size == (16, 16) for im in a)
     assert all((x == y).all() for x, y in zip(pixels(a), pixels(b)))
     assert not (pixels(a)[0] == pixels(a)[1]).all()  # the two samples have their own noise
