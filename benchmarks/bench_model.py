@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from scdm.fast_paths import FastPaths, override
+from scdm.fileio import recorded_path
 from scdm.performance import describe_machine, maybe_compile, precision_context
 from scdm.sampling import reverse_step, sample_loop
 from scdm.script_util import create_model_and_diffusion
@@ -81,6 +82,11 @@ def released_ade20k_flags():
             flags["cond_opt"] = "discrete_zero_uniform"
     flags["use_fp16"] = False
     return flags
+
+
+def recorded(flags):
+    """The flags as the JSON records them: file paths relative to the repository."""
+    return {k: recorded_path(v) if k == "class_schedule" and v else v for k, v in flags.items()}
 
 
 def cpu_flags(smoke=False):
@@ -239,7 +245,7 @@ def cpu_train_step(flags, batch, warmup, repeats, dropped=1):
 def run_cpu(args):
     flags = cpu_flags(args.smoke)
     steps = [int(s) for s in args.steps.split(",")]
-    out = {"config": {**flags, "batch": args.batch, "precision": "fp32", "guidance": GUIDANCE, "clock": args.clock,
+    out = {"config": {**recorded(flags), "batch": args.batch, "precision": "fp32", "guidance": GUIDANCE, "clock": args.clock,
                       "timestep_respacing": "ddim25", "label_maps": "10 smooth regions per map",
                       "fast_paths": sorted(FastPaths.names()), "warmup": args.warmup, "repeats": args.repeats}}
     out["load_average_before"] = os.getloadavg()
@@ -431,7 +437,7 @@ def run_gpu(args):
     if args.smoke:
         flags = cpu_flags(smoke=True)
         args.gpu_batches, args.gpu_train_batch, args.gpu_repeats = "2", 2, 1
-    out = {"config": {**flags, "guidance": GUIDANCE, "timestep_respacing": "ddim25", "compile": args.compile}}
+    out = {"config": {**recorded(flags), "guidance": GUIDANCE, "timestep_respacing": "ddim25", "compile": args.compile}}
     out["sampling"] = gpu_sampling(args, flags, device)
     out["training"] = gpu_training(args, flags, device)
     return out

@@ -50,7 +50,9 @@ from quickstart.stages import MARKER_DIR, Runner, data_stages, sample_stage, tra
 from scdm.cli import (HelpFormatter, int_at_least, nonnegative_float, nonnegative_int, positive_float,  # noqa: E402
                       positive_int, rate_list)
 from scdm.errors import UserError, run_cli  # noqa: E402
-from scdm.fileio import atomic_write, check_writable_file, first_non_folder, save_image, write_json  # noqa: E402
+from scdm.fileio import (  # noqa: E402
+    atomic_write, check_writable_file, first_non_folder, recorded_path, save_image, write_json,
+)
 from scdm.presets import SAMPLING  # noqa: E402
 from scdm.results_folder import code_version  # noqa: E402
 
@@ -449,7 +451,8 @@ def run(cfg, fresh=False, runner=None):
     write_grid(out, cfg, variant_list, sample_dirs, grid)
     report = {
         "machine": describe_machine(), "machine_line": machine, "code": code,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "settings": cfg,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "settings": {k: recorded_path(v) if k in ("out_dir", "out", "grid") and v else v for k, v in cfg.items()},
         "variants": [{"id": v, "model": m, "unlabeled_to_zero": z, "name": n,
                       "model_flags": model_flags(cfg, m), "recipe": RECIPE} for v, m, z, n in variant_list],
         "metrics": {"miou": "exact toy segmenter (scdm.toy) vs the clean test labels, unlabeled not scored, 0..1",
@@ -457,7 +460,7 @@ def run(cfg, fresh=False, runner=None):
                     "lpips": lpips_note},
         "fd_real_vs_real": floor, "per_seed": per, "summary": summary, "paired_vs_sdm": paired,
         "seconds": {"stages": seconds, "wall": wall, "stage_sum": round(sum(v for v in seconds.values() if v), 1)},
-        "grid": str(grid),
+        "grid": recorded_path(grid),
     }
     write_json(report, Path(cfg["out"] or out / "robustness.json"), sort_keys=True)
     print(md, flush=True)

@@ -119,3 +119,23 @@ def test_no_references_outside_the_repository():
     files += list((ROOT / "scripts").glob("*.sh")) + [ROOT / "README.md"] + list((ROOT / "docs").glob("*.md"))
     bad = [str(p.relative_to(ROOT)) for p in files if rx.search(p.read_text())]
     assert not bad, f"references to files or issues outside the repository in {bad}"
+
+
+def test_committed_results_name_no_machines_folders():
+    """Committed results JSON record paths relative to the repository (scdm.fileio.recorded_path)."""
+    import json
+    absolute = []
+
+    def walk(value, where):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{where}.{k}")
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{where}[{i}]")
+        elif isinstance(value, str) and value.startswith("/") and value.count("/") > 1:
+            absolute.append(f"{where}: {value}")
+
+    for path in sorted((ROOT / "benchmarks" / "results").glob("*.json")):
+        walk(json.loads(path.read_text()), path.name)
+    assert not absolute, "absolute paths in committed results:\n" + "\n".join(absolute)

@@ -102,3 +102,10 @@ def test_temp_names_carry_host_and_pid(tmp_path):
     assert seen[0].startswith(f".a.json.{fileio.host_name()}-{os.getpid()}.") and seen[0].endswith(".tmp")
     assert fileio.TEMP_NAME.match(seen[0])
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_recorded_paths_are_relative_to_the_repository(tmp_path):
+    root = fileio.REPO_ROOT
+    assert fileio.recorded_path(root / "docs" / "robustness.png") == "docs/robustness.png"
+    assert fileio.recorded_path(root.parent / "shared" / "compat" / "x.npy") == "../shared/compat/x.npy"
+    assert fileio.recorded_path("/") == "/"  # far outside: kept absolute
