@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .checkpoint import checkpoint_steps, model_name
 from .cli import resolve_dataset_flags
 from .conditioning import Conditioning
 from .dataset_layouts import DatasetError, DatasetInfo, check_label_ids, display_names, remap_labels, resize_ids
@@ -134,6 +135,27 @@ def is_sequence_of_maps(label_map):
     return False
 
 
+class PipelineOutput(list):
+    """What a call returns: the images as before (a list of PIL images, or one list per map), with
+    `.images` (the same), and what made them: `.names` (the seed keys), `.seeds` (per map and
+    sample) and `.unlabeled_to_zero` (how unlabeled pixels reached the model)."""
+
+    def __init__(self, images, names, seeds, unlabeled_to_zero):
+        super().__init__(images)
+        self.images = list(images)
+        self.names, self.seeds, self.unlabeled_to_zero = names, seeds, unlabeled_to_zero
+
+
+def newest_checkpoint(run_dir):
+    """The checkpoint of a run folder to sample: its newest step, the EMA weights when they were saved."""
+    run_dir = Path(run_dir)
+    steps = checkpoint_steps(run_dir)
+    if not steps:
+        raise UserError(f"{run_dir} holds no checkpoint (model<step>.pt): give a checkpoint file or a run folder")
+    emas = sorted(run_dir.glob(f"ema_*_{steps[-1]:06d}.pt"))
+    return emas[0] if emas else run_dir / model_name(steps[-1])
+
+
 class SCDMPipeline:
     """A loaded checkpoint that turns label maps into images (see the module docstring)."""
 
@@ -157,6 +179,19 @@ class SCDMPipeline:
         """Load `path` (model*.pt or ema_*.pt): flags from its run's args.json, or `preset` for a
         released checkpoint; `class_schedule` replaces the run's class schedule file."""
         return cls(load_model(path, preset, class_schedule, use_ema), device=device, precision=precision)
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs):
+        """diffusers' spelling of `from_checkpoint`; `path` may also be a run folder (its newest
+        checkpoint, EMA weights when saved). Nothing is downloaded."""
+        path = Path(path)
+        return cls.from_checkpoint(newest_checkpoint(path) if path.is_dir() else path, **kwargs)
+
+    def to(self, device):
+        """Move the model to `device`; returns the pipeline (diffusers' `pipe.to("cuda")`)."""
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
 
     @property
     def is_scdm(self):
@@ -357,5 +392,8 @@ class SCDMPipeline:
                                 sampler=sampler)
             for j, (i, k) in enumerate(chunk):
                 out[i][k] = Image.fromarray(to_uint8(x[j].float()))
-        return out[0] if single else out
+        seeds = [[image_seed(seed, n, k) for k in range(num_samples)] for n in names]
+        if single:
+            return PipelineOutput(out[0], names, seeds[0], unlabeled_to_zero)
+        return PipelineOutput(out, names, seeds, unlabeled_to_zero)
 

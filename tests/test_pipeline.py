@@ -148,3 +148,27 @@ def test_instance_map_gives_the_edge_channel(tmp_path):
     assert (y_default[4] == instance_edges(torch.as_tensor(ids)).numpy()).all()
     images = pipe(ids, steps=2, instance=inst)
     assert images[0].size == (16, 16)
+
+
+def test_diffusers_habits(tmp_path):
+    """from_pretrained (a file or a run folder), pipe.to(device), and an output with .images and what made
+    them; the list it always was keeps working."""
+    from scdm.fileio import save_torch
+    from scdm.pipeline import SCDMPipeline, newest_checkpoint
+    from tiny_run import make_tiny_run
+    run = tmp_path / "run"
+    run.mkdir()
+    model = make_tiny_run(run)
+    save_torch(torch.load(model), run / "model000004.pt")
+    save_torch(torch.load(model), run / "ema_0.99_000004.pt")
+    assert newest_checkpoint(run) == run / "ema_0.99_000004.pt"
+    with pytest.warns(UserWarning, match="averages 4 steps"):  # a young EMA file is said, as the sampler says it
+        pipe = SCDMPipeline.from_pretrained(run).to("cpu")
+    assert pipe.loaded.model_path == run / "ema_0.99_000004.pt" and pipe.device == torch.device("cpu")
+    out = pipe(label_map(), num_samples=2, steps=STEPS, seed=3, names=["m"])
+    assert isinstance(out, list) and len(out) == 2 and out.images == list(out)
+    assert out.names == ["m"] and len(out.seeds) == 2 and out.seeds[0] != out.seeds[1] and out.unlabeled_to_zero is True
+    same = SCDMPipeline.from_pretrained(model)(label_map(), num_samples=2, steps=STEPS, seed=3, names=["m"])
+    assert all((np.asarray(a) == np.asarray(b)).all() for a, b in zip(out, same))
+    with pytest.raises(UserError, match="holds no checkpoint"):
+        SCDMPipeline.from_pretrained(tmp_path)
