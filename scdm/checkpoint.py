@@ -67,6 +67,17 @@ def checkpoint_files(log_dir):
     return sorted(found)
 
 
+def newest_checkpoint(run_dir):
+    """The checkpoint of a run folder to sample: its newest step, the EMA weights when they were saved
+    (the lowest-named rate when there are several), else the raw model file."""
+    run_dir = Path(run_dir)
+    steps = checkpoint_steps(run_dir)
+    if not steps:
+        return None
+    emas = sorted(run_dir.glob(f"ema_*_{steps[-1]:06d}.pt"))
+    return emas[0] if emas else run_dir / model_name(steps[-1])
+
+
 def set_names(step, ema_rates):
     """The files a complete set of `step` must have: model, one EMA per rate name, optimizer."""
     return [model_name(step), *(ema_name(r, step) for r in ema_rates), opt_name(step)]

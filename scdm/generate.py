@@ -1,5 +1,5 @@
 """Photos for your own label maps, no dataset tree needed:
-`python -m scdm.generate --model_path RUN/ema_0.99_000400.pt --labels maps/ --out generated/`.
+`python -m scdm.generate --model_path RUN_FOLDER_OR_CHECKPOINT --labels maps/ --out generated/`.
 
 Each label map (a PNG of class ids, of raw dataset ids with --raw_ids, or a picture in the model's
 palette; a folder means every image in it) gets <out>/samples/<name>_<k>.png for k < --num_samples,

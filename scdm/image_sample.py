@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from . import dist_util, rank_faults, script_util
-from .checkpoint import CheckpointError, ema_name, parse_step
+from .checkpoint import CheckpointError, ema_name, newest_checkpoint, parse_step
 from .cli import (HelpFormatter, accept_gpus_per_node, add_bool_argument, minus_one_or_positive, nonnegative_float,
                   nonnegative_int, note_gpus_per_node, one_of, positive_int, probability, rate_list,
                   resolve_dataset_flags)
@@ -57,8 +57,8 @@ SAMPLER_HELP = dict(
     clip_denoised="clip the x0 estimate to [-1, 1] at every step (released; not used with --dynamic_threshold)",
     num_samples="label maps to sample, in name order; -1: the whole split",
     batch_size="label maps per model call; samples do not depend on it (per-image seeds)",
-    model_path="(required) model*.pt or ema_*.pt; its args.json gives the model flags (released checkpoints: "
-               "--preset)",
+    model_path="(required) model*.pt or ema_*.pt, or a run folder (its newest checkpoint, EMA when saved); its "
+               "args.json gives the model flags (released checkpoints: --preset)",
     results_path="(required) output folder; it gets manifest.json, and a rerun into it must use the same settings",
     is_train="sample the training split, with its random crop and flip (released); False: the test split",
     s="classifier-free guidance scale: eps(x, 0) + s (eps(x, y) - eps(x, 0)); 1: no guidance (released 1.5)",
@@ -190,8 +190,15 @@ def image_seed(seed, name, k):
 def resolve_model_path(args):
     """--use_ema with a model*.pt path picks the EMA file of the same step beside it."""
     if not args.model_path:
-        raise ValueError("--model_path is required (a model*.pt or ema_*.pt file)")
+        raise ValueError("--model_path is required (a model*.pt or ema_*.pt file, or a run folder)")
     path = Path(args.model_path)
+    if path.is_dir():  # a run folder: its newest checkpoint, the EMA weights when saved
+        newest = newest_checkpoint(path)
+        if newest is None:
+            raise CheckpointError(f"--model_path {path} is a folder without checkpoints (model<step>.pt); give a "
+                                  "checkpoint file or a run folder")
+        print(f"--model_path {path}: using {newest.name}, its newest checkpoint", file=sys.stderr, flush=True)
+        path = newest
     if args.use_ema and path.name.startswith("model"):
         path = path.parent / ema_name(args.ema_rate, parse_step(path))
         if not path.exists():

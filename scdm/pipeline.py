@@ -1,7 +1,7 @@
 """Label map in, photos out, from Python: the way diffusers users expect it.
 
     from scdm.pipeline import SCDMPipeline
-    pipe = SCDMPipeline.from_checkpoint("results/quickstart/train/scdm/ema_0.99_000400.pt")
+    pipe = SCDMPipeline.from_checkpoint("results/quickstart/train/scdm")   # a run folder or a checkpoint file
     images = pipe("my_map.png", num_samples=2, steps=25, guidance_scale=1.5, seed=0)   # PIL images
 
 A checkpoint is loaded the way `scdm.image_sample` loads it (the run config beside it, or
@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import checkpoint_steps, model_name
 from .cli import resolve_dataset_flags
 from .conditioning import Conditioning
 from .dataset_layouts import DatasetError, DatasetInfo, check_label_ids, display_names, remap_labels, resize_ids
@@ -54,8 +53,9 @@ def add_model_flags(parser):
     from .cli import add_bool_argument
     from .performance import PRECISIONS
     from .presets import PRESETS
-    parser.add_argument("--model_path", required=True, help="model*.pt or ema_*.pt; its args.json gives the model "
-                                                            "(released checkpoints: --preset)")
+    parser.add_argument("--model_path", required=True, help="model*.pt or ema_*.pt, or a run folder (its newest "
+                                                            "checkpoint, EMA when saved); its args.json gives the "
+                                                            "model (released checkpoints: --preset)")
     parser.add_argument("--preset", default="", choices=["", *PRESETS], metavar="NAME",
                         help=f"model flags of a released checkpoint without args.json: {', '.join(PRESETS)}")
     parser.add_argument("--class_schedule", default="", help="class schedule .npy (default: the run's)")
@@ -146,16 +146,6 @@ class PipelineOutput(list):
         self.names, self.seeds, self.unlabeled_to_zero = names, seeds, unlabeled_to_zero
 
 
-def newest_checkpoint(run_dir):
-    """The checkpoint of a run folder to sample: its newest step, the EMA weights when they were saved."""
-    run_dir = Path(run_dir)
-    steps = checkpoint_steps(run_dir)
-    if not steps:
-        raise UserError(f"{run_dir} holds no checkpoint (model<step>.pt): give a checkpoint file or a run folder")
-    emas = sorted(run_dir.glob(f"ema_*_{steps[-1]:06d}.pt"))
-    return emas[0] if emas else run_dir / model_name(steps[-1])
-
-
 class SCDMPipeline:
     """A loaded checkpoint that turns label maps into images (see the module docstring)."""
 
@@ -182,10 +172,9 @@ class SCDMPipeline:
 
     @classmethod
     def from_pretrained(cls, path, **kwargs):
-        """diffusers' spelling of `from_checkpoint`; `path` may also be a run folder (its newest
-        checkpoint, EMA weights when saved). Nothing is downloaded."""
-        path = Path(path)
-        return cls.from_checkpoint(newest_checkpoint(path) if path.is_dir() else path, **kwargs)
+        """diffusers' spelling of `from_checkpoint` (which also takes a run folder: its newest
+        checkpoint, the EMA weights when saved). Nothing is downloaded."""
+        return cls.from_checkpoint(path, **kwargs)
 
     def to(self, device):
         """Move the model to `device`; returns the pipeline (diffusers' `pipe.to("cuda")`)."""

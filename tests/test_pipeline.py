@@ -154,7 +154,8 @@ def test_diffusers_habits(tmp_path):
     """from_pretrained (a file or a run folder), pipe.to(device), and an output with .images and what made
     them; the list it always was keeps working."""
     from scdm.fileio import save_torch
-    from scdm.pipeline import SCDMPipeline, newest_checkpoint
+    from scdm.checkpoint import newest_checkpoint
+    from scdm.pipeline import SCDMPipeline
     from tiny_run import make_tiny_run
     run = tmp_path / "run"
     run.mkdir()
@@ -170,5 +171,5 @@ def test_diffusers_habits(tmp_path):
     assert out.names == ["m"] and len(out.seeds) == 2 and out.seeds[0] != out.seeds[1] and out.unlabeled_to_zero is True
     same = SCDMPipeline.from_pretrained(model)(label_map(), num_samples=2, steps=STEPS, seed=3, names=["m"])
     assert all((np.asarray(a) == np.asarray(b)).all() for a, b in zip(out, same))
-    with pytest.raises(UserError, match="holds no checkpoint"):
+    with pytest.raises(UserError, match="is a folder without checkpoints"):
         SCDMPipeline.from_pretrained(tmp_path)

@@ -1,4 +1,4 @@
-"""Paint a label map, get photos: `python -m scdm.app --model_path RUN/ema_0.99_000400.pt [--host 127.0.0.1
+"""Paint a label map, get photos: `python -m scdm.app --model_path RUN_FOLDER_OR_CHECKPOINT [--host 127.0.0.1
 --port 7860]`, then open http://127.0.0.1:7860/ in a browser. It binds to this machine only unless
 --host says otherwise (0.0.0.0: every interface; there is no login)."""
 import argparse
