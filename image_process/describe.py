@@ -19,33 +19,15 @@ import numpy as np
 
 from image_process.common import InputError, default_fill
 from scdm.cli import HelpFormatter, add_bool_argument
-from scdm.corruptions import resize_nearest
+from scdm.corruptions import boundary_mask, resize_nearest
 from scdm.dataset_layouts import CORRUPTION_FILE, LAYOUTS, DatasetError, get_layout, list_records, read_ids
 from scdm.errors import run_cli
 from scdm.fileio import check_writable_file, write_json
 
 NOISES = ("ds", "edge", "random")
-# Edge holes lie along the clean map's class boundaries; Random holes anywhere.
+# Edge holes lie along the clean map's class boundaries (within BOUNDARY_RADIUS); Random holes anywhere.
 EDGE_NEAR_BOUNDARY = 0.9
 BOUNDARY_RADIUS = 3
-
-
-def near_boundary(ids: np.ndarray, radius: int) -> np.ndarray:
-    """Pixels within `radius` (Chebyshev) of a pixel of another class."""
-    edge = np.zeros(ids.shape, bool)
-    edge[:, 1:] |= ids[:, 1:] != ids[:, :-1]
-    edge[:, :-1] |= ids[:, 1:] != ids[:, :-1]
-    edge[1:, :] |= ids[1:, :] != ids[:-1, :]
-    edge[:-1, :] |= ids[1:, :] != ids[:-1, :]
-    grown = edge.copy()
-    for _ in range(radius):
-        g = grown.copy()
-        g[1:, :] |= grown[:-1, :]
-        g[:-1, :] |= grown[1:, :]
-        g[:, 1:] |= grown[:, :-1]
-        g[:, :-1] |= grown[:, 1:]
-        grown = g
-    return grown
 
 
 def compare(noisy_records, clean_records, fill: int) -> dict:
@@ -67,7 +49,7 @@ def compare(noisy_records, clean_records, fill: int) -> dict:
         pixels += diff.size
         hole = diff & (noisy_ids == fill)
         holes += int(hole.sum())
-        holes_near_edge += int((hole & near_boundary(clean_ids, BOUNDARY_RADIUS)).sum())
+        holes_near_edge += int((hole & boundary_mask(clean_ids, BOUNDARY_RADIUS)).sum())
     return {"num": len(noisy_records), "changed_fraction": round(changed / max(pixels, 1), 6),
             "resized_maps": resized, "changed_to_unlabeled": round(holes / max(changed, 1), 6),
             "holes_near_boundaries": round(holes_near_edge / max(holes, 1), 6)}

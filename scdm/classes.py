@@ -12,7 +12,7 @@ import sys
 from .cli import HelpFormatter
 from .dataset_layouts import LAYOUTS, dataset_info, display_names, get_layout
 from .errors import UserError, run_cli
-from .palettes import TOY, palette, palette_name
+from .palettes import TOY, palette, palette_name, to_hex
 
 DATASETS = tuple(sorted(set(LAYOUTS) - {"folder"})) + ("folder", TOY)
 
@@ -22,26 +22,22 @@ def class_table(dataset, data_dir=None):
     if dataset == TOY:
         from .toy import TOY_CLASSES, TOY_UNLABELED_ID
         names = [c.name for c in TOY_CLASSES]
-        colors = palette(TOY, len(names), TOY_UNLABELED_ID)
-        return [{"id": k, "raw_id": k, "name": n, "color": _hex(colors[k])} for k, n in enumerate(names)]
+        colors = to_hex(palette(TOY, len(names), TOY_UNLABELED_ID))
+        return [{"id": k, "raw_id": k, "name": n, "color": colors[k]} for k, n in enumerate(names)]
     if dataset == "folder" and not data_dir:
         raise UserError("a folder dataset's classes are in its dataset.json: pass --data_dir DATASET_ROOT")
     info = dataset_info(dataset, data_dir)
     layout = get_layout(dataset)
     names = display_names(dataset, info.num_classes, data_dir, info.unlabeled_id)
-    colors = palette(palette_name(dataset, data_dir), info.num_classes, info.unlabeled_id)
+    colors = to_hex(palette(palette_name(dataset, data_dir), info.num_classes, info.unlabeled_id))
     rows = []
     for k in range(info.num_classes):
         if layout.raw_unlabeled_id is not None and k == layout.unlabeled_class:
             raw = layout.raw_unlabeled_id
         else:
             raw = k + layout.id_shift
-        rows.append({"id": k, "raw_id": raw, "name": names[k], "color": _hex(colors[k])})
+        rows.append({"id": k, "raw_id": raw, "name": names[k], "color": colors[k]})
     return rows
-
-
-def _hex(rgb):
-    return "#" + "".join(f"{int(v):02x}" for v in rgb)
 
 
 def main(argv=None):

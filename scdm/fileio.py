@@ -247,7 +247,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def recorded_path(path):
     """`path` as committed results record it: relative to the repository when it lies inside it or
-    next to it (e.g. ../shared/...), so that a results JSON names no machine's folders."""
+    in a sibling folder, so that a results JSON names no machine's folders."""
     resolved = Path(path).resolve()
     rel = os.path.relpath(resolved, REPO_ROOT)
     return resolved.as_posix() if rel.startswith(os.pardir + os.sep + os.pardir) else Path(rel).as_posix()
