@@ -25,6 +25,8 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 
+from .errors import run_cli
+
 # The released 256x256 architecture and diffusion, shared by the released datasets.
 RELEASED_ARCH = dict(
     image_size=256, num_channels=256, num_res_blocks=2, attention_resolutions="32,16,8", num_head_channels=64,
@@ -146,4 +148,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main) or 0)

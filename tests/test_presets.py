@@ -111,3 +111,11 @@ def test_shell_scripts_read_the_table():
     assert out.returncode == 2 and "choose one of: ade20k coco celeba cityscapes toy" in out.stderr
     help_text = subprocess.run(["sh", "scripts/sample.sh", "--help"], capture_output=True, text=True).stdout
     assert "scdm/presets.py" in help_text and "set -eu" not in help_text
+
+
+def test_a_closed_pipe_ends_the_cli_quietly():
+    """`python -m scdm.presets ... | head -c 0`: no traceback, as scdm.errors.run_cli handles a closed pipe."""
+    import sys
+    p = subprocess.run(["sh", "-c", f"'{sys.executable}' -m scdm.presets ade20k train --json | head -c 0"],
+                       capture_output=True, text=True)
+    assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
