@@ -132,7 +132,11 @@ def summary_line(tuner):
     for (name, *_), choice in tuner.choices.items():
         won.setdefault(name, Counter())[choice] += 1
     parts = "; ".join(f"{name} " + ", ".join(f"{c} {n}" for c, n in counts.most_common()) for name, counts in won.items())
-    return f"fast paths: {len(tuner.choices)} choice(s) timed in {tuner.seconds:.1f} s ({parts})"
+    reused = f"; {len(tuner.reused)} reused from this machine's tuning cache" if tuner.reused else ""
+    return f"fast paths: {len(tuner.choices)} choice(s) timed in {tuner.seconds:.1f} s{reused} ({parts})"
+
+
+MACHINE_CACHE = "machine"  # Autotuner(cache=MACHINE_CACHE): the process's scdm.tuning_cache.default_cache()
 
 
 class Autotuner:
@@ -143,11 +147,28 @@ class Autotuner:
     is logged once per key. `clock` is injectable so tests can script the timings. Under torch.compile
     nothing is timed: the first candidate (the static default) is used."""
 
-    def __init__(self, clock=time.perf_counter, repeats=1, log=_log_details):
+    def __init__(self, clock=time.perf_counter, repeats=1, log=_log_details, cache=None):
         self.clock, self.repeats, self.log = clock, repeats, log
+        self.cache = cache  # a TuningCache, MACHINE_CACHE (the process's default, looked up at use) or None
         self.choices, self.timings = {}, {}
+        self.reused = set()  # keys whose choice came from the machine's cache or a run's record
+        self.recorded = {}  # {"name key": choice} taken over from an earlier process (`reuse`)
         self.seconds = 0.0  # wall time spent timing candidates
         self.current = None  # (name, candidate) being timed, for scripted clocks
+
+    def _cache(self):
+        if self.cache == MACHINE_CACHE:
+            from .tuning_cache import default_cache
+            return default_cache()
+        return self.cache
+
+    def record(self):
+        """The choices made so far, as JSON-able {"name key": choice} (what a run folder keeps)."""
+        return {format_key(full): choice for full, choice in self.choices.items()}
+
+    def reuse(self, recorded):
+        """Takes a `record()` of an earlier process as this tuner's choices (for keys not chosen yet)."""
+        self.recorded.update({str(k): str(v) for k, v in dict(recorded).items()})
 
     def choose(self, name, key, candidates, device=None):
         """The chosen candidate name for `key`; `candidates` maps names to zero-argument callables."""
@@ -160,6 +181,30 @@ class Autotuner:
             return hit
         if torch.compiler.is_compiling():
             return names[0]
+        text = format_key(full)
+        hit = self.recorded.get(text)
+        if hit in candidates:
+            self.choices[full] = hit
+            self.reused.add(full)
+            return hit
+        cache = self._cache()
+        if cache is None:
+            return self._time(name, key, full, candidates, device)
+        from .tuning_cache import machine_key
+        machine = machine_key(device)
+        with cache.exclusive():  # a process that misses at the same time waits, then reads this choice
+            hit = cache.get(machine, text)
+            if hit in candidates:
+                self.choices[full] = hit
+                self.reused.add(full)
+                self.log(f"fast paths: {name} {format_key(key)}: using {hit} (this machine's earlier choice)")
+                return hit
+            choice = self._time(name, key, full, candidates, device)
+            cache.put(machine, text, choice, {c: round(v * 1e3, 3) for c, v in self.timings[full].items()})
+        return choice
+
+    def _time(self, name, key, full, candidates, device):
+        names = list(candidates)
         times, outer, began = {}, self.current, time.perf_counter()
         devices = [torch.device(device)] if device is not None and torch.device(device).type == "cuda" else []
         # Timing runs leave the random streams (dropout) alone, and keep their saved tensors out of an

@@ -71,7 +71,7 @@ def autocast_dtype(device, precision):
 CPU_HALF_FLAGS = {"bf16": ("avx512_bf16", "amx_bf16"), "fp16": ("avx512_fp16", "amx_fp16")}
 
 
-def _cpu_flags():
+def cpu_flags():
     """The CPU's feature flags from /proc/cpuinfo, or None where there is none (not Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
@@ -86,13 +86,13 @@ def _cpu_flags():
 def cpu_half_support(precision, flags=None):
     """(native, reason) for "bf16" / "fp16" on this CPU: native when its flags show the instructions
     (CPU_HALF_FLAGS) or, without /proc/cpuinfo, when oneDNN reports the type."""
-    flags = _cpu_flags() if flags is None else set(flags)
+    flags = cpu_flags() if flags is None else set(flags)
     wanted = CPU_HALF_FLAGS[precision]
     if flags is not None:
         found = sorted(set(wanted) & flags)
         if found:
             return True, f"this CPU has {', '.join(found)}"
-        return False, (f"this CPU ({_cpu_model()}) has no {' or '.join(wanted)}: {precision} would be emulated, "
+        return False, (f"this CPU ({cpu_model()}) has no {' or '.join(wanted)}: {precision} would be emulated, "
                        "slower than fp32")
     check = {"bf16": "_is_mkldnn_bf16_supported", "fp16": "_is_mkldnn_fp16_supported"}[precision]
     try:
@@ -202,7 +202,7 @@ def maybe_compile(model, enabled=True, **compile_kwargs):
 
 
 # ----- machine --------------------------------------------------------------------------------
-def _cpu_model():
+def cpu_model():
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -222,7 +222,7 @@ def describe_machine():
     info = {
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpus_usable": usable,
         "torch": torch.__version__,

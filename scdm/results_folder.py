@@ -25,16 +25,18 @@ from .label_diffusion import DISCRETE_CLASSWISE
 from .performance import autocast_dtype
 from .run_config import SAMPLING_TIME_FLAGS
 from .script_util import model_and_diffusion_defaults
+from .tuning_cache import RECORD as TUNING_RECORD
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 OUTPUT_DIRS = ("images", "labels", "labels_color", "samples")
-OUTPUT_FILES = ("overview.png", MANIFEST)
+OUTPUT_FILES = ("overview.png", MANIFEST, TUNING_RECORD)
 SET_DIR = re.compile(r"^samples_\d+$")
 # Manifest entries that do not change the pixels, so a rerun may differ in them and still resume:
 # where the checkpoint lies (its sha256 is compared), how the work is split (seeds are per image, so
 # batch size and process count change a sample by at most a rounding step, as torch.compile does),
 # how much is sampled (a rerun may add images or sets), exact fast paths, and the code version.
+# (--batch_invariant removes the rounding step: see docs/reliability.md.)
 # Precision is compared: fp16 visibly changes samples.
 NOT_COMPARED = {
     "created", "updated", "model_flags_from", "seed", "checkpoint.path", "checkpoint.size", "checkpoint.step",
@@ -42,7 +44,7 @@ NOT_COMPARED = {
     "sampling.num_sets", "sampling.num_workers", "sampling.compile", "sampling.disable_fast_paths",
     "sampling.use_ema", "sampling.ema_rate", "sampling.results_path", "sampling.overwrite", "sampling.preset",
     "sampling.use_checkpoint", "sampling.use_fp16", "sampling.class_schedule", "sampling.gpus_per_node",
-    "sampling.gpu", "sampling.seed_align", "sampling.verbose", "labels.unlabeled",
+    "sampling.gpu", "sampling.seed_align", "sampling.verbose", "sampling.batch_invariant", "labels.unlabeled",
     "outputs", "code", "environment",
 }
 

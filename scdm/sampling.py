@@ -25,13 +25,16 @@ class StepOutput:
     prev_xstart: torch.Tensor     # extrapolation state to pass to the next step (extrapolated x0)
 
 
-def guided_model_output(model, diffusion, x, t, y_t, guidance_scale=1.0, batched=True):
+def guided_model_output(model, diffusion, x, t, y_t, guidance_scale=1.0, batched=True, per_image=False):
     """Model output with classifier-free guidance on the mean (eps / x0) channels:
     out = out(x, 0) + s * (out(x, y_t) - out(x, 0)); variance channels come from the conditional pass.
     The unconditional input is the all-zero map. With batched=True both passes run in one call: the
     model's own `forward_with_cfg` where it has one (our UNet can share its label-free encoder), else
     one forward on the 2B concatenated inputs; batched=False runs two separate passes (the released
-    computation)."""
+    computation). `per_image`: one network call per image (`sample_loop`'s batch_invariant)."""
+    if per_image and x.shape[0] > 1:
+        return torch.cat([guided_model_output(model, diffusion, x[i:i + 1], t[i:i + 1], y_t[i:i + 1], guidance_scale,
+                                              batched) for i in range(x.shape[0])])
     tt = diffusion.model_timesteps(t)
     if guidance_scale == 1.0:
         return model(x, tt, y=y_t)
@@ -83,13 +86,15 @@ def process_xstart(x0, prev_xstart=None, extrapolation=0.0, threshold_percentile
 
 
 def reverse_step(model, diffusion, x, t, y, *, label_noise=None, guidance_scale=1.0, extrapolation=0.0,
-                 prev_xstart=None, threshold_percentile=None, clip_denoised=True, batched_guidance=True):
+                 prev_xstart=None, threshold_percentile=None, clip_denoised=True, batched_guidance=True,
+                 per_image=False):
     """One reverse step at this diffusion's step indices t (B,), for the label map y
     (one-hot channels + optional edge channel). `label_noise` is the noise used to draw y_t, as
     `diffusion.label_noise_spec` describes it (None: drawn). `prev_xstart` is the previous step's
     StepOutput.prev_xstart. `threshold_percentile` p turns on dynamic thresholding (None: clipping)."""
     y_t = diffusion.diffuse_cond(y, t, noise=label_noise)
-    out = guided_model_output(model, diffusion, x, t, y_t, guidance_scale, batched=batched_guidance)
+    out = guided_model_output(model, diffusion, x, t, y_t, guidance_scale, batched=batched_guidance,
+                              per_image=per_image)
     mean_values, var_values = diffusion.split_model_output(out, x)
     variance, log_variance = diffusion.variance_from_output(var_values, x, t)
     x0 = diffusion.pred_xstart_from_output(mean_values, x, t)
@@ -194,7 +199,8 @@ def _draw(shape_per_item, batch, device, generators, kind="gaussian"):
 def sample_loop(model, diffusion, shape, y, *, noise=None, guidance_scale=1.0, extrapolation=0.0,
                 threshold_percentile=None, clip_denoised=True, use_ddim=False, eta=0.0,
                 generators: Optional[Sequence[torch.Generator]] = None, device=None, progress=False,
-                batched_guidance=True, on_step: Optional[Callable[[], None]] = None, sampler=None):
+                batched_guidance=True, on_step: Optional[Callable[[], None]] = None, sampler=None,
+                batch_invariant=False):
     """Full reverse process from x_T ~ N(0, I) (or `noise`) to x_0, over all of this diffusion's
     steps (respaced when the diffusion is respaced). Returns x_0 clamped to [-1, 1].
     `progress`: a bar of its own over the steps; `on_step`: called after each step, for a caller's
@@ -203,7 +209,10 @@ def sample_loop(model, diffusion, shape, y, *, noise=None, guidance_scale=1.0, e
     ("ddimN", "N" or "logsnrN" respacing: N steps), drawing the same label noise, and they differ only
     in the update ("dpm++2m": `dpm_solver_update`). For "dpm++2m" use "logsnrN": on grids uniform in t
     its last steps before t = 0 are huge log-SNR steps where the second-order correction overshoots
-    (tests/test_solver.py measures both on Gaussian data)."""
+    (tests/test_solver.py measures both on Gaussian data).
+    `batch_invariant`: the network sees one image per call. Kernels pick their algorithm by batch
+    size (oneDNN convs at batch 1, GEMM blocking, the unique-patch count of a batch), which moves the
+    last bits; with per-image calls and `generators`, an image's result is the same bits in any batch."""
     sampler = resolve_sampler(sampler, use_ddim)
     device = device or next(model.parameters()).device
     b = shape[0]
@@ -221,7 +230,7 @@ def sample_loop(model, diffusion, shape, y, *, noise=None, guidance_scale=1.0, e
             step = reverse_step(model, diffusion, x, t, y, label_noise=u, guidance_scale=guidance_scale,
                                 extrapolation=extrapolation, prev_xstart=prev,
                                 threshold_percentile=threshold_percentile, clip_denoised=clip_denoised,
-                                batched_guidance=batched_guidance)
+                                batched_guidance=batched_guidance, per_image=batch_invariant)
             z = _draw(shape[1:], b, device, generators)  # drawn by every sampler: the same label noise
             if sampler in ("dpm++2m", "dpm++2m-sde"):
                 x, solver_state = dpm_solver_update(diffusion, x, t, step, solver_state,

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fast_paths import AUTO, Autotuner, FastPaths, timed_call
+from .fast_paths import AUTO, MACHINE_CACHE, Autotuner, FastPaths, timed_call
 from .nn import (
     avg_pool_nd,
     checkpoint,
@@ -350,7 +350,7 @@ class UNetModel(nn.Module):
             normalization(ch), nn.SiLU(), zero_module(conv_nd(dims, input_ch, out_channels, 3, padding=1))
         )
         self.fast_paths = fast_paths
-        self.autotuner = Autotuner()  # choices of the "auto" fast paths, per key; not state
+        self.autotuner = Autotuner(cache=MACHINE_CACHE)  # choices of the "auto" fast paths, per key; not state
         if use_fp16:
             self.convert_to_fp16()
 

@@ -1,10 +1,35 @@
-"""Shared test setup: few threads (CI has 2 cores), deterministic seeds, the ../shared/compat path."""
+"""Shared test setup: few threads (CI has 2 cores), deterministic seeds, the ../shared/compat path,
+one fast-path tuning cache for the whole session (every process reuses the first timing), and the
+CPU: tests marked `gpu` run only with `-m gpu` on a machine with CUDA; all others never see a GPU,
+in this process or in the ones they start."""
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 torch.set_num_threads(1)
+_TUNING_DIR = tempfile.mkdtemp(prefix="scdm-tests-tuning-")
+os.environ["SCDM_TUNING_CACHE"] = os.path.join(_TUNING_DIR, "fast_paths.json")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs CUDA; runs only with -m gpu (e.g. on a device machine)")
+    if "gpu" not in (config.option.markexpr or ""):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything initialises CUDA
+
+
+def pytest_collection_modifyitems(config, items):
+    wanted = "gpu" in (config.option.markexpr or "")
+    for item in items:
+        if "gpu" in item.keywords and not (wanted and torch.cuda.is_available()):
+            item.add_marker(pytest.mark.skip(reason="a gpu test: run with -m gpu on a machine with CUDA"))
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_TUNING_DIR, ignore_errors=True)
 
 COMPAT = Path(__file__).resolve().parents[1].parent / "shared" / "compat"
 

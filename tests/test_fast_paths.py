@@ -308,7 +308,7 @@ def test_half_precision_on_cpu_only_where_native(monkeypatch, precision, dtype):
     assert out.dtype == dtype
     monkeypatch.undo()
     flags = {"fpu", "avx2", "avx512f"}
-    monkeypatch.setattr(performance, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(performance, "cpu_flags", lambda: flags)
     performance.reset_warnings()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -126,22 +126,42 @@ def sample_cmd(toy, model, results, *extra, launcher=()):
             "--dynamic_threshold", 0.95, *extra]
 
 
-def test_sampling_same_with_one_and_two_processes(toy, trained, tmp_path):
+@pytest.fixture(scope="session")
+def busy(trained, tmp_path_factory):
+    """The trained run with every weight perturbed: after 2 steps the model still predicts almost zero,
+    and identical files would prove nothing."""
+    folder = tmp_path_factory.mktemp("busy")
+    state = torch.load(trained / "ema_0.9999_000002.pt")
+    gen = torch.Generator().manual_seed(0)
+    torch.save({k: v + 0.05 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+                for k, v in state.items()}, folder / "model000002.pt")
+    shutil.copy(trained / "args.json", folder / "args.json")
+    return folder / "model000002.pt"
+
+
+def test_sampling_gives_the_same_bytes_for_any_batch_size_process_count_and_resume(toy, busy, tmp_path):
     pytest.importorskip("mpi4py")
-    model = trained / "ema_0.9999_000002.pt"
-    run(sample_cmd(toy, model, tmp_path / "one", "--batch_size", 3, "--num_sets", 2))
+    invariant = ("--batch_invariant", "True", "--num_sets", 2)
+    run(sample_cmd(toy, busy, tmp_path / "one", "--batch_size", 3, *invariant))
     mpiexec = shutil.which("mpiexec", path=str(BIN)) or "mpiexec"
-    run(sample_cmd(toy, model, tmp_path / "two", "--batch_size", 2, "--num_sets", 2, launcher=[mpiexec, "-n", "2"]))
+    run(sample_cmd(toy, busy, tmp_path / "two", "--batch_size", 2, *invariant, launcher=[mpiexec, "-n", "2"]))
+    run(sample_cmd(toy, busy, tmp_path / "resumed", "--batch_size", 1, "--num_samples", 2, *invariant))
+    run(sample_cmd(toy, busy, tmp_path / "resumed", "--batch_size", 1, *invariant))
     files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.png") if p.name != "overview.png")
     assert len(files) == 5 * 6  # images, labels, labels_color, samples, samples_0, samples_1
     for rel in files:
-        a = np.asarray(Image.open(tmp_path / "one" / rel)).astype(int)
-        b = np.asarray(Image.open(tmp_path / "two" / rel)).astype(int)
-        assert np.abs(a - b).max() <= 1, rel
+        one = (tmp_path / "one" / rel).read_bytes()
+        assert (tmp_path / "two" / rel).read_bytes() == one, rel
+        assert (tmp_path / "resumed" / rel).read_bytes() == one, rel
+    pixels = np.stack([np.asarray(Image.open(tmp_path / "one" / "samples" / f"{f.stem}.png")) for f in
+                       (tmp_path / "one" / "samples").iterdir()])
+    assert pixels.std() > 20  # real pictures from the perturbed weights
+    record = json.loads((tmp_path / "one" / "fast_paths.json").read_text())
+    assert record["choices"] and all(" eval 1x" in k or " eval 2x" in k for k in record["choices"] if "channels_last" in k)
     assert (tmp_path / "one" / "overview.png").exists()
     # a rerun skips finished images and leaves them untouched
     before = {f: (tmp_path / "one" / f).stat().st_mtime_ns for f in files}
-    out = run(sample_cmd(toy, model, tmp_path / "one", "--batch_size", 3, "--num_sets", 2))
+    out = run(sample_cmd(toy, busy, tmp_path / "one", "--batch_size", 3, "--num_sets", 2))
     assert all((tmp_path / "one" / f).stat().st_mtime_ns == before[f] for f in files), out.stderr[-500:]
 
 
