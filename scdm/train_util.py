@@ -25,6 +25,7 @@ from .logger import MetricLogger
 from .performance import precision_context
 from .resample import LossSecondMomentResampler, UniformSampler
 from .fast_paths import route_details, summary_line
+from .tuning_cache import reuse_record, write_record
 from .stop_signals import StopRequest
 from .train_monitor import memory_stats
 
@@ -186,6 +187,9 @@ class TrainLoop:
         self.last_saved_step = None
 
         self.model.to(self.device)
+        tuner = getattr(self.model, "autotuner", None)
+        if tuner is not None:  # a resumed run (same folder) runs the kernels it ran with
+            reuse_record(self.log_dir, tuner, self.device)
         for line in notes:  # e.g. the checkpoint sets a resume skipped
             self.logger.text(line)
         if resume_checkpoint:
@@ -288,6 +292,8 @@ class TrainLoop:
                         line = summary_line(tuner) if tuner is not None and dist_util.is_main() else None
                         if line:
                             tqdm.write(f"{line}; per choice: {self.logger.dir / 'log.txt'}", file=sys.stderr)
+                        if tuner is not None and dist_util.is_main():
+                            write_record(self.log_dir, tuner, self.device)
                     images_seen += images.shape[0] * dist_util.get_world_size()
                     bar.update(1)
                     saving = self.step % self.save_interval == 0

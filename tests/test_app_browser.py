@@ -22,9 +22,10 @@ from PIL import Image
 
 from scdm.app.server import make_server
 from scdm.pipeline import SCDMPipeline
+from conftest import require_test_extra
 from tiny_run import make_tiny_run
 
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e .[test])")
+webdriver = require_test_extra("selenium.webdriver")
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402

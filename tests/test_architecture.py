@@ -139,3 +139,16 @@ def test_committed_results_name_no_machines_folders():
     for path in sorted((ROOT / "benchmarks" / "results").glob("*.json")):
         walk(json.loads(path.read_text()), path.name)
     assert not absolute, "absolute paths in committed results:\n" + "\n".join(absolute)
+
+
+def test_no_test_skips_when_a_module_of_ours_fails_to_import():
+    """An import error in our own code must fail the suite, not turn into skips."""
+    own = (*PACKAGES, "benchmarks", "tiny_run")
+    offenders = []
+    for path in python_files("tests"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "importorskip"
+                    and node.args and isinstance(node.args[0], ast.Constant)
+                    and str(node.args[0].value).split(".")[0] in own):
+                offenders.append(f"{path.name}:{node.lineno} {node.args[0].value}")
+    assert not offenders, offenders

@@ -11,7 +11,7 @@ from PIL import Image
 
 from image_process import downsample, edge, painter, random as random_cli
 from image_process.synthetic import colorize, write_tree
-from scdm import corruptions as C
+from scdm import corruptions as C, datasets
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIS = {"downsample": downsample, "edge": edge, "random": random_cli, "painter": painter}
@@ -226,7 +226,6 @@ def test_module_entry_point_exit_code(tmp_path):
 @pytest.mark.parametrize("layout", ["ade20k", "coco", "celeba", "cityscapes", "folder"])
 def test_scdm_loader_reads_the_tree(layout, tmp_path):
     """Every layout of the dataset table goes through image_process and back into the loader."""
-    datasets = pytest.importorskip("scdm.datasets")
     data = write_tree(tmp_path / layout, layout, num=3, height=32, width=32)
     out = tmp_path / "out"
     fill = ["--fill", 0] if layout == "celeba" else []  # celeba has no unlabeled id: background here
@@ -259,7 +258,6 @@ def test_celeba_tree_needs_fill_and_uses_label_boundaries(tmp_path, capsys):
 
 
 def test_webp_images_are_seen_like_the_loader_sees_them(tmp_path):
-    datasets = pytest.importorskip("scdm.datasets")
     data = write_tree(tmp_path / "data", "folder", num=3, height=16, width=16)
     for p in sorted((data / "test" / "images").iterdir()):
         Image.open(p).save(p.with_suffix(".webp"), lossless=True)
@@ -300,7 +298,6 @@ def test_output_files_honour_the_umask(toy_folder, tmp_path):
 def test_scdm_loader_reads_downsampled_maps(tmp_path):
     """DS stores 64x64 (here 8x8) maps beside full-size images; with label_resize the test transform
     brings them to SxS with one nearest resize."""
-    datasets = pytest.importorskip("scdm.datasets")
     data = write_tree(tmp_path / "ade", "ade20k", num=2, height=32, width=32)
     assert run("downsample", data, tmp_path / "out", "--size", 8) == 0
     with pytest.raises(ValueError, match="--label_resize True"):
@@ -315,7 +312,6 @@ def test_scdm_loader_reads_downsampled_maps(tmp_path):
 
 def test_scdm_loader_keeps_image_size_maps_exact(tmp_path):
     """Edge maps are written at --image_size beside larger images: loading them at that size is exact."""
-    datasets = pytest.importorskip("scdm.datasets")
     data = write_tree(tmp_path / "ade", "ade20k", num=2, height=48, width=64)
     assert run("edge", data, tmp_path / "out", "--image_size", 32) == 0
     ds = datasets.build_dataset("ade20k", str(tmp_path / "out"), image_size=32, is_train=False, label_resize=True)
@@ -338,7 +334,6 @@ def test_folder_layout_tree_reads_back(cli, toy_folder, tmp_path):
     """--dataset_mode folder: split test, fill = dataset.json's unlabeled id (toy: 7), instances
     treated with the labels, dataset.json copied so that the loader reads the tree as it is."""
     from scdm.toy import TOY_UNLABELED_ID
-    datasets = pytest.importorskip("scdm.datasets")
     out = tmp_path / "out"
     size_flag = ["--size", 4] if cli == "downsample" else []
     assert run(cli, toy_folder, out, "--dataset_mode", "folder", "--num", 3, "--image_size", 16, *size_flag) == 0
@@ -460,3 +455,20 @@ def test_describe_refuses_what_it_cannot_pair(toy64, tmp_path, capsys):
         run_cli(describe.main, ["--data_dir", str(out), "--clean_dir", str(other), "--dataset_mode", "folder"])
     assert "no clean map of the same name" in capsys.readouterr().err
     assert not (out / "corruption.json").exists()
+
+
+def test_figure_draws_each_noise_beside_the_clean_map(tmp_path, capsys):
+    from image_process import figure
+    out = tmp_path / "fig" / "corruptions.png"
+    (tmp_path / "fig").mkdir()
+    assert figure.main(["--out", str(out), "--size", "64", "--seed", "3"]) == 0
+    assert str(out) in capsys.readouterr().out
+    image = np.asarray(Image.open(out).convert("RGB"))
+    items = figure.panels(64, 3)
+    gap, caption = 8, 22
+    assert image.shape == (64 + caption + 2 * gap, len(items) * (64 + gap) + gap, 3)
+    for i, (_, label) in enumerate(items):
+        x = gap + i * (64 + gap)
+        drawn = image[gap:gap + 64, x:x + 64]
+        assert (drawn == colorize(label)).all(axis=-1).mean() > 0.99, i  # palette PNG: a colour may merge
+    assert not (items[0][1] == items[2][1]).all() and not (items[0][1] == items[3][1]).all()  # noises change maps

@@ -15,6 +15,7 @@ import torch
 
 from scdm.checkpoint import latest_complete_set
 from scdm.presets import PRESETS, as_argv
+from conftest import require_test_extra
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -37,7 +38,7 @@ def train_args(data, log_dir, *extra, workers=0):
 
 def launch(launcher):
     if launcher == "mpiexec":
-        pytest.importorskip("mpi4py")
+        require_test_extra("mpi4py")
         return [shutil.which("mpiexec", path=str(BIN)) or "mpiexec", "-n", "2", sys.executable]
     if launcher == "torchrun":
         return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2"]

@@ -16,6 +16,7 @@ from PIL import Image
 
 from scdm.checkpoint import save_atomic
 from scdm.presets import PRESETS, as_argv
+from conftest import require_test_extra
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -63,7 +64,7 @@ def test_single_process_training_writes_complete_checkpoints(trained):
 @pytest.mark.parametrize("launcher", ["mpiexec", "torchrun"])
 def test_two_process_replicas_identical(toy, tmp_path, launcher):
     if launcher == "mpiexec":
-        pytest.importorskip("mpi4py")
+        require_test_extra("mpi4py")
         launch = [shutil.which("mpiexec", path=str(BIN)) or "mpiexec", "-n", "2"]
     else:
         launch = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2"]
@@ -140,7 +141,7 @@ def busy(trained, tmp_path_factory):
 
 
 def test_sampling_gives_the_same_bytes_for_any_batch_size_process_count_and_resume(toy, busy, tmp_path):
-    pytest.importorskip("mpi4py")
+    require_test_extra("mpi4py")
     invariant = ("--batch_invariant", "True", "--num_sets", 2)
     run(sample_cmd(toy, busy, tmp_path / "one", "--batch_size", 3, *invariant))
     mpiexec = shutil.which("mpiexec", path=str(BIN)) or "mpiexec"
@@ -229,3 +230,40 @@ def test_sample_script_takes_relative_paths_from_the_callers_folder(toy, trained
     assert len(list((work / "out" / "samples").glob("*.png"))) == 1
     manifest = json.loads((work / "out" / "manifest.json").read_text())
     assert manifest["model_flags_from"] != "preset" and manifest["labels"]["data_dir"] == str((work / "data").resolve())
+
+
+def test_use_ema_samples_the_ema_file_of_the_same_step(toy, trained, tmp_path):
+    common = ("--batch_size", 2, "--num_samples", 2, "--timestep_respacing", "ddim2")
+    run(sample_cmd(toy, trained / "model000002.pt", tmp_path / "ema", "--use_ema", "True", *common))
+    run(sample_cmd(toy, trained / "ema_0.9999_000002.pt", tmp_path / "direct", *common))
+    manifest = json.loads((tmp_path / "ema" / "manifest.json").read_text())
+    assert Path(manifest["checkpoint"]["path"]).name == "ema_0.9999_000002.pt"
+    assert manifest["checkpoint"]["sha256"] == json.loads((tmp_path / "direct" / "manifest.json").read_text())[
+        "checkpoint"]["sha256"]
+    for f in (tmp_path / "direct" / "samples").iterdir():
+        assert (tmp_path / "ema" / "samples" / f.name).read_bytes() == f.read_bytes()
+
+
+def test_half_precision_sampling_and_training_run_and_say_what_ran(toy, busy, tmp_path):
+    from scdm.performance import cpu_half_support
+    native = cpu_half_support("bf16")[0]
+    common = ("--batch_size", 2, "--num_samples", 2, "--timestep_respacing", "ddim4")
+    run(sample_cmd(toy, busy, tmp_path / "fp32", "--precision", "fp32", *common))
+    half = run(sample_cmd(toy, busy, tmp_path / "bf16", "--precision", "bf16", *common))
+    ran = json.loads((tmp_path / "bf16" / "manifest.json").read_text())["sampling"]["precision"]
+    assert ran == ("bf16" if native else "fp32")
+    if not native:
+        assert "bf16" in half.stderr and "fp32" in half.stderr  # the one warning that it fell back
+    diffs = []
+    for f in (tmp_path / "fp32" / "samples").iterdir():
+        a = np.asarray(Image.open(f)).astype(int)
+        b = np.asarray(Image.open(tmp_path / "bf16" / "samples" / f.name)).astype(int)
+        diffs.append(np.abs(a - b).mean())
+    assert max(diffs) < 12  # the same pictures up to bf16 rounding (levels of 255)
+    if native:
+        assert max(diffs) > 0  # bf16 really ran
+    log_dir = tmp_path / "train-bf16"
+    out = run(train_cmd(toy, log_dir, "--max_steps", 1, "--save_interval", 1, "--precision", "bf16"))
+    assert (log_dir / "model000001.pt").exists()
+    rows = (log_dir / "progress.csv").read_text().splitlines()
+    assert len(rows) == 2 and "nan" not in rows[1].lower(), out.stderr[-1000:]

@@ -41,6 +41,7 @@ def main(argv=None):
         server.serve_forever()
     finally:
         server.server_close()
+        server.app.close()  # the running job stops at its next step
     return 0
 
 

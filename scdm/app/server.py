@@ -97,6 +97,7 @@ class PainterApp:
         self.waiting = queue.Queue(maxsize=queue_size)
         self.lock = threading.Lock()
         self.examples = example_maps(pipe)
+        self.stopping = threading.Event()
         self.worker = threading.Thread(target=self.work, name="scdm-app-worker", daemon=True)
         self.worker.start()
 
@@ -215,9 +216,22 @@ class PainterApp:
             while len(self.order) > KEEP_FINISHED:
                 self.jobs.pop(self.order.pop(0), None)
 
+    def close(self, timeout=30.0):
+        """Cancels the running and waiting jobs and ends the worker thread: a process must not exit
+        while the thread is inside torch (its native threads then abort the interpreter)."""
+        self.stopping.set()
+        with self.lock:
+            for job in self.jobs.values():
+                job.cancel.set()
+        self.worker.join(timeout)
+        return not self.worker.is_alive()
+
     def work(self):
-        while True:
-            job = self.waiting.get()
+        while not self.stopping.is_set():
+            try:
+                job = self.waiting.get(timeout=0.2)
+            except queue.Empty:
+                continue
             if job.cancel.is_set():
                 self.finish(job, "cancelled")
                 continue
