@@ -4,4 +4,7 @@
 set -eu
 cd "$(dirname "$0")/.."
 sh scripts/setup_env.sh
-exec .venv/bin/python -m pytest -q "$@"
+# One pytest worker per usable core (at most 4; SCDM_TEST_WORKERS overrides, 0: in this process),
+# a test file per worker so that its fixtures are built once.
+workers=${SCDM_TEST_WORKERS:-$(.venv/bin/python -c 'import os; print(min(4, len(os.sched_getaffinity(0))))')}
+exec .venv/bin/python -m pytest -q -n "$workers" --dist loadfile "$@"

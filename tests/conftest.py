@@ -11,8 +11,11 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
-_TUNING_DIR = tempfile.mkdtemp(prefix="scdm-tests-tuning-")
-os.environ["SCDM_TUNING_CACHE"] = os.path.join(_TUNING_DIR, "fast_paths.json")
+# One tuning cache for the session; xdist's workers inherit the controller's (the cache takes a lock).
+_OWN_TUNING_DIR = "SCDM_TEST_TUNING_DIR" not in os.environ
+if _OWN_TUNING_DIR:
+    os.environ["SCDM_TEST_TUNING_DIR"] = tempfile.mkdtemp(prefix="scdm-tests-tuning-")
+os.environ["SCDM_TUNING_CACHE"] = os.path.join(os.environ["SCDM_TEST_TUNING_DIR"], "fast_paths.json")
 
 
 def pytest_configure(config):
@@ -29,7 +32,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_unconfigure(config):
-    shutil.rmtree(_TUNING_DIR, ignore_errors=True)
+    if _OWN_TUNING_DIR:
+        shutil.rmtree(os.environ["SCDM_TEST_TUNING_DIR"], ignore_errors=True)
 
 COMPAT = Path(__file__).resolve().parents[1].parent / "shared" / "compat"
 
@@ -75,3 +79,22 @@ def require_test_extra(module):
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         return __import__("importlib").import_module(module)
     return pytest.importorskip(module, reason=f"{module} is not installed (pip install -e .[test])")
+
+
+SAFETY_LIMIT = 300  # seconds: only a hung process hits it; pass/fail never depends on speed
+
+
+def wait_for(condition, proc=None, what="the readiness signal", limit=SAFETY_LIMIT):
+    """Polls `condition()` until true. Fails (with the process's output) when `proc` ends first or
+    the safety limit passes, so a signal is never sent to a process that is not ready yet."""
+    import time
+    deadline = time.monotonic() + limit
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"ended ({proc.returncode}) before {what}: {(out or '')[-1500:]}{(err or '')[-3000:]}")
+        if time.monotonic() > deadline:
+            if proc is not None:
+                proc.kill()
+            raise AssertionError(f"no {what} within {limit} s")
+        time.sleep(0.05)

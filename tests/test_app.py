@@ -149,18 +149,29 @@ def test_huge_upload_and_missing_length(server):
     assert request(server, "GET", "/api/info")[0] == 200
 
 
-def test_queue_full_and_cancel(server):
-    jobs, refused = [], None
-    for _ in range(4):  # one runs, one waits (queue_size=1), the next is refused
-        status, out = request(server, "POST", "/api/jobs", dict(GOOD, steps=50, num_samples=8))
-        if status == 429:
-            refused = out
-            break
-        jobs.append(out["id"])
-    assert refused is not None and "queue is full" in refused["error"] and len(jobs) <= 2
+def test_queue_full_and_cancel(server, monkeypatch):
+    app = server.app
+    running, release = threading.Event(), threading.Event()
+    real_run = app.run
+
+    def held_run(job):  # the first job holds the worker until the test lets go: no race with its speed
+        running.set()
+        release.wait(60)
+        return real_run(job)
+
+    monkeypatch.setattr(app, "run", held_run)
+    jobs = [request(server, "POST", "/api/jobs", dict(GOOD, steps=50, num_samples=8))[1]["id"]]
+    assert running.wait(60)
+    status, out = request(server, "POST", "/api/jobs", dict(GOOD, steps=50, num_samples=8))  # waits (queue_size=1)
+    assert status == 202
+    jobs.append(out["id"])
+    status, refused = request(server, "POST", "/api/jobs", GOOD)
+    assert status == 429 and "queue is full" in refused["error"]
+    monkeypatch.setattr(app, "run", real_run)
     for job_id in reversed(jobs):
         status, out = request(server, "POST", f"/api/jobs/{job_id}/cancel")
         assert status == 200
+    release.set()
     for job_id in jobs:
         job = wait(server, job_id)
         assert job["status"] == "cancelled" and job["images"] == []

@@ -122,7 +122,7 @@ RUN_BY = {
     "sh scripts/test.sh": "the suite itself (.ci/run)",
     ".venv/bin/python benchmarks/robustness.py --budget tiny": "tests/test_robustness.py::test_writes_every_output_with_every_per_seed_number",
     "sh scripts/train.sh toy --sample_interval 200": "tests/test_run_faults.py::test_train_sh_with_sample_grids_on_a_fresh_run",
-    "python -m scdm.app --model_path results/quickstart/train/scdm": "tests/test_prompt_exit.py::test_the_painter_ends_on_sigterm_and_ctrl_c",
+    "python -m scdm.app --model_path results/quickstart/train/scdm": "tests/test_prompt_exit.py::test_the_painter_serves_a_job_then_ends_on_sigterm_and_ctrl_c_even_mid_job",
 }
 # Flags appended to make a documented command toy-sized (argparse: the last value wins).
 SMALLER = {

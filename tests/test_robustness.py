@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from conftest import SAFETY_LIMIT, wait_for
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
@@ -115,13 +117,10 @@ def test_stop_signal_stops_the_running_training_with_a_checkpoint(tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     progress = out / "train" / "sdm_seed0" / "progress.csv"
-    deadline = time.monotonic() + 120
-    while not progress.is_file() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    wait_for(progress.is_file, proc, f"training's first logged step ({progress})")
     # SIGTERM, as a cluster or `kill` sends it (a shell's background job ignores SIGINT, so CI can't use it)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=SAFETY_LIMIT)
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted; rerun the same command to continue" in err
     assert "stopped by SIGTERM at step" in err  # the training child saved before it stopped

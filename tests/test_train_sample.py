@@ -16,7 +16,7 @@ from PIL import Image
 
 from scdm.checkpoint import save_atomic
 from scdm.presets import PRESETS, as_argv
-from conftest import require_test_extra
+from conftest import SAFETY_LIMIT, require_test_extra, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -63,30 +63,30 @@ def test_single_process_training_writes_complete_checkpoints(trained):
 
 @pytest.mark.parametrize("launcher", ["mpiexec", "torchrun"])
 def test_two_process_replicas_identical(toy, tmp_path, launcher):
+    """Each rank writes its own weights at the save (tests/rank_dump.py): they are the same bits, and
+    they are what rank 0 saved."""
+    args = train_cmd(toy, tmp_path, "--max_steps", 2, "--save_interval", 2)[3:]  # the flags after `-m scdm.image_train`
+    script = ROOT / "tests" / "rank_dump.py"
     if launcher == "mpiexec":
         require_test_extra("mpi4py")
-        launch = [shutil.which("mpiexec", path=str(BIN)) or "mpiexec", "-n", "2"]
+        run([shutil.which("mpiexec", path=str(BIN)) or "mpiexec", "-n", "2", sys.executable, script, *args])
     else:
-        launch = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2"]
-        cmd = train_cmd(toy, tmp_path, "--max_steps", 2, "--save_interval", 2)
-        cmd = launch + cmd[1:]  # torchrun takes `-m module` itself
-        run(cmd)
-        launch = None
-    if launch:
-        run(train_cmd(toy, tmp_path, "--max_steps", 2, "--save_interval", 2, launcher=launch))
-    log = (tmp_path / "log.txt").read_text()
-    assert "replicas in sync at step 2 (world size 2)" in log
-    assert (tmp_path / "model000002.pt").exists()
+        run([BIN / "torchrun", "--standalone", "--nproc_per_node", "2", script, *args])
+    ranks = [torch.load(tmp_path / f"rank{r}_2.pt") for r in (0, 1)]
+    saved = torch.load(tmp_path / "model000002.pt")
+    assert ranks[0].keys() == ranks[1].keys() == saved.keys()
+    for name in saved:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        assert torch.equal(ranks[0][name], saved[name]), name
+    assert "replicas in sync at step 2 (world size 2)" in (tmp_path / "log.txt").read_text()
 
 
 def test_sigterm_saves_and_resume_continues(toy, tmp_path):
     proc = subprocess.Popen([str(a) for a in train_cmd(toy, tmp_path, "--max_steps", 10000, "--save_interval", 10000)],
                             cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (tmp_path / "progress.csv").exists():
-        time.sleep(0.5)
+    wait_for(lambda: (tmp_path / "progress.csv").exists(), proc, "the first logged step")
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=SAFETY_LIMIT)
     assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]  # the shell convention: stopped by SIGTERM
     assert "stopped by SIGTERM at step" in out
     models = sorted(tmp_path.glob("model*.pt"))
