@@ -3,6 +3,7 @@ one fast-path tuning cache for the whole session (every process reuses the first
 CPU: tests marked `gpu` run only with `-m gpu` on a machine with CUDA; all others never see a GPU,
 in this process or in the ones they start."""
 import os
+import sys
 import shutil
 import tempfile
 from pathlib import Path
@@ -48,6 +49,9 @@ def compat_dir():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+    yield
+    from scdm.fast_paths import route_details
+    route_details()  # an in-process run's log sinks end with its test
 
 
 TINY_FLAGS = dict(
@@ -98,3 +102,34 @@ def wait_for(condition, proc=None, what="the readiness signal", limit=SAFETY_LIM
                 proc.kill()
             raise AssertionError(f"no {what} within {limit} s")
         time.sleep(0.05)
+
+
+def run_in_process(module, argv):
+    """`python -m module argv` inside this process (no torch import, no fork): the exit code and the
+    printed lines as `subprocess.run` gives them. For error paths, which fail before any real work."""
+    import contextlib
+    import importlib
+    import io
+    import subprocess
+
+    from scdm.errors import run_cli
+    argv = [str(a) for a in argv]
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run_cli(importlib.import_module(module).main, argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if not isinstance(e.code, int) and e.code is not None:
+                print(e.code, file=sys.stderr)
+    return subprocess.CompletedProcess(["python", "-m", module, *argv], code, out.getvalue(), err.getvalue())
+
+
+def in_process_if_cli(args, check, **subprocess_options):
+    """For a test's `run` helper: `[python, "-m", module, ...]` expected to fail (check=False) and
+    needing nothing of a real process (no launcher, limits, other environment) runs in-process."""
+    args = [str(a) for a in args]
+    if check or subprocess_options or len(args) < 3 or args[0] != sys.executable or args[1] != "-m":
+        return None
+    return run_in_process(args[2], args[3:])

@@ -20,6 +20,8 @@ from scdm.train_monitor import TrainMonitor, scalar_tag
 from scdm.train_samples import (HOLE, NOISES, TILE, GridLayout, model_input_with_holes, noisy_versions,
                                 pooled_miou)
 
+from conftest import in_process_if_cli
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin",
        "HOME": str(Path(tempfile.gettempdir()) / "scdm-test-home")}  # caches (matplotlib, wandb) stay out of the repo
@@ -28,6 +30,9 @@ MAPS = 2
 
 
 def run(args, check=True, timeout=300):
+    quick = in_process_if_cli([sys.executable, *args], check)
+    if quick is not None:
+        return quick
     p = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=ENV, capture_output=True, text=True,
                        timeout=timeout)
     if check and p.returncode != 0:

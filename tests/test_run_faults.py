@@ -15,7 +15,7 @@ import torch
 
 from scdm.checkpoint import latest_complete_set
 from scdm.presets import PRESETS, as_argv
-from conftest import SAFETY_LIMIT, require_test_extra, wait_for
+from conftest import SAFETY_LIMIT, in_process_if_cli, require_test_extra, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -25,6 +25,9 @@ RATE = "0.9999"
 
 
 def run(args, check=True, timeout=240, cwd=ROOT, env=ENV, **kw):
+    quick = in_process_if_cli(args, check, **kw) if cwd == ROOT and env is ENV else None
+    if quick is not None:
+        return quick
     p = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, **kw)
     if check and p.returncode != 0:
         raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")

@@ -16,7 +16,7 @@ from PIL import Image
 
 from scdm.checkpoint import save_atomic
 from scdm.presets import PRESETS, as_argv
-from conftest import SAFETY_LIMIT, require_test_extra, wait_for
+from conftest import SAFETY_LIMIT, in_process_if_cli, require_test_extra, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -25,6 +25,9 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def run(args, timeout=240, check=True):
+    quick = in_process_if_cli(args, check)
+    if quick is not None:
+        return quick
     p = subprocess.run([str(a) for a in args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")

@@ -20,6 +20,8 @@ from scdm.presets import PRESETS, as_argv
 from scdm.script_util import MODEL_FLAG_HELP, architecture_conflicts, model_and_diffusion_defaults
 from scdm.train_util import TrainLoop, adamw, ema_decay, load_adamw_state, resolve_resume
 
+from conftest import in_process_if_cli
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
 UNIFORM = as_argv(dict(PRESETS["toy"].model, cond_opt="discrete_zero_uniform"))
@@ -28,6 +30,9 @@ STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \S")
 
 
 def run(args, cwd=ROOT, check=True):
+    quick = in_process_if_cli(args, check) if cwd == ROOT else None
+    if quick is not None:
+        return quick
     p = subprocess.run([str(a) for a in args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=240)
     if check and p.returncode != 0:
         raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
