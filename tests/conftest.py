@@ -25,7 +25,15 @@ def pytest_configure(config):
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before anything initialises CUDA
 
 
+# The files that take longest, first: the test command gives each pytest worker a file at a time,
+# and a long file started last would leave the other workers idle at the end (scheduling only).
+LONGEST_FIRST = ("test_quickstart.py", "test_robustness.py", "test_run_faults.py", "test_train_sample.py",
+                 "test_sample_bytes.py", "test_slurm.py", "test_docs.py", "test_ddp_gradients.py", "test_prompt_exit.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
     wanted = "gpu" in (config.option.markexpr or "")
     for item in items:
         if "gpu" in item.keywords and not (wanted and torch.cuda.is_available()):
