@@ -112,32 +112,44 @@ def wait_for(condition, proc=None, what="the readiness signal", limit=SAFETY_LIM
         time.sleep(0.05)
 
 
-def run_in_process(module, argv):
-    """`python -m module argv` inside this process (no torch import, no fork): the exit code and the
-    printed lines as `subprocess.run` gives them. For error paths, which fail before any real work."""
+def run_in_process(module, argv, cwd=None):
+    """`python -m module argv` inside this process (runpy, as `-m` does, without a new interpreter
+    and torch import): the exit code and the printed lines as `subprocess.run` gives them."""
     import contextlib
-    import importlib
     import io
+    import runpy
     import subprocess
+    import warnings
 
-    from scdm.errors import run_cli
     argv = [str(a) for a in argv]
     out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            run_cli(importlib.import_module(module).main, argv)
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            if not isinstance(e.code, int) and e.code is not None:
-                print(e.code, file=sys.stderr)
+    code, saved_argv = 0, sys.argv
+    sys.argv = [module, *argv]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), contextlib.chdir(cwd or os.getcwd()):
+            try:
+                with warnings.catch_warnings():  # an imported entry module is run afresh, as -m does
+                    warnings.filterwarnings("ignore", "'.*' found in sys.modules", RuntimeWarning)
+                    runpy.run_module(module, run_name="__main__", alter_sys=True)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                if not isinstance(e.code, int) and e.code is not None:
+                    print(e.code, file=sys.stderr)
+    finally:
+        sys.argv = saved_argv
     return subprocess.CompletedProcess(["python", "-m", module, *argv], code, out.getvalue(), err.getvalue())
 
 
-def in_process_if_cli(args, check, **subprocess_options):
-    """For a test's `run` helper: `[python, "-m", module, ...]` expected to fail (check=False) and
-    needing nothing of a real process (no launcher, limits, other environment) runs in-process."""
+IN_PROCESS_MODULES = ("scdm.image_train", "scdm.image_sample", "scdm.toy", "scdm.class_schedule",
+                      "scdm.plot_progress", "scdm.presets", "scdm.classes", "scdm.generate", "evaluations.miou")
+
+
+def in_process_if_cli(args, cwd=None, **subprocess_options):
+    """For a test's `run` helper: `[python, "-m", module, ...]` of one of our CLIs that needs nothing
+    of a real process (no launcher, resource limits or other environment) runs in this process,
+    which saves the interpreter and torch start of a subprocess. Returns None otherwise."""
     args = [str(a) for a in args]
-    if check or subprocess_options or len(args) < 3 or args[0] != sys.executable or args[1] != "-m":
+    if subprocess_options or len(args) < 3 or args[0] != sys.executable or args[1] != "-m" \
+            or args[2] not in IN_PROCESS_MODULES:
         return None
-    return run_in_process(args[2], args[3:])
+    return run_in_process(args[2], args[3:], cwd=cwd)

@@ -14,6 +14,8 @@ import pytest
 from test_cli_flags import capture_parser
 from tiny_run import make_tiny_run
 
+from conftest import in_process_if_cli
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "evaluations" / "README.md"]
 BENCHMARKS = ROOT / "benchmarks"
@@ -195,6 +197,9 @@ def run_documented(command, cwd):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), MAX_STEPS="2", PYTHON=sys.executable)
     if kind == "module":
         words = [sys.executable, *words[1:], *SMALLER.get(target, [])]
+        quick = in_process_if_cli(words, cwd=cwd)  # the same main and argv, without a new interpreter
+        if quick is not None:
+            return quick
     elif kind == "script":
         words = [words[0], str(ROOT / target), *words[2:]]
         if target.endswith("train.sh") and "--help" not in words:

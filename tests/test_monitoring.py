@@ -30,10 +30,9 @@ MAPS = 2
 
 
 def run(args, check=True, timeout=300):
-    quick = in_process_if_cli([sys.executable, *args], check)
-    if quick is not None:
-        return quick
-    p = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=ENV, capture_output=True, text=True,
+    p = in_process_if_cli([sys.executable, *args])
+    if p is None:
+        p = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=ENV, capture_output=True, text=True,
                        timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")

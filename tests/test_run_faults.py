@@ -25,10 +25,10 @@ RATE = "0.9999"
 
 
 def run(args, check=True, timeout=240, cwd=ROOT, env=ENV, **kw):
-    quick = in_process_if_cli(args, check, **kw) if cwd == ROOT and env is ENV else None
-    if quick is not None:
-        return quick
-    p = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, **kw)
+    p = in_process_if_cli(args, **kw) if cwd == ROOT and env is ENV else None
+    if p is None:
+        p = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                           **kw)
     if check and p.returncode != 0:
         raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
     return p

@@ -3,6 +3,7 @@
 test_train_sample.py (whose toy run it shares) so that the two run on separate pytest workers."""
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,15 @@ import torch
 from PIL import Image
 
 from conftest import require_test_extra
-from test_train_sample import BIN, run, sample_cmd, toy, train_cmd, trained  # noqa: F401 (fixtures)
+from test_train_sample import BIN, ENV, ROOT, sample_cmd, toy, train_cmd, trained  # noqa: F401 (fixtures)
+
+
+def run(args, timeout=300):
+    """Always a separate process: the files are compared across processes."""
+    p = subprocess.run([str(a) for a in args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+    return p
 
 
 @pytest.fixture(scope="session")

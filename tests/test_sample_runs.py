@@ -21,7 +21,7 @@ from scdm.sampling import sample_loop
 from scdm.script_util import create_model_and_diffusion
 from scdm.toy import TOY_COLORS, TOY_UNLABELED_ID
 
-from conftest import run_in_process
+from conftest import in_process_if_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 # The toy architecture with uniform label diffusion: no class-schedule file needed.
@@ -31,18 +31,17 @@ FAST = ["--timestep_respacing", "ddim2", "--batch_size", "3"]
 
 
 def run(args, timeout=240, check=True):
-    p = subprocess.run([str(a) for a in args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+    p = in_process_if_cli(args)
+    if p is None:
+        p = subprocess.run([str(a) for a in args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
     return p
 
 
 def sample(model, data, results, *extra, check=True):
-    """A sampling run; one expected to fail (check=False) runs in this process, which is much quicker."""
     args = ["--model_path", model, "--data_dir", data, "--results_path", results, *FAST, *extra]
-    if not check:
-        return run_in_process("scdm.image_sample", args)
-    return run([sys.executable, "-m", "scdm.image_sample", *args])
+    return run([sys.executable, "-m", "scdm.image_sample", *args], check=check)
 
 
 def snapshot(folder):

@@ -30,10 +30,9 @@ STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \S")
 
 
 def run(args, cwd=ROOT, check=True):
-    quick = in_process_if_cli(args, check) if cwd == ROOT else None
-    if quick is not None:
-        return quick
-    p = subprocess.run([str(a) for a in args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=240)
+    p = in_process_if_cli(args) if cwd == ROOT else None
+    if p is None:
+        p = subprocess.run([str(a) for a in args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=240)
     if check and p.returncode != 0:
         raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
     return p
