@@ -51,7 +51,11 @@ def create_argparser():
                       help="maps hold stored dataset ids, remapped by the layout (ADE20K 0 -> unlabeled, k -> k-1; "
                            "COCO 255 -> unlabeled) (default: %(default)s)")
     p.add_argument("--batch_size", type=positive_int, default=4,
-                   help="samples per model call (results do not depend on it)")
+                   help="samples sampled together (with --batch_invariant True the files do not depend on it)")
+    add_bool_argument(p, "--batch_invariant", default=True,
+                      help="one network call per image: the same bytes whatever the batch, as the pipeline and the "
+                           "painter give; False batches the calls (faster on a GPU, same images up to rounding) "
+                           "(default: %(default)s)")
     return p
 
 
@@ -100,7 +104,7 @@ def main(argv=None):
             images = pipe(ids, num_samples=args.num_samples, steps=args.steps, guidance_scale=args.s, seed=args.seed,
                           sampler=args.sampler, eta=args.eta, extrapolation=args.extrapolation,
                           dynamic_threshold=args.dynamic_threshold, unlabeled_to_zero=unlabeled_to_zero,
-                          batch_size=args.batch_size, names=[name])
+                          batch_size=args.batch_size, names=[name], batch_invariant=args.batch_invariant)
         for n in notes:
             print(f"note: {n.message}", file=sys.stderr, flush=True)
         colour = pipe.colorize(ids)

@@ -314,7 +314,7 @@ class SCDMPipeline:
     def __call__(self, label_map, num_samples=1, steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE, seed=0, *,
                  raw_ids=False, instance=None, sampler=DEFAULT_SAMPLER, eta=0.0, extrapolation=None,
                  dynamic_threshold=DEFAULT_THRESHOLD, clip_denoised=True, unlabeled_to_zero=None, batch_size=4,
-                 names=None, callback=None):
+                 names=None, callback=None, batch_invariant=True):
         """Sample `num_samples` images per label map; returns a list of PIL images, or one such list
         per map when `label_map` is a batch (a list of maps, or an (N, H, W) array).
 
@@ -325,7 +325,9 @@ class SCDMPipeline:
         extrapolates already (0.8 on top of it ruined toy samples: 22% vs 90% pixel accuracy at 10 steps).
         `names` key the per-image seeds (default: a path's file name, as `scdm.generate` and
         `scdm.image_sample` key them, else the position in the batch). `callback(done, total)`
-        runs after every model step; an exception raised there stops sampling (the app's cancel)."""
+        runs after every model step; an exception raised there stops sampling (the app's cancel).
+        `batch_invariant`: one network call per image, so a map's images are the same bits alone or in
+        any batch, here, in `scdm.generate` and in the painter (`sample_loop`); False batches them."""
         single = not is_sequence_of_maps(label_map)
         maps = [label_map] if single else list(label_map)
         if instance is not None:
@@ -378,7 +380,7 @@ class SCDMPipeline:
                                 guidance_scale=float(guidance_scale), extrapolation=float(extrapolation),
                                 threshold_percentile=float(dynamic_threshold) or None, clip_denoised=clip_denoised,
                                 eta=float(eta), generators=gens, device=self.device, on_step=on_step,
-                                sampler=sampler)
+                                sampler=sampler, batch_invariant=batch_invariant)
             for j, (i, k) in enumerate(chunk):
                 out[i][k] = Image.fromarray(to_uint8(x[j].float()))
         seeds = [[image_seed(seed, n, k) for k in range(num_samples)] for n in names]
