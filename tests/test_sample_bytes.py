@@ -11,12 +11,19 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import require_test_extra
+from conftest import in_process_if_cli, require_test_extra
 from test_train_sample import BIN, ENV, ROOT, sample_cmd, toy, train_cmd, trained  # noqa: F401 (fixtures)
 
 
+def here(args):
+    """The command in this (pytest's) process: the others run in processes of their own."""
+    p = in_process_if_cli(args)
+    assert p is not None and p.returncode == 0, (args, p and p.stderr[-3000:])
+    return p
+
+
 def run(args, timeout=300):
-    """Always a separate process: the files are compared across processes."""
+    """A separate process: the files are compared across processes."""
     p = subprocess.run([str(a) for a in args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
     if p.returncode != 0:
         raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
@@ -38,7 +45,7 @@ def busy(trained, tmp_path_factory):
 def test_sampling_gives_the_same_bytes_for_any_batch_size_process_count_and_resume(toy, busy, tmp_path):
     require_test_extra("mpi4py")
     invariant = ("--batch_invariant", "True", "--num_sets", 2)
-    run(sample_cmd(toy, busy, tmp_path / "one", "--batch_size", 3, *invariant))
+    here(sample_cmd(toy, busy, tmp_path / "one", "--batch_size", 3, *invariant))
     mpiexec = shutil.which("mpiexec", path=str(BIN)) or "mpiexec"
     run(sample_cmd(toy, busy, tmp_path / "two", "--batch_size", 2, *invariant, launcher=[mpiexec, "-n", "2"]))
     run(sample_cmd(toy, busy, tmp_path / "resumed", "--batch_size", 1, "--num_samples", 2, *invariant))
@@ -57,12 +64,12 @@ def test_sampling_gives_the_same_bytes_for_any_batch_size_process_count_and_resu
     assert (tmp_path / "one" / "overview.png").exists()
     # a rerun skips finished images and leaves them untouched
     before = {f: (tmp_path / "one" / f).stat().st_mtime_ns for f in files}
-    out = run(sample_cmd(toy, busy, tmp_path / "one", "--batch_size", 3, "--num_sets", 2))
+    out = here(sample_cmd(toy, busy, tmp_path / "one", "--batch_size", 3, "--num_sets", 2))
     assert all((tmp_path / "one" / f).stat().st_mtime_ns == before[f] for f in files), out.stderr[-500:]
 
 def test_use_ema_samples_the_ema_file_of_the_same_step(toy, trained, tmp_path):
     common = ("--batch_size", 2, "--num_samples", 2, "--timestep_respacing", "ddim2")
-    run(sample_cmd(toy, trained / "model000002.pt", tmp_path / "ema", "--use_ema", "True", *common))
+    here(sample_cmd(toy, trained / "model000002.pt", tmp_path / "ema", "--use_ema", "True", *common))
     run(sample_cmd(toy, trained / "ema_0.9999_000002.pt", tmp_path / "direct", *common))
     manifest = json.loads((tmp_path / "ema" / "manifest.json").read_text())
     assert Path(manifest["checkpoint"]["path"]).name == "ema_0.9999_000002.pt"
@@ -75,7 +82,7 @@ def test_half_precision_sampling_and_training_run_and_say_what_ran(toy, busy, tm
     from scdm.performance import cpu_half_support
     native = cpu_half_support("bf16")[0]
     common = ("--batch_size", 2, "--num_samples", 2, "--timestep_respacing", "ddim4")
-    run(sample_cmd(toy, busy, tmp_path / "fp32", "--precision", "fp32", *common))
+    here(sample_cmd(toy, busy, tmp_path / "fp32", "--precision", "fp32", *common))
     half = run(sample_cmd(toy, busy, tmp_path / "bf16", "--precision", "bf16", *common))
     ran = json.loads((tmp_path / "bf16" / "manifest.json").read_text())["sampling"]["precision"]
     assert ran == ("bf16" if native else "fp32")
@@ -90,7 +97,7 @@ def test_half_precision_sampling_and_training_run_and_say_what_ran(toy, busy, tm
     if native:
         assert max(diffs) > 0  # bf16 really ran
     log_dir = tmp_path / "train-bf16"
-    out = run(train_cmd(toy, log_dir, "--max_steps", 1, "--save_interval", 1, "--precision", "bf16"))
+    out = here(train_cmd(toy, log_dir, "--max_steps", 1, "--save_interval", 1, "--precision", "bf16"))
     assert (log_dir / "model000001.pt").exists()
     rows = (log_dir / "progress.csv").read_text().splitlines()
     assert len(rows) == 2 and "nan" not in rows[1].lower(), out.stderr[-1000:]
