@@ -1,6 +1,7 @@
 """The environment is the lock file's: setup_env.sh installs constraints.txt's versions, and the
 conda recipe points at the same file."""
 import ast
+import os
 import re
 import sys
 from importlib import metadata
@@ -60,3 +61,11 @@ def test_conda_recipe_installs_from_the_lock():
     assert "- -c constraints.txt" in text and "- -e .[test]" in text
     locked = re.search(r"Made with Python (\d+\.\d+)", (ROOT / "constraints.txt").read_text()).group(1)
     assert f"python={locked}" in text, f"environment.yaml's python is not the lock's {locked}"
+
+
+def test_the_suite_runs_on_the_cpu_unless_asked_for_the_gpu(request):
+    """Subprocesses inherit CUDA_VISIBLE_DEVICES="" too: on a GPU node two test ranks never share a GPU."""
+    import torch
+    if "gpu" in (request.config.option.markexpr or ""):
+        pytest.skip("a -m gpu run may use the GPU")
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "" and not torch.cuda.is_available()
