@@ -16,7 +16,7 @@ from typing import Optional
 
 from evaluations.common import EvalError, list_images
 from evaluations.miou import DATASETS as MIOU_DATASETS
-from scdm.cli import HelpFormatter, add_deprecated_alias, nonnegative_int, positive_int
+from scdm.cli import HelpFormatter, add_deprecated_alias, device_name, nonnegative_int, positive_int
 from scdm.errors import UserError, run_cli
 from scdm.fileio import atomic_write, check_writable_file, write_json
 from scdm.results_folder import MANIFEST, main_settings, read_manifest
@@ -193,7 +193,7 @@ def parse_args(argv=None):
                    help="torchvision AlexNet weights ('random': tests)")
     p.add_argument("--dims", type=int, default=2048, choices=(64, 192, 768, 2048), help="FID Inception features")
     p.add_argument("-b", "--batch-size", "--batch_size", type=positive_int, default=50, help="images per network call")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1; None: cuda when available")
+    p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, cuda:1; None: cuda when available")
     p.add_argument("--num-workers", "--num_workers", type=nonnegative_int, default=0, help="data-loading processes")
     p.add_argument("--out-prefix", "--out_prefix", default="report",
                    help="output path prefix; a relative one is inside RESULTS_DIR")

@@ -142,6 +142,29 @@ def respacing(v):
             f"got {v!r}") from None
 
 
+def device_name(v):
+    """A `--device` value this machine has: cpu, or cuda / cuda:N where CUDA and that GPU exist
+    (an empty value: the tool's default). Checked at parsing, so a typo never reaches torch."""
+    if v == "":
+        return v
+    import torch
+    try:
+        device = torch.device(v)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{v!r} is not a device: expected cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return v
+    if device.type != "cuda":
+        raise argparse.ArgumentTypeError(f"{v!r}: expected cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{v}: CUDA is not available on this machine (no GPU or driver visible); "
+                                         "use --device cpu")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{v}: this machine has {torch.cuda.device_count()} GPU(s) "
+                                         f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    return v
+
+
 def add_bool_argument(parser, *names, default=False, help=None, **kwargs):
     """A boolean flag that takes `--name`, `--name True` or `--name False`."""
     return parser.add_argument(*names, type=str2bool, nargs="?", const=True, default=default, metavar="BOOL",

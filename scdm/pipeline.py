@@ -13,6 +13,7 @@ A label map is an (H, W) integer array of class ids, a PIL image or a PNG path o
 grey or palette indices), or a colour picture in the model's palette. `MASK_ID` (-1) marks pixels in
 SCDM's absorbing [MASK] state (the all-zero conditioning vector): holes the model fills freely.
 """
+import argparse
 import os
 import warnings
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .cli import resolve_dataset_flags
+from .cli import device_name, resolve_dataset_flags
 from .conditioning import Conditioning
 from .dataset_layouts import DatasetError, DatasetInfo, check_label_ids, display_names, remap_labels, resize_ids
 from .errors import UserError
@@ -61,7 +62,7 @@ def add_model_flags(parser):
     parser.add_argument("--class_schedule", default="", help="class schedule .npy (default: the run's)")
     add_bool_argument(parser, "--use_ema", default=False,
                       help="with a model*.pt path, use the EMA file of the same step (default: %(default)s)")
-    parser.add_argument("--device", default="", help="torch device, e.g. cpu or cuda:0 (default: cuda when available)")
+    parser.add_argument("--device", type=device_name, default="", help="torch device, e.g. cpu or cuda:0 (default: cuda when available)")
     parser.add_argument("--precision", default="", choices=["", *PRECISIONS],
                         help="fp32, fp16 or bf16 autocast (default: the run's)")
 
@@ -146,12 +147,20 @@ class PipelineOutput(list):
         self.names, self.seeds, self.unlabeled_to_zero = names, seeds, unlabeled_to_zero
 
 
+def checked_device(device):
+    """torch.device(device) for a device this machine has; ValueError (a user error) naming it otherwise."""
+    try:
+        return torch.device(device_name(str(device)))
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"device {e}") from None
+
+
 class SCDMPipeline:
     """A loaded checkpoint that turns label maps into images (see the module docstring)."""
 
     def __init__(self, loaded: LoadedModel, device=None, precision=None):
         self.loaded = loaded
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = checked_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.precision = resolve_precision(precision or "", bool(loaded.flags["use_fp16"]) and not precision)
         self.model = loaded.model.to(self.device)
         self.dataset_mode = loaded.dataset_mode
@@ -178,7 +187,7 @@ class SCDMPipeline:
 
     def to(self, device):
         """Move the model to `device`; returns the pipeline (diffusers' `pipe.to("cuda")`)."""
-        self.device = torch.device(device)
+        self.device = checked_device(device)
         self.model.to(self.device)
         return self
 

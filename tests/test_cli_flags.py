@@ -167,3 +167,21 @@ def test_seed_align_is_accepted_and_false_is_refused_with_the_reason(tmp_path, c
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --seed_align False is not available") and "own seeded stream" in err
+
+
+@pytest.mark.parametrize("module", ["scdm.generate", "scdm.app", "evaluations.fid", "evaluations.lpips",
+                                    "evaluations.report"])
+@pytest.mark.parametrize("device, words", [("bogus", "'bogus' is not a device"), ("cuda:99", "cuda:99: ")])
+def test_a_device_this_machine_lacks_is_one_line_at_parsing(module, device, words):
+    from conftest import run_in_process
+    p = run_in_process(module, ["--device", device])
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert "argument --device:" in last and words in last, p.stderr
+
+
+def test_the_pipeline_refuses_a_device_this_machine_lacks(tmp_path):
+    from scdm.pipeline import SCDMPipeline
+    from tiny_run import make_tiny_run
+    with pytest.raises(ValueError, match="is not a device"):
+        SCDMPipeline.from_checkpoint(make_tiny_run(tmp_path), device="nonsense")

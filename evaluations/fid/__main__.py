@@ -3,7 +3,7 @@ import argparse
 import os
 
 from evaluations.fid import DIMS, INCEPTION_FILE, compute_fid
-from scdm.cli import HelpFormatter, add_bool_argument, nonnegative_int, positive_int
+from scdm.cli import HelpFormatter, add_bool_argument, device_name, nonnegative_int, positive_int
 from scdm.errors import run_cli
 from scdm.fileio import check_writable_file
 
@@ -15,7 +15,7 @@ def parse_args(argv=None):
     p.add_argument("--path", nargs=2, required=True, metavar=("SAMPLES", "GT"),
                    help="the samples and the ground truth: image folders or .npz statistics")
     p.add_argument("-b", "--batch-size", "--batch_size", type=positive_int, default=50, help="images per network call")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1; None: cuda when available")
+    p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, cuda:1; None: cuda when available")
     p.add_argument("--weights", default=None, help=(
         f"the pytorch-fid Inception state dict '{INCEPTION_FILE}' (None: from $TORCH_HOME/hub/checkpoints/); "
         "'random' = random network, for tests only"))

@@ -2,7 +2,7 @@
 import argparse
 
 from evaluations.lpips import NETS, backbone_file, find_sample_sets, lpips_diversity
-from scdm.cli import HelpFormatter, int_at_least, nonnegative_int, positive_int
+from scdm.cli import HelpFormatter, device_name, int_at_least, nonnegative_int, positive_int
 from scdm.errors import run_cli
 from scdm.fileio import check_writable_file, write_json
 
@@ -15,7 +15,7 @@ def parse_args(argv=None):
     p.add_argument("--num_sets", "--num-sets", type=int_at_least(2), default=None,
                    help="K; None: every consecutive samples_<k> folder")
     p.add_argument("-b", "--batch-size", "--batch_size", type=positive_int, default=50, help="image pairs per network call")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1; None: cuda when available")
+    p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, cuda:1; None: cuda when available")
     p.add_argument("--net", default="alex", choices=NETS, help="LPIPS backbone (the released protocol: alex)")
     p.add_argument("--weights", default=None, help=(
         f"torchvision backbone state dict (alex: '{backbone_file('alex')}'; None: from "
