@@ -9,7 +9,7 @@ import shutil
 import sys
 import time
 
-from scdm.fileio import write_json
+from scdm.fileio import folder_problem, write_json
 
 from .config import MODELS, QuickstartError, model_flags, training_key
 
@@ -58,7 +58,9 @@ def prepare_out(out, cfg, fresh):
                 raise QuickstartError(f"{out} holds models trained with other settings ({diff}); pass --fresh to "
                                       f"start over, or --out_dir DIR for a separate run")
             log(f"reusing {out}: finished stages are skipped, training resumes from its last checkpoint")
-    out.mkdir(parents=True, exist_ok=True)
+    why = folder_problem(out)  # creates it; a file on the way or no permission is one line
+    if why:
+        raise QuickstartError(f"--out_dir {out} is not writable: {why}")
     write_state(out, training_key=training_key(cfg), config=cfg)
 
 

@@ -24,7 +24,7 @@ from scipy import ndimage
 
 from .cli import HelpFormatter, add_deprecated_alias, int_at_least, nonnegative_int, positive_int
 from .errors import UserError, run_cli
-from .fileio import save_image, write_json
+from .fileio import check_writable, save_image, write_json
 
 
 class ToyClass(NamedTuple):
@@ -221,6 +221,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not args.out_dir:
         p.error("the following argument is required: --out_dir")
+    check_writable(args.out_dir, "--out_dir")
     make_toy_dataset(args.out_dir, args.num_train, args.num_test, args.size, args.seed, progress=True)
     print(f"wrote {args.num_train} train + {args.num_test} test images of {args.size}x{args.size} to "
           f"{args.out_dir}; use --dataset_mode folder --data_dir {args.out_dir}")

@@ -185,3 +185,16 @@ def test_the_pipeline_refuses_a_device_this_machine_lacks(tmp_path):
     from tiny_run import make_tiny_run
     with pytest.raises(ValueError, match="is not a device"):
         SCDMPipeline.from_checkpoint(make_tiny_run(tmp_path), device="nonsense")
+
+
+@pytest.mark.parametrize("module, args", [
+    ("scdm.toy", ["--num_train", "1", "--num_test", "0", "--out_dir"]),
+    ("quickstart", ["--quick", "--out_dir"]),
+])
+def test_an_output_folder_under_a_regular_file_is_one_line(tmp_path, module, args):
+    from conftest import run_in_process
+    (tmp_path / "file").write_text("x")
+    p = run_in_process(module, [*args, tmp_path / "file" / "sub"])
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].endswith(f"--out_dir {tmp_path / 'file' / 'sub'} is not writable: "
+                                                      f"{tmp_path / 'file'} is a file, not a folder"), p.stderr
