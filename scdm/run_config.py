@@ -66,7 +66,41 @@ def read_run_config(folder, fix="restore it, or move the checkpoint out and pass
     if not isinstance(flags, dict):
         raise CheckpointError(f"run config {path} must hold a JSON object of flags (the {RUN_CONFIG} "
                               "image_train writes)")
+    for name, value in flags.items():
+        problem = flag_value_problem(name, value)
+        if problem:
+            raise CheckpointError(f"run config {path}: {name} is {json.dumps(value)}; expected {problem} ({fix})")
     return RunConfig(path, flags)
+
+
+def flag_value_problem(name, value):
+    """What a model or diffusion flag's saved value should be, when it is not that (else None)."""
+    like = model_and_diffusion_defaults().get(name)
+    if like is None:
+        return None  # not a model flag, or one without a typed default
+    kind = "true or false" if isinstance(like, bool) else "an integer" if isinstance(like, int) else \
+        "a number" if isinstance(like, float) else "a string"
+    if value is None:  # an empty text flag, or a layout without an unlabeled class, may be saved as null
+        return None if isinstance(like, str) or name == "unlabeled_id" else kind
+    if isinstance(value, (list, dict)):
+        return kind
+    if isinstance(like, bool):
+        try:
+            str2bool(value)
+        except (argparse.ArgumentTypeError, TypeError, ValueError, AttributeError):
+            return kind
+    elif isinstance(like, int):
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and
+                                                                      value.strip().lstrip("-").isdigit())):
+            return kind
+    elif isinstance(like, float):
+        if isinstance(value, bool):
+            return kind
+        try:
+            float(value)
+        except (TypeError, ValueError):
+            return kind
+    return None
 
 
 def find_run_config(model_path):

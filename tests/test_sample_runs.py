@@ -322,3 +322,25 @@ def test_manifest_differences_name_the_settings():
     assert results_folder.manifest_differences(old, new) == ["model sha256: abababababab.. -> cdcdcdcdcdcd..",
                                                            "s: 1.5 -> 3.0"]
     assert results_folder.manifest_differences(old, old) == []
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"num_classes": None}, "num_classes is null; expected an integer"),
+    ({"image_size": "abc"}, 'image_size is "abc"; expected an integer'),
+    ({"learn_sigma": "maybe"}, 'learn_sigma is "maybe"; expected true or false'),
+    ({"dropout": [0.1]}, "dropout is [0.1]; expected a number"),
+])
+def test_a_run_config_with_a_wrong_typed_value_is_one_line(tmp_path, change, words):
+    from tiny_run import make_tiny_run
+    model = make_tiny_run(tmp_path / "run")
+    flags = json.loads((tmp_path / "run" / "args.json").read_text())
+    (tmp_path / "run" / "args.json").write_text(json.dumps(dict(flags, **change)))
+    (tmp_path / "maps").mkdir()
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "maps" / "a.png")
+    for module, args in [("scdm.image_sample", ["--model_path", model, "--data_dir", tmp_path, "--results_path",
+                                                tmp_path / "out"]),
+                         ("scdm.generate", ["--model_path", tmp_path / "run", "--labels", tmp_path / "maps", "--out",
+                                            tmp_path / "gen"])]:
+        p = in_process_if_cli([sys.executable, "-m", module, *args])
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+        assert words in p.stderr.strip().splitlines()[-1] and "args.json" in p.stderr, p.stderr
