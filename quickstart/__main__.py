@@ -2,30 +2,30 @@
 import signal
 import sys
 
-from scdm.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, UserError, run_cli
+from scdm.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, Terminated, UserError, run_cli
 
 from .config import build_parser, resolve_config
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 def main(argv=None):
-    """Returns the exit code: 0, 2 (a user error, one `error: ...` line) or 130 (Ctrl-C / SIGTERM)."""
+    """Returns the exit code: 0, 2 (a user error, one `error: ...` line), 130 (Ctrl-C) or 143 (SIGTERM)."""
     args = build_parser().parse_args(argv)
     from .stages import run  # after parsing: --help and flag errors need no torch
     # SIGTERM (a cluster's or a container's stop) takes the Ctrl-C path: the child saves, then we stop.
-    old = signal.signal(signal.SIGTERM, _raise_interrupt)
+    old = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         run(resolve_config(args), fresh=args.fresh)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("\n[quickstart] interrupted; rerun the same command to continue (finished stages, checkpoints and "
               "samples are kept)", file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
+        return 128 + signal.SIGTERM if isinstance(e, Terminated) else EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGTERM, old)
     return 0

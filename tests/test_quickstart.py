@@ -316,3 +316,15 @@ def test_load_images(tmp_path):
     assert image_stats.load_images(tmp_path).shape == (3, 3, 4, 3)
     with pytest.raises(FileNotFoundError):
         image_stats.load_images(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("stop, code", [("term", 143), ("int", 130)])
+def test_a_stop_exits_with_the_shell_code_of_its_signal(monkeypatch, tmp_path, capsys, stop, code):
+    from scdm.errors import Terminated
+
+    def stopped(cfg, fresh=False):
+        raise Terminated() if stop == "term" else KeyboardInterrupt()
+
+    monkeypatch.setattr(stages, "run", stopped)
+    assert main(TINY + ["--out_dir", str(tmp_path / "qs")]) == code
+    assert "rerun the same command to continue" in capsys.readouterr().err
