@@ -78,26 +78,28 @@ def test_use_ema_samples_the_ema_file_of_the_same_step(toy, trained, tmp_path):
     for f in (tmp_path / "direct" / "samples").iterdir():
         assert (tmp_path / "ema" / "samples" / f.name).read_bytes() == f.read_bytes()
 
-def test_half_precision_sampling_and_training_run_and_say_what_ran(toy, busy, tmp_path):
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_sampling_and_training_run_and_say_what_ran(toy, busy, tmp_path, precision):
+    """On a CPU with the native type it runs (and changes the pictures by rounding only); without it,
+    one warning and fp32. Either way the manifest says what ran."""
     from scdm.performance import cpu_half_support
-    native = cpu_half_support("bf16")[0]
+    native = cpu_half_support(precision)[0]
     common = ("--batch_size", 2, "--num_samples", 2, "--timestep_respacing", "ddim4")
     here(sample_cmd(toy, busy, tmp_path / "fp32", "--precision", "fp32", *common))
-    half = run(sample_cmd(toy, busy, tmp_path / "bf16", "--precision", "bf16", *common))
-    ran = json.loads((tmp_path / "bf16" / "manifest.json").read_text())["sampling"]["precision"]
-    assert ran == ("bf16" if native else "fp32")
+    half = run(sample_cmd(toy, busy, tmp_path / precision, "--precision", precision, *common))
+    ran = json.loads((tmp_path / precision / "manifest.json").read_text())["sampling"]["precision"]
+    assert ran == (precision if native else "fp32")
     if not native:
-        assert "bf16" in half.stderr and "fp32" in half.stderr  # the one warning that it fell back
+        assert precision in half.stderr and "fp32" in half.stderr  # the one warning that it fell back
     diffs = []
     for f in (tmp_path / "fp32" / "samples").iterdir():
         a = np.asarray(Image.open(f)).astype(int)
-        b = np.asarray(Image.open(tmp_path / "bf16" / "samples" / f.name)).astype(int)
+        b = np.asarray(Image.open(tmp_path / precision / "samples" / f.name)).astype(int)
         diffs.append(np.abs(a - b).mean())
-    assert max(diffs) < 12  # the same pictures up to bf16 rounding (levels of 255)
-    if native:
-        assert max(diffs) > 0  # bf16 really ran
-    log_dir = tmp_path / "train-bf16"
-    out = here(train_cmd(toy, log_dir, "--max_steps", 1, "--save_interval", 1, "--precision", "bf16"))
+    assert max(diffs) < 12  # the same pictures up to half-precision rounding (levels of 255)
+    assert (max(diffs) > 0) == native  # the half type really ran, or fp32 did
+    log_dir = tmp_path / f"train-{precision}"
+    out = run(train_cmd(toy, log_dir, "--max_steps", 1, "--save_interval", 1, "--precision", precision))
     assert (log_dir / "model000001.pt").exists()
     rows = (log_dir / "progress.csv").read_text().splitlines()
     assert len(rows) == 2 and "nan" not in rows[1].lower(), out.stderr[-1000:]
