@@ -21,6 +21,7 @@ from scdm.errors import run_cli
 from scdm.fileio import check_writable_file, save_image
 
 MIN_SIZE = 64  # the DS panel is a 64x64 map
+MAX_SIZE = 2048  # five panels of 2048^2 are already a 100-megapixel picture
 
 
 def panels(size: int = 256, seed: int = 9) -> list:
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("corruptions.png"),
                    help="the PNG to write (the README's picture is docs/corruptions.png)")
     p.add_argument("--seed", type=nonnegative_int, default=9, help="seed of the synthetic map and the noises")
-    p.add_argument("--size", type=int_at_least(MIN_SIZE), default=256, help="side of each panel in pixels")
+    p.add_argument("--size", type=int_at_least(MIN_SIZE, MAX_SIZE), default=256, help="side of each panel in pixels")
     args = p.parse_args(argv)
     check_writable_file(args.out, "--out")
     image = draw(panels(args.size, args.seed))

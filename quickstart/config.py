@@ -52,7 +52,7 @@ def build_parser():
                    help=budget("steps", "training steps per model; more than an existing run's continues its training"))
     p.add_argument("--num_train", type=positive_int, default=argparse.SUPPRESS, help=budget("num_train", "toy training maps"))
     p.add_argument("--num_test", type=int_at_least(2), default=argparse.SUPPRESS, help=budget("num_test", "held-out test maps"))
-    p.add_argument("--size", type=int_at_least(16), default=argparse.SUPPRESS, help=budget("size", "image side in px"))
+    p.add_argument("--size", type=int_at_least(16, 1024), default=argparse.SUPPRESS, help=budget("size", "image side in px"))
     p.add_argument("--batch_size", type=positive_int, default=argparse.SUPPRESS, help=budget("batch_size", "training batch"))
     p.add_argument("--lr", type=positive_float, default=argparse.SUPPRESS, help=budget("lr", "learning rate"))
     p.add_argument("--ema_rate", default="0.99", type=rate_list,

@@ -36,12 +36,13 @@ def _number(v, kind):
         raise argparse.ArgumentTypeError(f"{'an integer' if kind is int else 'a number'} expected, got {v!r}")
 
 
-def int_at_least(n):
-    """argparse `type=`: an integer >= n."""
+def int_at_least(n, at_most=None):
+    """argparse `type=`: an integer >= n (and <= at_most, e.g. an image side that must fit in memory)."""
     def check(v):
         x = _number(v, int)
-        if x < n:
-            raise argparse.ArgumentTypeError(f"an integer >= {n} expected, got {v!r}")
+        if x < n or (at_most is not None and x > at_most):
+            wanted = f"an integer in {n}..{at_most}" if at_most is not None else f"an integer >= {n}"
+            raise argparse.ArgumentTypeError(f"{wanted} expected, got {v!r}")
         return x
     check.__name__ = f"int_at_least_{n}"
     return check

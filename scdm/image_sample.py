@@ -81,7 +81,7 @@ SAMPLER_HELP = dict(
     disable_fast_paths="'all' or comma-separated names of scdm.fast_paths.FastPaths to turn off (debugging)",
     verbose="print each fast-path choice (by default one summary line)",
     batch_invariant="run the network one image at a time, so each file is byte-identical whatever --batch_size, "
-                    "the process count or the resume point (on one machine; about 15%% slower on a CPU); "
+                    "the process count or the resume point (on one machine; slower by what batching saves, see docs/sampling.md); "
                     "False: batches, which may change a sample by a rounding step",
 )
 

@@ -53,6 +53,7 @@ TEXTURE_AMPLITUDE = 25.0   # levels; texture + shading must stay below 87 (half 
 SHADING_AMPLITUDE = 10.0
 TEXTURE_CYCLES = 4         # stripes per image side: learnable at 32-64 px
 FLOWER_COUNT = (0, 4)      # inclusive range of flowers per image
+MAX_SIZE = 4096            # an image side (a toy dataset is for small models; larger would exhaust memory)
 GEM_PROBABILITY = 0.2
 UNLABELED_PROBABILITY = 0.4
 GENERATOR = "scdm.toy"
@@ -216,7 +217,7 @@ def main(argv=None):
     add_deprecated_alias(p, "--out", "--out_dir", dest="out_dir")
     p.add_argument("--num_train", type=positive_int, default=256, help="training maps")
     p.add_argument("--num_test", type=nonnegative_int, default=32, help="held-out test maps")
-    p.add_argument("--size", type=int_at_least(8), default=64, help="image side in pixels")
+    p.add_argument("--size", type=int_at_least(8, MAX_SIZE), default=64, help="image side in pixels")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="the same seed gives the same bytes")
     args = p.parse_args(argv)
     if not args.out_dir:

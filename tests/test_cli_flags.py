@@ -198,3 +198,11 @@ def test_an_output_folder_under_a_regular_file_is_one_line(tmp_path, module, arg
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines()[-1].endswith(f"--out_dir {tmp_path / 'file' / 'sub'} is not writable: "
                                                       f"{tmp_path / 'file'} is a file, not a folder"), p.stderr
+
+
+@pytest.mark.parametrize("module, args", [("scdm.toy", ["--out_dir", "unused"]), ("image_process.figure", [])])
+def test_an_image_side_too_large_for_memory_is_refused_at_parsing(module, args, tmp_path):
+    from conftest import run_in_process
+    p = run_in_process(module, [*args, "--size", "100000"], cwd=tmp_path)
+    assert p.returncode == 2 and "argument --size: an integer in" in p.stderr and "Traceback" not in p.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing was written
