@@ -149,12 +149,36 @@ def save_atomic(obj, path):
 
 def load_file(path, what="checkpoint"):
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{what} {path} is a folder; expected a .pt file")
     if not path.is_file():
         raise CheckpointError(f"{what} {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{what} {path} cannot be read (truncated or not a torch file): {e}") from None
+        raise CheckpointError(f"{what} {path} cannot be read: {unreadable_reason(path, e)}") from None
+
+
+def unreadable_reason(path, exc):
+    """What is wrong with a file torch cannot load, in a user's words (torch's own can run to 6 lines)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        return e.strerror or str(e)
+    if size == 0:
+        return "it is empty (0 bytes): a copy or a save that did not finish"
+    if head.startswith(b"PK\x03\x04"):
+        return f"a torch zip archive that is truncated or damaged ({size} bytes; a copy that did not finish?)"
+    if head.startswith(b"\x80"):
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        return f"a pickle torch refuses to load ({first})"
+    try:
+        head.decode("utf-8")
+        return f"it holds text ({size} bytes), not a torch file"
+    except UnicodeDecodeError:
+        return f"not a torch file ({size} bytes, truncated or another format)"
 
 
 def load_model_state(path):

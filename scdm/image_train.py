@@ -198,7 +198,9 @@ def main(argv=None):
     resume = resolve_resume(log_dir, args.resume_checkpoint, parse_ema_rates(args.ema_rate), warn=warnings.append)
     if resume:
         if not Path(resume).is_file():
-            raise CheckpointError(f"--resume_checkpoint {resume} does not exist (expected a model*.pt file, or auto)")
+            what = "is a folder" if Path(resume).is_dir() else "does not exist"
+            raise CheckpointError(f"--resume_checkpoint {resume} {what} (expected a model*.pt file, or auto: the "
+                                  "newest complete set in --log_dir)")
         check_same_architecture(resume, flags)
         warnings += check_resume_members(resume, parse_ema_rates(args.ema_rate), args.allow_partial_resume)
     check_writable(log_dir, "--log_dir")

@@ -323,3 +323,24 @@ def test_train_sh_with_sample_grids_on_a_fresh_run(toy, tmp_path, with_schedule)
              "--sample_maps", 2, "--batch_size", 2], check=False, cwd=tmp_path, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     assert (tmp_path / "log" / "model000001.pt").is_file() and list((tmp_path / "log" / "samples").glob("*.png"))
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", "it is empty (0 bytes)"),
+    (b"hello\n", "it holds text (6 bytes), not a torch file"),
+    ("zip", "a torch zip archive that is truncated or damaged"),
+])
+def test_an_unreadable_checkpoint_says_what_the_file_is(tmp_path, content, reason):
+    from scdm.checkpoint import CheckpointError, load_file
+    path = tmp_path / "model000001.pt"
+    if content == "zip":
+        torch.save({"w": torch.ones(1000)}, path)
+        path.write_bytes(path.read_bytes()[:2000])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError) as e:
+        load_file(path, "model checkpoint")
+    assert str(e.value).startswith(f"model checkpoint {path} cannot be read: ")
+    assert reason in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(CheckpointError, match="is a folder; expected a .pt file"):
+        load_file(tmp_path, "model checkpoint")
