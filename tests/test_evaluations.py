@@ -602,3 +602,14 @@ def test_unlabeled_handling_is_said_and_recorded_without_corruption_json(toy, tm
         assert f"unlabeled pixels (id 7) reach the model {words} (--unlabeled_to_zero {flag})" in err
         assert ("--unlabeled_to_zero True (the [MASK] state)" in err) == (flag == "False")
         assert json.loads((out / "manifest.json").read_text())["labels"]["unlabeled"] == words
+
+
+@pytest.mark.parametrize("mu, sigma, words", [
+    ([np.nan, 0.0], np.eye(2), "NaN or Inf"),
+    ([0.0, 0.0], np.eye(3), "expected (D,) and (D, D)"),
+])
+def test_damaged_statistics_files_are_refused(tmp_path, mu, sigma, words):
+    from evaluations.fid import load_stats
+    np.savez(tmp_path / "s.npz", mu=np.array(mu), sigma=sigma)
+    with pytest.raises(EvalError, match=re.escape(words)):
+        load_stats(tmp_path / "s.npz")

@@ -199,7 +199,13 @@ def load_stats(path) -> Tuple[Stats, str, str]:
             if "mu" not in f or "sigma" not in f:
                 raise EvalError(f"{path} is not a statistics file (needs arrays 'mu' and 'sigma')")
             size = tuple(int(v) for v in f["size"]) if "size" in f else (0, 0)
-            stats = Stats(f["mu"], f["sigma"], int(f["num_images"]) if "num_images" in f else -1,
+            mu, sigma = np.asarray(f["mu"], dtype=np.float64), np.asarray(f["sigma"], dtype=np.float64)
+            if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
+                raise EvalError(f"{path}: mu has shape {mu.shape} and sigma {sigma.shape}; expected (D,) and (D, D)")
+            if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+                raise EvalError(f"{path}: its statistics hold NaN or Inf (a damaged file, or features of broken "
+                                "images); recompute it with --save-stats")
+            stats = Stats(mu, sigma, int(f["num_images"]) if "num_images" in f else -1,
                           size if size != (0, 0) else None)
             return stats, str(f["fingerprint"]) if "fingerprint" in f else "", \
                 str(f["feature_id"]) if "feature_id" in f else ""
