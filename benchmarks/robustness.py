@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import signal
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -49,7 +48,7 @@ from quickstart.report import colorize, fmt_time  # noqa: E402
 from quickstart.stages import MARKER_DIR, Runner, data_stages, sample_stage, train_stage  # noqa: E402
 from scdm.cli import (HelpFormatter, int_at_least, nonnegative_float, nonnegative_int, positive_float,  # noqa: E402
                       positive_int, rate_list)
-from scdm.errors import Terminated, UserError, run_cli  # noqa: E402
+from scdm.errors import EXIT_INTERRUPTED, Terminated, UserError, run_cli  # noqa: E402
 from scdm.fileio import (  # noqa: E402
     atomic_write, check_writable_file, first_non_folder, recorded_path, save_image, write_json,
 )
@@ -468,23 +467,16 @@ def run(cfg, fresh=False, runner=None):
     return report
 
 
-def _raise_terminated(signum, frame):
-    raise Terminated()
-
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
     cfg = resolve_config(args)
     cfg.update(out=args.out, grid=args.grid, lpips_weights=args.lpips_weights)
-    old = signal.signal(signal.SIGTERM, _raise_terminated)  # a cluster's stop takes the Ctrl-C path
-    try:
+    try:  # a cluster's stop takes the Ctrl-C path: run_cli raises it as `Terminated`
         run(cfg, fresh=args.fresh)
     except KeyboardInterrupt as e:
         print("\n[robustness] interrupted; rerun the same command to continue (finished stages are kept)",
               file=sys.stderr, flush=True)
-        return 128 + signal.SIGTERM if isinstance(e, Terminated) else 130
-    finally:
-        signal.signal(signal.SIGTERM, old)
+        return 128 + int(e.signum) if isinstance(e, Terminated) else EXIT_INTERRUPTED
     return 0
 
 

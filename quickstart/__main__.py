@@ -1,5 +1,4 @@
 """`python -m quickstart`: parse the flags, run the pipeline, turn problems into one line and an exit code."""
-import signal
 import sys
 
 from scdm.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, Terminated, UserError, run_cli
@@ -7,16 +6,12 @@ from scdm.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, Terminated, UserError
 from .config import build_parser, resolve_config
 
 
-def _raise_terminated(signum, frame):
-    raise Terminated()
-
-
 def main(argv=None):
     """Returns the exit code: 0, 2 (a user error, one `error: ...` line), 130 (Ctrl-C) or 143 (SIGTERM)."""
     args = build_parser().parse_args(argv)
     from .stages import run  # after parsing: --help and flag errors need no torch
-    # SIGTERM (a cluster's or a container's stop) takes the Ctrl-C path: the child saves, then we stop.
-    old = signal.signal(signal.SIGTERM, _raise_terminated)
+    # SIGTERM (a cluster's or a container's stop) takes the Ctrl-C path, raised as `Terminated` by
+    # run_cli's handler: the child saves, then we stop.
     try:
         run(resolve_config(args), fresh=args.fresh)
     except UserError as e:
@@ -25,9 +20,7 @@ def main(argv=None):
     except KeyboardInterrupt as e:
         print("\n[quickstart] interrupted; rerun the same command to continue (finished stages, checkpoints and "
               "samples are kept)", file=sys.stderr, flush=True)
-        return 128 + signal.SIGTERM if isinstance(e, Terminated) else EXIT_INTERRUPTED
-    finally:
-        signal.signal(signal.SIGTERM, old)
+        return 128 + int(e.signum) if isinstance(e, Terminated) else EXIT_INTERRUPTED
     return 0
 
 
