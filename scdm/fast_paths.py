@@ -184,9 +184,7 @@ class Autotuner:
         text = format_key(full)
         hit = self.recorded.get(text)
         if hit in candidates:
-            self.choices[full] = hit
-            self.reused.add(full)
-            return hit
+            return self._reuse(full, hit, "this folder's record")
         cache = self._cache()
         if cache is None:
             return self._time(name, key, full, candidates, device)
@@ -195,12 +193,15 @@ class Autotuner:
         with cache.exclusive():  # a process that misses at the same time waits, then reads this choice
             hit = cache.get(machine, text)
             if hit in candidates:
-                self.choices[full] = hit
-                self.reused.add(full)
-                self.log(f"fast paths: {name} {format_key(key)}: using {hit} (this machine's earlier choice)")
-                return hit
+                return self._reuse(full, hit, "this machine's earlier choice")
             choice = self._time(name, key, full, candidates, device)
             cache.put(machine, text, choice, {c: round(v * 1e3, 3) for c, v in self.timings[full].items()})
+        return choice
+
+    def _reuse(self, full, choice, source):
+        self.choices[full] = choice
+        self.reused.add(full)
+        self.log(f"fast paths: {format_key(full)}: using {choice} ({source})")
         return choice
 
     def _time(self, name, key, full, candidates, device):
