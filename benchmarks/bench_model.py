@@ -299,7 +299,7 @@ def run_precision(args):
         ctx = torch.autocast("cpu", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
         t0 = time.perf_counter()
         with ctx, torch.no_grad():
-            x = sample_loop(model, diffusion, shape, y, noise=noise, generators=gens, use_ddim=True, **GUIDANCE)
+            x = sample_loop(model, diffusion, shape, y, noise=noise, generators=gens, sampler="ddim", **GUIDANCE)
         samples[precision] = x.float()
         rows[precision] = {"seconds": round(time.perf_counter() - t0, 2),
                            "toy_miou": round(float(miou(to_uint8(x), names, data_dir / "test" / "labels")), 4)}

@@ -10,7 +10,10 @@ import importlib
 
 _PUBLIC = {
     "SCDMPipeline": "scdm.pipeline",
+    "load_checkpoint": "scdm.loading",
     "create_model_and_diffusion": "scdm.script_util",
+    "SamplerSettings": "scdm.sampling",
+    "sample_batch": "scdm.sampling",
     "sample_loop": "scdm.sampling",
     "LabelDiffusion": "scdm.label_diffusion",
     "PRESETS": "scdm.presets",

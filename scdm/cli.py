@@ -218,15 +218,19 @@ def note_gpus_per_node(args):
         select_gpu(args.gpu)
 
 
-def resolve_dataset_flags(args):
-    """Resolve the class count (-1: from the dataset) and unlabeled class once; returns the
-    `DatasetInfo` and writes the resolved values back into `args` (they are saved with the run)."""
+def dataset_info_for(dataset_mode, data_dir, num_classes=-1, unlabeled_id=-1):
+    """The class count (-1: from the dataset) and unlabeled class (-1: the layout's), resolved once."""
     from .datasets import dataset_info
-    if not args.dataset_mode:
+    if not dataset_mode:
         raise UserError("--dataset_mode is required (ade20k, coco, celeba, cityscapes or folder)")
-    info = dataset_info(args.dataset_mode, args.data_dir or None,
-                        num_classes=args.num_classes if args.num_classes > 0 else None,
-                        unlabeled_id=args.unlabeled_id if args.unlabeled_id >= 0 else None)
+    return dataset_info(dataset_mode, data_dir or None, num_classes=num_classes if num_classes > 0 else None,
+                        unlabeled_id=unlabeled_id if unlabeled_id >= 0 else None)
+
+
+def resolve_dataset_flags(args):
+    """`dataset_info_for` the flags of `args`; writes the resolved values back into `args` (they are
+    saved with the run)."""
+    info = dataset_info_for(args.dataset_mode, args.data_dir, args.num_classes, args.unlabeled_id)
     args.num_classes = info.num_classes
     args.unlabeled_id = -1 if info.unlabeled_id is None else info.unlabeled_id
     return info

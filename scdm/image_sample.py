@@ -14,7 +14,6 @@ with other settings is refused (or starts over with --overwrite). A noisy tree m
 import argparse
 import json
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -23,18 +22,18 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from . import dist_util, rank_faults, script_util
-from .checkpoint import CheckpointError, ema_name, newest_checkpoint, parse_step
-from .cli import (HelpFormatter, accept_gpus_per_node, add_bool_argument, minus_one_or_positive, nonnegative_float,
-                  nonnegative_int, note_gpus_per_node, one_of, positive_int, probability, rate_list,
-                  resolve_dataset_flags)
+from .checkpoint import CheckpointError
+from .cli import (HelpFormatter, accept_gpus_per_node, add_bool_argument, float_in, minus_one_or_positive,
+                  nonnegative_int, note_gpus_per_node, one_of, positive_int, probability, rate_list)
 from .conditioning import Conditioning
 from .dataset_layouts import CORRUPTION_FILE, display_names
 from .datasets import build_dataset, iter_user_errors_clean
 from .errors import UserError, run_cli
 from .fast_paths import from_disable_spec, route_details, summary_line
 from .fileio import note_removed_temp_files, save_image
+from .loading import resolve_checkpoint
 from .palettes import colorize, palette, palette_name
-from .overview import write_overview
+from .figures import write_overview
 from .performance import PRECISIONS, maybe_compile, precision_context, resolve_precision
 from .presets import PRESETS
 from .results_folder import (
@@ -42,10 +41,11 @@ from .results_folder import (
     unlabeled_handling,
     sample_dirs,
 )
-from .run_config import ema_warning, given_flags, load_checked, preset_differences, resolve_model_flags
-from .sampling import SAMPLERS, resolve_sampler, sample_loop
+from .run_config import given_flags
+from .sampling import (MAX_EXTRAPOLATION, MAX_GUIDANCE, SAMPLERS, SamplerSettings, image_generators, resolve_sampler,
+                       sample_batch, to_uint8)
 from .tuning_cache import reuse_record, write_record
-from .script_util import add_dict_to_argparser, args_to_dict, create_model_and_diffusion, model_and_diffusion_defaults
+from .script_util import add_dict_to_argparser, model_and_diffusion_defaults
 from .stop_signals import worker_options
 
 # Formats the default as nothing: help lines that say their default in words get no "(default: ...)".
@@ -118,8 +118,9 @@ def sampler_help(defaults):
 
 
 SAMPLE_FLAG_TYPES = dict(
-    num_samples=minus_one_or_positive, batch_size=positive_int, s=nonnegative_float, extrapolation=nonnegative_float,
-    dynamic_threshold=probability, seed=nonnegative_int, eta=probability, num_sets=positive_int,
+    num_samples=minus_one_or_positive, batch_size=positive_int, s=float_in(0.0, MAX_GUIDANCE),
+    extrapolation=float_in(0.0, MAX_EXTRAPOLATION),
+    dynamic_threshold=float_in(0.0, 1.0, hi_open=True), seed=nonnegative_int, eta=probability, num_sets=positive_int,
     ema_rate=rate_list, num_workers=nonnegative_int, precision=one_of("", *PRECISIONS),
 )
 
@@ -178,54 +179,21 @@ def create_argparser():
     return parser
 
 
-def to_uint8(x):
-    """(3,H,W) in [-1,1] -> HxWx3 uint8."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-
-
 def save_png(array, path):
     """Atomic (`scdm.fileio`): a run killed mid-write leaves no broken PNG that a rerun would skip."""
     save_image(array, path, format="PNG")
 
 
-def image_seed(seed, name, k):
-    return zlib.crc32(f"{seed}:{k}:{name}".encode()) & 0x7FFFFFFF
-
-
-def resolve_model_path(args):
-    """--use_ema with a model*.pt path picks the EMA file of the same step beside it."""
-    if not args.model_path:
-        raise ValueError("--model_path is required (a model*.pt or ema_*.pt file, or a run folder)")
-    path = Path(args.model_path)
-    if path.is_dir():  # a run folder: its newest checkpoint, the EMA weights when saved
-        newest = newest_checkpoint(path)
-        if newest is None:
-            raise CheckpointError(f"--model_path {path} is a folder without checkpoints (model<step>.pt); give a "
-                                  "checkpoint file or a run folder")
-        print(f"--model_path {path}: using {newest.name}, its newest checkpoint", file=sys.stderr, flush=True)
-        path = newest
-    if args.use_ema and path.name.startswith("model"):
-        path = path.parent / ema_name(args.ema_rate, parse_step(path))
-        if not path.exists():
-            raise CheckpointError(f"--use_ema True: {path} does not exist beside --model_path {args.model_path}")
-    if not path.is_file():
-        raise CheckpointError(f"--model_path {path} does not exist" if not path.exists()
-                              else f"--model_path {path} is not a file")
-    return path
-
-
 # ----------------------------------------------------------------------------------------- main
-def check_sampling_flags(args):
-    if args.num_sets < 1:
-        raise ValueError(f"--num_sets {args.num_sets}: expected >= 1")
-    if args.s < 0:
-        raise ValueError(f"--s {args.s}: the guidance scale must be >= 0")
-    if not 0 <= args.dynamic_threshold < 1:
-        raise ValueError(f"--dynamic_threshold {args.dynamic_threshold}: expected a percentile in (0, 1), or 0 (off)")
+def sampler_settings(args):
+    """The `SamplerSettings` of the sampling flags, checked once."""
     if args.use_ddim and args.sampler not in ("", "ddim"):
         raise ValueError(f"--sampler {args.sampler} with --use_ddim True: give one of them (--use_ddim means "
                          "--sampler ddim)")
-    args.sampler = resolve_sampler(args.sampler, args.use_ddim)  # the manifest records what runs
+    return SamplerSettings(sampler=resolve_sampler(args.sampler, args.use_ddim), guidance_scale=args.s,
+                           extrapolation=args.extrapolation, dynamic_threshold=args.dynamic_threshold,
+                           clip_denoised=args.clip_denoised, eta=args.eta, unlabeled_to_zero=args.unlabeled_to_zero,
+                           batch_invariant=args.batch_invariant, respacing=args.timestep_respacing)
 
 
 def info_line(rank, text, prefix="note"):
@@ -235,40 +203,45 @@ def info_line(rank, text, prefix="note"):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
-    args = create_argparser().parse_args(argv)
+    parsed = create_argparser().parse_args(argv)
     given = given_flags(create_argparser, argv)
-    note_gpus_per_node(args)
-    if not args.seed_align:
+    note_gpus_per_node(parsed)
+    if not parsed.seed_align:
         raise UserError("--seed_align False is not available: every image's noise comes from its own seeded stream, "
                         "so clean and noisy runs of the same maps always share their draws")
-    fast_paths = from_disable_spec(args.disable_fast_paths)
-    check_sampling_flags(args)
-    model_path = resolve_model_path(args)
-    root = check_results_path(args.results_path)
+    fast_paths = from_disable_spec(parsed.disable_fast_paths)
+    settings = sampler_settings(parsed)
+    model_keys = set(model_and_diffusion_defaults())
+    spec = resolve_checkpoint(parsed.model_path, preset=parsed.preset, use_ema=parsed.use_ema,
+                              ema_rate=parsed.ema_rate, flags={k: getattr(parsed, k) for k in model_keys},
+                              given=given & model_keys, data_dir=parsed.data_dir)
+    root = check_results_path(parsed.results_path)
     for folder in [root, *(d for d in root.iterdir() if d.is_dir())] if root.is_dir() else []:
         note_removed_temp_files(folder)  # left by a killed earlier run into this folder
-    model_flags = resolve_model_flags(args, given, model_path, args.preset)
-    info = resolve_dataset_flags(args)
+    corruption = read_corruption(parsed.data_dir)
+    resized_by_tree = corruption is not None and not parsed.label_resize and "label_resize" not in given
+    # The run's settings, resolved once: the checkpoint's model flags, what the sampler runs, and label
+    # resizing for a noisy tree (the parsed flags stay as given).
+    args = argparse.Namespace(**{**vars(parsed), **spec.flags, "sampler": settings.sampler,
+                                 "label_resize": parsed.label_resize or resized_by_tree})
     precision = resolve_precision(args.precision, args.use_fp16 if "use_fp16" in given or not args.precision
                                   else False)
 
     dist_util.setup_dist()
     try:
         with rank_faults.watched():
-            run(args, given, root, model_path, model_flags, info, precision, fast_paths)
+            run(args, spec, settings, root, corruption, resized_by_tree, precision, fast_paths)
     finally:
         dist_util.cleanup()
 
 
-def run(args, given, root, model_path, model_flags, info, precision, fast_paths):
+def run(args, spec, settings, root, corruption, resized_by_tree, precision, fast_paths):
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
-    differs = preset_differences(model_flags, args)
-    if differs:
-        info_line(rank, f"--preset {args.preset} not used for {', '.join(differs)}: the {model_flags.source} gives "
-                        "the model flags")
-    corruption = read_corruption(args.data_dir)
-    if corruption is not None and not args.label_resize and "label_resize" not in given:
-        args.label_resize = True
+    info = spec.dataset
+    if spec.preset_ignored:
+        info_line(rank, f"--preset {args.preset} not used for {', '.join(spec.preset_ignored)}: the {spec.source} "
+                        "gives the model flags")
+    if resized_by_tree:
         info_line(rank, f"{Path(args.data_dir) / CORRUPTION_FILE}: a noisy tree ({corruption.get('noise')} "
                         f"{json.dumps(corruption.get('params'))}); label maps are resized to their images "
                         "(--label_resize True)")
@@ -279,18 +252,17 @@ def run(args, given, root, model_path, model_flags, info, precision, fast_paths)
                            "--unlabeled_to_zero True (the [MASK] state), or register the tree with "
                            "`python -m image_process.describe`"))
     conditioning = Conditioning(args.num_classes, args.no_instance, info.unlabeled_id,
-                                unlabeled_to_zero=args.unlabeled_to_zero)
-    flags = args_to_dict(args, model_and_diffusion_defaults().keys())
-    model, diffusion = create_model_and_diffusion(**dict(flags, use_fp16=False))
-    model.fast_paths = fast_paths
-    load_checked(model, model_path, flags, model_flags)
-    warning = ema_warning(model_path, model_flags.run_config)
+                                unlabeled_to_zero=settings.unlabeled_to_zero)
+    model = spec.build_model(fast_paths)
+    diffusion = spec.diffusion()
+    warning = spec.ema_warning()
     if warning:
         info_line(rank, warning, "warning")
+    model_path = spec.path
 
     dataset = build_dataset(args.dataset_mode, args.data_dir, args.image_size, is_train=args.is_train,
                             info=info, label_resize=args.label_resize, shard=0, num_shards=1)
-    manifest = build_manifest(args, model_path, model_flags, precision, corruption)
+    manifest = build_manifest(args, model_path, spec.model_flags, precision, corruption)
     plan, old = plan_results(root, manifest, args.overwrite)
     dist_util.barrier()
     if rank == 0:
@@ -324,13 +296,10 @@ def run(args, given, root, model_path, model_flags, info, precision, fast_paths)
             continue
         y = conditioning.model_input(cond)[todo]
         for k in range(args.num_sets):
-            gens = [torch.Generator().manual_seed(image_seed(args.seed, batch_names[i], k)) for i in todo]
+            gens = image_generators(args.seed, [batch_names[i] for i in todo], k)
             with precision_context(device, precision):
-                x = sample_loop(model, diffusion, (len(todo), 3, args.image_size, args.image_size), y,
-                                guidance_scale=args.s, extrapolation=args.extrapolation,
-                                threshold_percentile=args.dynamic_threshold or None, clip_denoised=args.clip_denoised,
-                                sampler=args.sampler, eta=args.eta, generators=gens, device=device,
-                                on_step=lambda: bar.update(len(todo)), batch_invariant=args.batch_invariant)
+                x = sample_batch(model, diffusion, y, settings, generators=gens, device=device,
+                                 on_step=lambda: bar.update(len(todo)))
             if not torch.isfinite(x).all():
                 raise CheckpointError(
                     f"--model_path {model_path} gave non-finite samples (NaN or Inf) for "

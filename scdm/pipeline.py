@@ -4,8 +4,8 @@
     pipe = SCDMPipeline.from_checkpoint("results/quickstart/train/scdm")   # a run folder or a checkpoint file
     images = pipe("my_map.png", num_samples=2, steps=25, guidance_scale=1.5, seed=0)   # PIL images
 
-A checkpoint is loaded the way `scdm.image_sample` loads it (the run config beside it, or
-`preset=` for a released checkpoint), so the Python API, `scdm.generate` and `scdm.app` cannot
+A checkpoint is loaded by `scdm.loading` as `scdm.image_sample` loads it (the run config beside it,
+or `preset=` for a released checkpoint), so the Python API, `scdm.generate` and `scdm.app` cannot
 disagree with the sampler about what a checkpoint is. Seeds are per label map and sample, as in
 the sampler: the same map, seed and name give the same image in any batch.
 
@@ -16,27 +16,23 @@ SCDM's absorbing [MASK] state (the all-zero conditioning vector): holes the mode
 import argparse
 import os
 import warnings
-from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .cli import device_name, resolve_dataset_flags
+from .cli import device_name
 from .conditioning import Conditioning
 from .dataset_layouts import DatasetError, DatasetInfo, check_label_ids, display_names, remap_labels, resize_ids
 from .errors import UserError
-from .image_sample import create_argparser, image_seed, resolve_model_path, to_uint8
 from .label_diffusion import COND_OPTS, GAUSSIAN
+from .loading import LoadedCheckpoint, load_checkpoint
 from .palettes import MASK_COLOR, colorize, ids_from_colors, palette, palette_name
 from .performance import precision_context, resolve_precision
 from .presets import SAMPLING
-from .run_config import ema_warning, given_flags, load_checked, preset_differences, resolve_model_flags
-from .sampling import SAMPLERS, resolve_sampler, sample_loop
-from .script_util import args_to_dict, create_diffusion, create_model_and_diffusion, model_and_diffusion_defaults
+from .sampling import SamplerSettings, image_generators, image_seed, sample_batch, to_uint8
 
 MASK_ID = -1
 # The released 25-step schedule is the default of every entry point built on the pipeline.
@@ -69,49 +65,6 @@ def add_model_flags(parser):
 
 class LabelMapResized(UserWarning):
     """A label map of another size than the model's was nearest-resized to it."""
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """A checkpoint with everything needed to sample it (see `load_model`)."""
-    model: torch.nn.Module
-    flags: dict            # model and diffusion flags, resolved
-    dataset_mode: str
-    num_classes: int
-    unlabeled_id: Optional[int]
-    data_dir: str          # the run's training data ("" for released checkpoints): class names, examples
-    model_path: Path
-    source: str            # where the flags came from ("run config ...", "preset ...")
-
-
-def load_model(model_path, preset="", class_schedule=None, use_ema=False):
-    """The model of a checkpoint with its flags, resolved exactly as `scdm.image_sample` does."""
-    argv = ["--model_path", str(model_path)]
-    if preset:
-        argv += ["--preset", preset]
-    if class_schedule:
-        argv += ["--class_schedule", str(class_schedule)]
-    if use_ema:
-        argv += ["--use_ema", "True"]
-    args = create_argparser().parse_args(argv)
-    path = resolve_model_path(args)
-    model_flags = resolve_model_flags(args, given_flags(create_argparser, argv), path, preset)
-    differs = preset_differences(model_flags, args)
-    if differs:  # the run's own args.json wins over a preset: said, never silent
-        warnings.warn(f"preset {preset!r} not used for {', '.join(differs)}: the {model_flags.source} gives the "
-                      "model flags")
-    run = model_flags.run_config
-    data_dir = str((run.flags if run else {}).get("data_dir") or "")
-    info = resolve_dataset_flags(args)
-    flags = args_to_dict(args, model_and_diffusion_defaults().keys())
-    model, _ = create_model_and_diffusion(**dict(flags, use_fp16=False, timestep_respacing=""))
-    load_checked(model, path, flags, model_flags)
-    warning = ema_warning(path, run)
-    if warning:
-        warnings.warn(warning)
-    model.eval()
-    return LoadedModel(model, flags, args.dataset_mode, info.num_classes, info.unlabeled_id, data_dir, path,
-                       model_flags.source)
 
 
 def respacing_for(steps, diffusion_steps, sampler=DEFAULT_SAMPLER):
@@ -158,7 +111,7 @@ def checked_device(device):
 class SCDMPipeline:
     """A loaded checkpoint that turns label maps into images (see the module docstring)."""
 
-    def __init__(self, loaded: LoadedModel, device=None, precision=None):
+    def __init__(self, loaded: LoadedCheckpoint, device=None, precision=None):
         self.loaded = loaded
         self.device = checked_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.precision = resolve_precision(precision or "", bool(loaded.flags["use_fp16"]) and not precision)
@@ -177,7 +130,8 @@ class SCDMPipeline:
     def from_checkpoint(cls, path, device=None, precision=None, preset="", class_schedule=None, use_ema=False):
         """Load `path` (model*.pt or ema_*.pt): flags from its run's args.json, or `preset` for a
         released checkpoint; `class_schedule` replaces the run's class schedule file."""
-        return cls(load_model(path, preset, class_schedule, use_ema), device=device, precision=precision)
+        return cls(load_checkpoint(path, preset=preset, class_schedule=class_schedule, use_ema=use_ema),
+                   device=device, precision=precision)
 
     @classmethod
     def from_pretrained(cls, path, **kwargs):
@@ -203,7 +157,7 @@ class SCDMPipeline:
             raise UserError(f"steps={steps!r}: expected an integer in 1..{total} (the model's diffusion steps)")
         spacing = respacing_for(int(steps), total, sampler)
         if spacing not in self._diffusions:
-            self._diffusions[spacing] = create_diffusion(**dict(self.loaded.flags, timestep_respacing=spacing))
+            self._diffusions[spacing] = self.loaded.diffusion(spacing)
         return self._diffusions[spacing]
 
     # ------------------------------------------------------------------------------ label maps
@@ -348,18 +302,17 @@ class SCDMPipeline:
         for value, what, lo in ((num_samples, "num_samples", 1), (batch_size, "batch_size", 1)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
                 raise UserError(f"{what}={value!r}: expected an integer >= {lo}")
-        if not 0 <= float(guidance_scale) <= 100:
-            raise UserError(f"guidance_scale={guidance_scale}: expected a number in 0..100 (1: no guidance)")
-        if not 0 <= float(dynamic_threshold) < 1:
-            raise UserError(f"dynamic_threshold={dynamic_threshold}: expected a percentile in (0, 1), or 0 (off)")
-        try:
-            sampler = resolve_sampler(sampler)
-        except ValueError as e:
-            raise UserError(f"sampler={sampler!r}: expected one of {', '.join(SAMPLERS)}") from e
         if extrapolation is None:
-            extrapolation = 0.0 if sampler.startswith("dpm") else DEFAULT_EXTRAPOLATION
+            extrapolation = 0.0 if str(sampler).startswith("dpm") else DEFAULT_EXTRAPOLATION
         if unlabeled_to_zero is None:
             unlabeled_to_zero = self.is_scdm
+        try:
+            settings = SamplerSettings(sampler=sampler, guidance_scale=guidance_scale, extrapolation=extrapolation,
+                                       dynamic_threshold=dynamic_threshold, clip_denoised=bool(clip_denoised),
+                                       eta=eta, unlabeled_to_zero=bool(unlabeled_to_zero),
+                                       batch_invariant=bool(batch_invariant))
+        except ValueError as e:
+            raise UserError(str(e)) from None
         if names is None:
             names = [Path(m).stem if isinstance(m, (str, os.PathLike)) else str(i) for i, m in enumerate(maps)]
         names = [str(n) for n in names]
@@ -368,15 +321,14 @@ class SCDMPipeline:
         ids = [self.read_label_map(m, raw_ids, what=f"label map {names[i]}") for i, m in enumerate(maps)]
         inst = None if instance is None or self.no_instance else [
             self.read_instance_map(m, what=f"instance map {names[i]}") for i, m in enumerate(instances)]
-        y = self.model_input(ids, inst, unlabeled_to_zero)
-        diffusion = self.diffusion(steps, sampler)
+        y = self.model_input(ids, inst, settings.unlabeled_to_zero)
+        diffusion = self.diffusion(steps, settings.sampler)
         jobs = [(i, k) for i in range(len(maps)) for k in range(num_samples)]
         total, done = len(jobs) * diffusion.num_timesteps, 0
         out = [[None] * num_samples for _ in maps]
-        size = self.image_size
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start:start + batch_size]
-            gens = [torch.Generator().manual_seed(image_seed(seed, names[i], k)) for i, k in chunk]
+            gens = [g for i, k in chunk for g in image_generators(seed, [names[i]], k)]
 
             def on_step(n=len(chunk)):
                 nonlocal done
@@ -385,15 +337,12 @@ class SCDMPipeline:
                     callback(done, total)
 
             with precision_context(self.device, self.precision):
-                x = sample_loop(self.model, diffusion, (len(chunk), 3, size, size), y[[i for i, _ in chunk]],
-                                guidance_scale=float(guidance_scale), extrapolation=float(extrapolation),
-                                threshold_percentile=float(dynamic_threshold) or None, clip_denoised=clip_denoised,
-                                eta=float(eta), generators=gens, device=self.device, on_step=on_step,
-                                sampler=sampler, batch_invariant=batch_invariant)
+                x = sample_batch(self.model, diffusion, y[[i for i, _ in chunk]], settings, generators=gens,
+                                 device=self.device, on_step=on_step)
             for j, (i, k) in enumerate(chunk):
                 out[i][k] = Image.fromarray(to_uint8(x[j].float()))
         seeds = [[image_seed(seed, n, k) for k in range(num_samples)] for n in names]
         if single:
-            return PipelineOutput(out[0], names, seeds[0], unlabeled_to_zero)
-        return PipelineOutput(out, names, seeds, unlabeled_to_zero)
+            return PipelineOutput(out[0], names, seeds[0], settings.unlabeled_to_zero)
+        return PipelineOutput(out, names, seeds, settings.unlabeled_to_zero)
 

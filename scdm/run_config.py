@@ -151,12 +151,14 @@ def class_schedule_path(saved, model_path):
     return str(beside) if beside.is_file() else (saved or "")
 
 
-def resolve_model_flags(args, given, model_path, preset=""):
-    """Write the model and diffusion flags into `args`: from the run config beside `model_path`,
-    else from `preset`, else as given (the released way). Returns a `ModelFlags`.
+def resolve_model_flags(values, given, model_path, preset=""):
+    """The model and diffusion flags of `model_path` as a new dict: `values` (every flag, as given or
+    defaulted) updated from the run config beside the checkpoint, else from `preset`, else as given
+    (the released way). Returns (flags, `ModelFlags`).
 
-    Command-line values of run flags are kept in `args` so that loading can name a mismatch with
-    the checkpoint; `load_checked` refuses them afterwards."""
+    Given values of run flags are kept so that loading can name a mismatch with the checkpoint;
+    `load_checked` refuses them afterwards."""
+    values = dict(values)
     defaults = model_and_diffusion_defaults()
     run = find_run_config(model_path)
     if run is not None:
@@ -164,36 +166,36 @@ def resolve_model_flags(args, given, model_path, preset=""):
         for k in defaults:
             if k not in run.flags:
                 continue
-            saved = coerce(run.flags[k], getattr(args, k))
+            saved = coerce(run.flags[k], values.get(k, defaults[k]))
             if k == "class_schedule":
                 saved = class_schedule_path(saved, model_path)
-            auto = k in AUTO_FLAGS and getattr(args, k) < 0  # -1: "from the dataset", not a value
+            auto = k in AUTO_FLAGS and values[k] < 0  # -1: "from the dataset", not a value
             if k in given and not auto:
-                if k not in SAMPLING_TIME_FLAGS and not same_value(getattr(args, k), saved):
-                    result.contradictions[k] = (getattr(args, k), saved)
+                if k not in SAMPLING_TIME_FLAGS and not same_value(values[k], saved):
+                    result.contradictions[k] = (values[k], saved)
                 continue
-            setattr(args, k, saved)
-        return result
+            values[k] = saved
+        return values, result
     if preset:
         if preset not in PRESETS:
             raise UserError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
         for k, v in PRESETS[preset].model.items():
             if k not in given:
-                setattr(args, k, coerce(v, getattr(args, k)))
-        return ModelFlags(f"preset {preset}", preset=preset)
+                values[k] = coerce(v, values.get(k, defaults.get(k)))
+        return values, ModelFlags(f"preset {preset}", preset=preset)
     if not [k for k in given if k in defaults and k not in NOT_ARCHITECTURE]:
         raise CheckpointError(
             f"{model_path}: no {RUN_CONFIG} beside it (a released checkpoint?), so its architecture is unknown: "
             f"pass --preset {'|'.join(PRESETS)} (or every model flag, as the released scripts did)")
-    return ModelFlags("command line")
+    return values, ModelFlags("command line")
 
 
-def preset_differences(model_flags, args):
-    """Flags where --preset differs from the run config that was used instead."""
+def preset_differences(model_flags, flags):
+    """Flags where --preset differs from the run config that was used instead (`flags`: the resolved ones)."""
     if not model_flags.preset or model_flags.run_config is None or model_flags.preset not in PRESETS:
         return []
     return [k for k, v in PRESETS[model_flags.preset].model.items()
-            if k in model_flags.run_config.flags and not same_value(coerce(v, getattr(args, k)), getattr(args, k))]
+            if k in model_flags.run_config.flags and not same_value(coerce(v, flags[k]), flags[k])]
 
 
 def load_checked(model, model_path, flags, model_flags):

@@ -7,13 +7,13 @@ per-image generators, so results do not depend on batch composition. The sampler
 only through its call (and `forward_with_cfg` where it has one) and the diffusion through its
 public methods.
 """
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-
 
 
 @dataclass
@@ -178,12 +178,77 @@ _DRAW = {"gaussian": torch.randn, "uniform": torch.rand}
 SAMPLERS = ("ancestral", "ddim", "dpm++2m", "dpm++2m-sde")
 
 
+# The limits of the guidance scale and the x0 extrapolation, shared by every entry point.
+MAX_GUIDANCE = 100.0
+MAX_EXTRAPOLATION = 10.0
+
+
 def resolve_sampler(sampler=None, use_ddim=False):
     """The sampler name; `use_ddim=True` (the released flag) means "ddim" when no name is given."""
     name = sampler or ("ddim" if use_ddim else "ancestral")
     if name not in SAMPLERS:
         raise ValueError(f"--sampler {name!r}: expected one of {', '.join(SAMPLERS)}")
     return name
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How label maps are sampled, checked once when made: every entry point (the sampler CLI, the
+    pipeline, generate, the painter, the benchmarks) builds one and hands it to `sample_batch`, so
+    a limit or a default cannot differ between them.
+
+    `respacing` names the step grid the caller's diffusion is respaced to (`ddim25`, `logsnr10`,
+    ...; recorded, not applied here); `unlabeled_to_zero` says how the caller built `y` (the
+    unlabeled class as the all-zero [MASK] vector)."""
+    sampler: str = "ancestral"
+    respacing: str = ""
+    guidance_scale: float = 1.0
+    extrapolation: float = 0.0
+    dynamic_threshold: float = 0.0   # percentile of the dynamic thresholding of x0; 0: plain clipping
+    clip_denoised: bool = True
+    eta: float = 0.0
+    unlabeled_to_zero: bool = False
+    batch_invariant: bool = False
+    batched_guidance: bool = True
+
+    def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler={self.sampler!r}: expected one of {', '.join(SAMPLERS)}")
+        for name, lo, hi, hi_open in (("guidance_scale", 0.0, MAX_GUIDANCE, False),
+                                      ("extrapolation", 0.0, MAX_EXTRAPOLATION, False),
+                                      ("dynamic_threshold", 0.0, 1.0, True), ("eta", 0.0, 1.0, False)):
+            value = getattr(self, name)
+            try:
+                ok = not isinstance(value, bool) and lo <= float(value) and (
+                    float(value) < hi if hi_open else float(value) <= hi)
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ValueError(f"{name}={value!r}: expected a number in [{lo:g}, {hi:g}{')' if hi_open else ']'}"
+                                 + (" (0: plain clipping)" if name == "dynamic_threshold" else ""))
+            object.__setattr__(self, name, float(value))
+
+    def loop_options(self):
+        """The keyword arguments of `sample_loop` these settings stand for."""
+        return dict(sampler=self.sampler, guidance_scale=self.guidance_scale, extrapolation=self.extrapolation,
+                    threshold_percentile=self.dynamic_threshold or None, clip_denoised=self.clip_denoised,
+                    eta=self.eta, batch_invariant=self.batch_invariant, batched_guidance=self.batched_guidance)
+
+
+def image_seed(seed, name, k=0):
+    """The seed of sample set `k` of the label map `name`: a sample depends on its map's name, not on
+    its batch, rank or resume point."""
+    return zlib.crc32(f"{seed}:{k}:{name}".encode()) & 0x7FFFFFFF
+
+
+def image_generators(seed, names, k=0):
+    """One seeded CPU generator per label map (see `image_seed`)."""
+    return [torch.Generator().manual_seed(image_seed(seed, n, k)) for n in names]
+
+
+def to_uint8(x):
+    """(3,H,W) in [-1,1] -> HxWx3 uint8."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
 def _draw(shape_per_item, batch, device, generators, kind="gaussian"):
@@ -197,15 +262,14 @@ def _draw(shape_per_item, batch, device, generators, kind="gaussian"):
 
 
 def sample_loop(model, diffusion, shape, y, *, noise=None, guidance_scale=1.0, extrapolation=0.0,
-                threshold_percentile=None, clip_denoised=True, use_ddim=False, eta=0.0,
+                threshold_percentile=None, clip_denoised=True, eta=0.0,
                 generators: Optional[Sequence[torch.Generator]] = None, device=None, progress=False,
                 batched_guidance=True, on_step: Optional[Callable[[], None]] = None, sampler=None,
                 batch_invariant=False):
     """Full reverse process from x_T ~ N(0, I) (or `noise`) to x_0, over all of this diffusion's
     steps (respaced when the diffusion is respaced). Returns x_0 clamped to [-1, 1].
     `progress`: a bar of its own over the steps; `on_step`: called after each step, for a caller's
-    bar that spans many batches. `sampler`: one of SAMPLERS (None: "ancestral", or "ddim" with
-    `use_ddim`). Every sampler evaluates the model once per step at the diffusion's (respaced) steps
+    bar that spans many batches. `sampler`: one of SAMPLERS (None: "ancestral"). Every sampler evaluates the model once per step at the diffusion's (respaced) steps
     ("ddimN", "N" or "logsnrN" respacing: N steps), drawing the same label noise, and they differ only
     in the update ("dpm++2m": `dpm_solver_update`). For "dpm++2m" use "logsnrN": on grids uniform in t
     its last steps before t = 0 are huge log-SNR steps where the second-order correction overshoots
@@ -213,7 +277,7 @@ def sample_loop(model, diffusion, shape, y, *, noise=None, guidance_scale=1.0, e
     `batch_invariant`: the network sees one image per call. Kernels pick their algorithm by batch
     size (oneDNN convs at batch 1, GEMM blocking, the unique-patch count of a batch), which moves the
     last bits; with per-image calls and `generators`, an image's result is the same bits in any batch."""
-    sampler = resolve_sampler(sampler, use_ddim)
+    sampler = resolve_sampler(sampler)
     device = device or next(model.parameters()).device
     b = shape[0]
     if y.shape[0] != b:
@@ -243,3 +307,13 @@ def sample_loop(model, diffusion, shape, y, *, noise=None, guidance_scale=1.0, e
         if on_step is not None:
             on_step()
     return x.clamp(-1, 1)
+
+
+def sample_batch(model, diffusion, y, settings: SamplerSettings, *, generators=None, noise=None, device=None,
+                 on_step: Optional[Callable[[], None]] = None):
+    """Samples for a batch of model inputs `y` (one image each) with `settings`, as (B, 3, S, S) in
+    [-1, 1]; the image side is the model's, the step grid `diffusion`'s. Non-finite results are
+    returned as they are: the caller names its checkpoint when it refuses them."""
+    size = y.shape[-1]
+    return sample_loop(model, diffusion, (y.shape[0], 3, size, size), y, noise=noise, generators=generators,
+                       device=device, on_step=on_step, **settings.loop_options())

@@ -23,7 +23,7 @@ from .dataset_layouts import DatasetError, display_names
 from .datasets import build_dataset
 from .errors import UserError
 from .fileio import save_image
-from .overview import header_font, legend_entries, with_legend
+from .figures import header_font, legend_entries, with_legend
 from .palettes import MASK_COLOR, TOY, colorize, palette, palette_name
 from .performance import precision_context
 from .presets import SAMPLING

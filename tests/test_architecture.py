@@ -85,6 +85,27 @@ def test_no_private_names_across_modules():
     assert not problems, "private names used across modules:\n" + "\n".join(problems)
 
 
+# The command-line programs of scdm: the library under them never imports one (a user's Python code,
+# the pipeline and the tools load checkpoints and sample through scdm.loading and scdm.sampling).
+ENTRY_POINTS = ("scdm.image_train", "scdm.image_sample", "scdm.generate", "scdm.app", "scdm.overview")
+
+
+def is_entry_point(mod):
+    return any(mod == e or mod.startswith(e + ".") for e in ENTRY_POINTS)
+
+
+def test_the_library_imports_no_entry_point():
+    problems = []
+    for path in python_files("scdm"):
+        here = module_name(path)
+        if is_entry_point(here):
+            continue
+        for mod, names in imports(path):
+            targets = [mod] + [f"{mod}.{n}" for n in names]
+            problems += [f"{path.relative_to(ROOT)} imports {t}" for t in targets if is_entry_point(t)]
+    assert not problems, "library modules importing an entry point:\n" + "\n".join(problems)
+
+
 def test_sampler_does_not_import_the_network():
     mods = [m for m, _ in imports(ROOT / "scdm" / "sampling.py")]
     assert not any(m.endswith("unet") for m in mods), mods

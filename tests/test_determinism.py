@@ -33,7 +33,7 @@ def busy_model():
 def sample(model, diffusion, y, seeds, batch_invariant):
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     return sample_loop(model, diffusion, (len(seeds), 3, 16, 16), y, guidance_scale=1.5, extrapolation=0.8,
-                       threshold_percentile=0.95, use_ddim=True, generators=gens, batch_invariant=batch_invariant)
+                       threshold_percentile=0.95, sampler="ddim", generators=gens, batch_invariant=batch_invariant)
 
 
 def test_batch_invariant_sampling_gives_the_same_bits_in_any_batch(busy_model):

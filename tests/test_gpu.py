@@ -42,7 +42,7 @@ def test_batch_invariant_sampling_on_cuda():
 
     def sample(rows):
         gens = [torch.Generator().manual_seed(10 + i) for i in rows]
-        return sample_loop(model, diffusion, (len(rows), 3, 16, 16), y[rows], guidance_scale=1.5, use_ddim=True,
+        return sample_loop(model, diffusion, (len(rows), 3, 16, 16), y[rows], guidance_scale=1.5, sampler="ddim",
                            generators=gens, batch_invariant=True, device="cuda")
 
     together = sample([0, 1, 2])

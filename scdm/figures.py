@@ -1,4 +1,4 @@
-"""overview.png: the first label maps of a results folder beside their ground truth and samples."""
+"""Figures of label maps and samples: overview.png of a results folder, legends, side-by-side panels."""
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
