@@ -266,27 +266,18 @@ def newest_toy_checkpoint():
 def run_precision(args):
     """Samples of the trained toy model from fixed noise, 25 guided DDIM steps, per precision."""
     from bench_steps import load_maps, miou, to_uint8
-    from scdm.checkpoint import load_into_model
     from scdm.conditioning import Conditioning
     from scdm.dataset_layouts import dataset_info
+    from scdm.loading import load_checkpoint
     from scdm.performance import cpu_half_support
-    from scdm.run_config import read_run_config
-    from scdm.script_util import model_and_diffusion_defaults
 
     model_path = Path(args.toy_model) if args.toy_model else newest_toy_checkpoint()
     data_dir = Path(args.toy_data)
     if model_path is None or not model_path.is_file() or not (data_dir / "test").is_dir():
         return {"skipped": f"no trained toy model ({model_path}) or toy data ({data_dir}): "
                            "train one as benchmarks/bench_steps.py describes"}
-    keys = model_and_diffusion_defaults()
-    flags = {k: v for k, v in read_run_config(model_path.parent).flags.items() if k in keys}
-    flags["use_fp16"] = False
-    schedule = model_path.parent / "class_schedule.npy"
-    if flags.get("class_schedule") and schedule.is_file():
-        flags["class_schedule"] = str(schedule)
-    model, diffusion = create_model_and_diffusion(**dict(flags, timestep_respacing="ddim25"))
-    load_into_model(model, model_path, flags)
-    model.eval()
+    loaded = load_checkpoint(model_path)
+    model, flags, diffusion = loaded.model, loaded.flags, loaded.diffusion("ddim25")
     info = dataset_info("folder", data_dir)
     conditioning = Conditioning(info.num_classes, flags["no_instance"], info.unlabeled_id, unlabeled_to_zero=True)
     names, y = load_maps(data_dir, args.precision_maps, info, conditioning, flags["image_size"])

@@ -36,7 +36,6 @@ sys.path.insert(0, str(ROOT))
 
 from evaluations.image_stats import distribution_distance, image_statistics, load_images  # noqa: E402
 from evaluations.miou import confusion_matrix, gt_to_classes, label_spec, scores  # noqa: E402
-from scdm.checkpoint import load_into_model  # noqa: E402
 from scdm.cli import HelpFormatter, positive_int  # noqa: E402
 from scdm.conditioning import Conditioning  # noqa: E402
 from scdm.dataset_layouts import dataset_info, read_ids  # noqa: E402
@@ -46,8 +45,9 @@ from scdm.fileio import save_image, write_json  # noqa: E402
 from scdm.performance import describe_machine  # noqa: E402
 from scdm.presets import SAMPLING  # noqa: E402
 from scdm.run_config import read_run_config  # noqa: E402
-from scdm.sampling import sample_loop  # noqa: E402
-from scdm.script_util import create_model_and_diffusion, model_and_diffusion_defaults  # noqa: E402
+from scdm.loading import load_checkpoint  # noqa: E402
+from scdm.sampling import SamplerSettings, sample_batch  # noqa: E402
+from scdm.script_util import create_diffusion, create_model_and_diffusion  # noqa: E402
 from scdm.toy import segment_toy_image  # noqa: E402
 
 GUIDANCE, THRESHOLD = SAMPLING["25"]["s"], SAMPLING["25"]["dynamic_threshold"]
@@ -109,15 +109,15 @@ def image_seed(seed, name):
 
 def sample(model, flags, setting, y, names, seed, batch_size):
     _, sampler, respacing, s, extrapolation, threshold, _ = setting
-    _, diffusion = create_model_and_diffusion(**dict(flags, timestep_respacing=respacing))
+    diffusion = create_diffusion(**dict(flags, timestep_respacing=respacing))
+    settings = SamplerSettings(sampler=sampler, respacing=respacing, guidance_scale=s, extrapolation=extrapolation,
+                               dynamic_threshold=threshold or 0.0)
     outs, seconds = [], 0.0
     for i in range(0, len(names), batch_size):
         gens = [torch.Generator().manual_seed(image_seed(seed, n)) for n in names[i:i + batch_size]]
         yb = y[i:i + batch_size]
         t0 = time.perf_counter()
-        x = sample_loop(model, diffusion, (len(gens), 3, flags["image_size"], flags["image_size"]), yb,
-                        guidance_scale=s, extrapolation=extrapolation, threshold_percentile=threshold,
-                        generators=gens, device="cpu", sampler=sampler)
+        x = sample_batch(model, diffusion, yb, settings, generators=gens, device="cpu")
         seconds += time.perf_counter() - t0
         outs.append(to_uint8(x))
     return np.concatenate(outs), seconds / len(names)
@@ -125,18 +125,10 @@ def sample(model, flags, setting, y, names, seed, batch_size):
 
 def run(args):
     model_path = Path(args.model_path)
-    run_config = read_run_config(model_path.parent)
-    if run_config is None:
+    if read_run_config(model_path.parent) is None:
         raise UserError(f"--model_path {model_path}: no args.json beside it (train with scdm.image_train)")
-    keys = model_and_diffusion_defaults()
-    flags = {k: v for k, v in run_config.flags.items() if k in keys}
-    flags["use_fp16"] = False
-    schedule = model_path.parent / "class_schedule.npy"
-    if flags.get("class_schedule") and schedule.is_file():
-        flags["class_schedule"] = str(schedule)
-    model, _ = create_model_and_diffusion(**flags)
-    load_into_model(model, model_path, flags)
-    model.eval()
+    loaded = load_checkpoint(model_path)
+    model, flags = loaded.model, dict(loaded.flags, use_fp16=False)
 
     toy = Path(args.data_dir)
     info = dataset_info("folder", toy)
