@@ -197,17 +197,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def accept_gpus_per_node(parser):
-    """The released launch flags: `--gpus_per_node N` (processes come from the launcher here) and
-    `--gpu N` (the device of a single-process run)."""
-    parser.add_argument("--gpus_per_node", type=positive_int, default=None,
-                        help="accepted for the released scripts; ignored: the number of processes comes from "
-                             "the launcher (mpiexec -n, torchrun --nproc_per_node) and each uses one device")
-    parser.add_argument("--gpu", type=nonnegative_int, default=None,
-                        help="the CUDA device of a single-process run (released flag); under a launcher each "
-                             "process takes its local rank's GPU")
-
-
 def note_gpus_per_node(args):
     """Say that --gpus_per_node is ignored, and apply --gpu."""
     if getattr(args, "gpus_per_node", None) is not None:
@@ -225,13 +214,3 @@ def dataset_info_for(dataset_mode, data_dir, num_classes=-1, unlabeled_id=-1):
         raise UserError("--dataset_mode is required (ade20k, coco, celeba, cityscapes or folder)")
     return dataset_info(dataset_mode, data_dir or None, num_classes=num_classes if num_classes > 0 else None,
                         unlabeled_id=unlabeled_id if unlabeled_id >= 0 else None)
-
-
-def resolve_dataset_flags(args):
-    """`dataset_info_for` the flags of `args`; writes the resolved values back into `args` (they are
-    saved with the run)."""
-    info = dataset_info_for(args.dataset_mode, args.data_dir, args.num_classes, args.unlabeled_id)
-    args.num_classes = info.num_classes
-    args.unlabeled_id = -1 if info.unlabeled_id is None else info.unlabeled_id
-    return info
-

@@ -21,161 +21,42 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from . import dist_util, rank_faults, script_util
+from . import dist_util, rank_faults
 from .checkpoint import CheckpointError
-from .cli import (HelpFormatter, accept_gpus_per_node, add_bool_argument, float_in, minus_one_or_positive,
-                  nonnegative_int, note_gpus_per_node, one_of, positive_int, probability, rate_list)
+from .cli import HelpFormatter, note_gpus_per_node
 from .conditioning import Conditioning
 from .dataset_layouts import CORRUPTION_FILE, display_names
 from .datasets import build_dataset, iter_user_errors_clean
 from .errors import UserError, run_cli
 from .fast_paths import from_disable_spec, route_details, summary_line
+from .figures import write_overview
 from .fileio import note_removed_temp_files, save_image
+from .flags import (DIFFUSION_FLAGS, LAUNCH_FLAGS, MODEL_FLAGS, SAMPLE_FLAGS, add_flags, as_sampling_flag,
+                    config_class, for_command_line)
 from .loading import resolve_checkpoint
 from .palettes import colorize, palette, palette_name
-from .figures import write_overview
-from .performance import PRECISIONS, maybe_compile, precision_context, resolve_precision
-from .presets import PRESETS
-from .results_folder import (
-    OUTPUT_DIRS, OUTPUT_FILES, build_manifest, check_results_path, plan_results, prepare_results, read_corruption,
-    unlabeled_handling,
-    sample_dirs,
-)
+from .performance import maybe_compile, precision_context, resolve_precision
+from .results_folder import (build_manifest, check_results_path, plan_results, prepare_results, read_corruption,
+                             sample_dirs, unlabeled_handling)
 from .run_config import given_flags
-from .sampling import (MAX_EXTRAPOLATION, MAX_GUIDANCE, SAMPLERS, SamplerSettings, image_generators, resolve_sampler,
-                       sample_batch, to_uint8)
+from .sampling import SamplerSettings, image_generators, resolve_sampler, sample_batch, to_uint8
+from .script_util import model_and_diffusion_defaults
 from .tuning_cache import reuse_record, write_record
-from .script_util import add_dict_to_argparser, model_and_diffusion_defaults
 from .stop_signals import worker_options
 
-# Formats the default as nothing: help lines that say their default in words get no "(default: ...)".
-NO_DEFAULT_LINE = "%(default).0s"
-SAMPLER_HELP = dict(
-    data_dir="(required) dataset root, or a noisy tree made by image_process (its corruption.json turns on "
-             "--label_resize)",
-    dataset_mode="dataset layout: ade20k, coco, celeba, cityscapes or folder (default: the run's, from args.json "
-                 "beside --model_path, or --preset's)",
-    clip_denoised="clip the x0 estimate to [-1, 1] at every step (released; not used with --dynamic_threshold)",
-    num_samples="label maps to sample, in name order; -1: the whole split",
-    batch_size="label maps per model call; samples do not depend on it (per-image seeds)",
-    model_path="(required) model*.pt or ema_*.pt, or a run folder (its newest checkpoint, EMA when saved); its "
-               "args.json gives the model flags (released checkpoints: --preset)",
-    results_path="(required) output folder; it gets manifest.json, and a rerun into it must use the same settings",
-    is_train="sample the training split, with its random crop and flip (released); False: the test split",
-    s="classifier-free guidance scale: eps(x, 0) + s (eps(x, y) - eps(x, 0)); 1: no guidance (released 1.5)",
-    extrapolation="x0 extrapolation e: x0 + e (x0 - previous x0); 0: off (released 25-step setting 0.8)",
-    dynamic_threshold="percentile p of the dynamic thresholding of x0; 0: plain clipping (released 25-step "
-                      "setting 0.95)",
-    seed="seed of the per-image noise (each label map and set has its own stream)",
-    unlabeled_to_zero="the unlabeled class becomes the all-zero [MASK] vector (as in training with it)",
-    label_resize="accept label maps of another size than their images, nearest-resized (the DS benchmark); "
-                 "on by itself for a tree with corruption.json",
-    use_ddim="DDIM updates instead of ancestral ones (use with a respacing such as ddim25)",
-    eta="DDIM noise: 0 deterministic, 1 as ancestral",
-    num_sets="sample sets K per label map: samples_0..samples_{K-1} (samples/ is set 0), for LPIPS diversity",
-    use_ema="with a model*.pt path, sample the EMA file of the same step (ema_<--ema_rate>_<step>.pt)",
-    ema_rate="the EMA rate whose file --use_ema picks",
-    num_workers="data-loading processes",
-    precision="fp32, fp16 or bf16 (autocast); empty: fp16 with --use_fp16 True, else fp32",
-    compile="torch.compile the model (falls back to eager where it cannot)",
-    disable_fast_paths="'all' or comma-separated names of scdm.fast_paths.FastPaths to turn off (debugging)",
-    verbose="print each fast-path choice (by default one summary line)",
-    batch_invariant="run the network one image at a time, so each file is byte-identical whatever --batch_size, "
-                    "the process count or the resume point (on one machine; slower by what batching saves, see docs/sampling.md); "
-                    "False: batches, which may change a sample by a rounding step",
-)
+def sampling_run_flags():
+    """Every flag of a sampling run, in --help order: the model flags say that their value comes from
+    the checkpoint's run."""
+    model_flags = {f.name: as_sampling_flag(f) for f in for_command_line(MODEL_FLAGS + DIFFUSION_FLAGS)}
+    return (SAMPLE_FLAGS[0], model_flags.pop("dataset_mode"), *SAMPLE_FLAGS[1:], *model_flags.values(), *LAUNCH_FLAGS)
 
 
-SAMPLING_TIME_DEFAULTS = dict(
-    timestep_respacing="(default: %(default)r: all steps)",
-    class_schedule="(default: the run's, e.g. class_schedule.npy beside --model_path; may point elsewhere)"
-                   + NO_DEFAULT_LINE,
-    use_fp16="(default: the run's, else %(default)r; --precision wins)",
-    use_checkpoint="(not used when sampling; default: %(default)r)",
-)
-
-
-def model_flag_help(name):
-    text = getattr(script_util, "MODEL_FLAG_HELP", {}).get(name, "model/diffusion flag")
-    if "%(" not in text:
-        text = text.replace("%", "%%")
-    if name in SAMPLING_TIME_DEFAULTS:
-        return f"{text} {SAMPLING_TIME_DEFAULTS[name]}"
-    return f"{text} (default: from args.json beside --model_path, or --preset; else %(default)r)"
-
-
-def sampler_help(defaults):
-    """Help lines with their defaults; required flags say so instead."""
-    helps = {}
-    for k, v in defaults.items():
-        text = SAMPLER_HELP[k]
-        if "(default:" in text or text.startswith("(required)"):
-            text += NO_DEFAULT_LINE
-        else:
-            text += " (default: %(default)r)"
-        helps[k] = text
-    return helps
-
-
-SAMPLE_FLAG_TYPES = dict(
-    num_samples=minus_one_or_positive, batch_size=positive_int, s=float_in(0.0, MAX_GUIDANCE),
-    extrapolation=float_in(0.0, MAX_EXTRAPOLATION),
-    dynamic_threshold=float_in(0.0, 1.0, hi_open=True), seed=nonnegative_int, eta=probability, num_sets=positive_int,
-    ema_rate=rate_list, num_workers=nonnegative_int, precision=one_of("", *PRECISIONS),
-)
+SampleRun = config_class("SampleRun", sampling_run_flags(), doc="The flags of one sampling run, resolved and frozen.")
 
 
 def create_argparser():
-    defaults = dict(
-        data_dir="",
-        dataset_mode="",
-        clip_denoised=True,
-        num_samples=-1,
-        batch_size=1,
-        model_path="",
-        results_path="",
-        is_train=False,
-        s=1.0,
-        extrapolation=0.0,
-        dynamic_threshold=0.0,
-        seed=0,
-        unlabeled_to_zero=False,
-        label_resize=False,
-        # additions
-        use_ddim=False,
-        eta=0.0,
-        num_sets=1,
-        use_ema=False,
-        ema_rate="0.9999",
-        num_workers=0,
-        precision="",
-        compile=False,
-        disable_fast_paths="",
-        verbose=False,
-        batch_invariant=False,
-    )
-    model_defaults = model_and_diffusion_defaults()
-    model_defaults["num_classes"] = -1
-    model_defaults.pop("dataset_mode")
     parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=HelpFormatter)
-    add_dict_to_argparser(parser, defaults, helps=sampler_help(defaults), types=SAMPLE_FLAG_TYPES)
-    parser.add_argument("--sampler", default="", choices=["", *SAMPLERS], metavar="NAME",
-                        help=f"reverse-process update, one of {', '.join(SAMPLERS)}: ancestral (released), ddim, or "
-                             "dpm++2m (DPM-Solver++(2M), a second-order multistep ODE solver for few steps, with "
-                             "--timestep_respacing logsnrN, e.g. logsnr10), dpm++2m-sde (its stochastic variant); "
-                             "one model call per respaced step for each (default: "
-                             "ddim with --use_ddim True, else ancestral)" + NO_DEFAULT_LINE)
-    parser.add_argument("--preset", default="", choices=["", *PRESETS], metavar="NAME",
-                        help=f"model flags of a released checkpoint (no args.json beside it): {', '.join(PRESETS)}; "
-                             "a run config beside the checkpoint wins (default: none)" + NO_DEFAULT_LINE)
-    add_bool_argument(parser, "--overwrite", default=False,
-                      help=f"start over in a --results_path written with other settings: removes what the sampler "
-                           f"wrote there ({', '.join(OUTPUT_DIRS)}, samples_*, {', '.join(OUTPUT_FILES)}) and nothing else (default: %(default)s)")
-    add_dict_to_argparser(parser, model_defaults, helps={k: model_flag_help(k) for k in model_defaults})
-    accept_gpus_per_node(parser)
-    add_bool_argument(parser, "--seed_align", default=True,
-                      help="released flag: the same random draws for a map in clean and noisy runs; here always so, "
-                           "since every image draws from its own seeded stream (False is refused) (default: %(default)s)")
+    add_flags(parser, sampling_run_flags())
     return parser
 
 
@@ -222,8 +103,8 @@ def main(argv=None):
     resized_by_tree = corruption is not None and not parsed.label_resize and "label_resize" not in given
     # The run's settings, resolved once: the checkpoint's model flags, what the sampler runs, and label
     # resizing for a noisy tree (the parsed flags stay as given).
-    args = argparse.Namespace(**{**vars(parsed), **spec.flags, "sampler": settings.sampler,
-                                 "label_resize": parsed.label_resize or resized_by_tree})
+    args = SampleRun(**{**vars(parsed), **spec.flags, "sampler": settings.sampler,
+                        "label_resize": parsed.label_resize or resized_by_tree})
     precision = resolve_precision(args.precision, args.use_fp16 if "use_fp16" in given or not args.precision
                                   else False)
 

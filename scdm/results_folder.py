@@ -123,7 +123,7 @@ def build_manifest(args, model_path, model_flags, precision, corruption):
     """What makes this results folder: checkpoint, every flag, label source, code version."""
     match = CHECKPOINT_FILE.match(model_path.name)
     model_keys = [k for k in model_and_diffusion_defaults() if k not in SAMPLING_TIME_FLAGS]
-    sampler_keys = [k for k in vars(args) if k not in model_keys and k not in
+    sampler_keys = [k for k in args.values() if k not in model_keys and k not in
                     ("model_path", "data_dir", "dataset_mode", "is_train")]
     sampling = {k: getattr(args, k) for k in sampler_keys}
     # What runs, not what was asked: fp16 on a device without it runs in fp32.

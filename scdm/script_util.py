@@ -1,13 +1,9 @@
-"""Defaults, model/diffusion construction and argparse helpers, under the released flag names."""
-import argparse
-
+"""Model and diffusion construction from flag values, under the released names and defaults."""
 import numpy as np
 
 from . import gaussian_diffusion as gd
-from .cli import (add_bool_argument, float_in, int_at_least, int_list, minus_one_or_positive, one_of, positive_int,
-                  respacing)
-from .cli import str2bool  # noqa: F401  (kept importable here)
-from .dataset_layouts import LAYOUTS, get_layout
+from .dataset_layouts import get_layout
+from .flags import DIFFUSION_FLAGS, MODEL_FLAGS, defaults
 from .label_diffusion import COND_OPTS, DISCRETE_CLASSWISE, load_class_schedule
 from .respace import SpacedDiffusion, space_timesteps
 from .unet import UNetModel
@@ -17,106 +13,14 @@ DEFAULT_CHANNEL_MULT = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 1
 
 
 def diffusion_defaults():
-    return dict(
-        learn_sigma=False,
-        diffusion_steps=1000,
-        noise_schedule="linear",
-        timestep_respacing="",
-        use_kl=False,
-        predict_xstart=False,
-        rescale_timesteps=False,
-        rescale_learned_sigmas=False,
-        cond_diffuse=False,
-        cond_opt="",
-        class_schedule="",   # path to the per-class lambda .npy for discrete_zero_classwise
-        unlabeled_id=-1,     # -1: from dataset_mode (ade20k 150, coco 182, else none)
-    )
+    """The diffusion flags' released defaults (`scdm.flags.DIFFUSION_FLAGS`)."""
+    return defaults(DIFFUSION_FLAGS)
 
 
 def model_and_diffusion_defaults():
-    return dict(
-        image_size=64,
-        num_classes=151,
-        num_channels=128,
-        num_res_blocks=2,
-        channel_mult="",
-        num_heads=4,
-        num_head_channels=-1,
-        num_heads_upsample=-1,
-        attention_resolutions="16,8",
-        dropout=0.0,
-        class_cond=True,
-        use_checkpoint=False,
-        use_scale_shift_norm=True,
-        resblock_updown=False,
-        use_fp16=False,
-        use_new_attention_order=False,
-        no_instance=False,
-        dataset_mode="",
-        **diffusion_defaults(),
-    )
+    """Every model and diffusion flag's released default (`scdm.flags`)."""
+    return defaults(MODEL_FLAGS, DIFFUSION_FLAGS)
 
-
-# Help lines of the flags above, shared by image_train and image_sample. "released:" says what a
-# flag did in the released code where ours differs or where the flag is kept only for compatibility.
-MODEL_FLAG_HELP = dict(
-    image_size="image side in pixels (square images)",
-    num_classes="label classes, the unlabeled one included; the model gets one one-hot channel per class "
-                "(plus an edge channel unless --no_instance)",
-    num_channels="base channel count of the UNet",
-    num_res_blocks="residual blocks per resolution",
-    channel_mult="comma-separated channel multipliers per resolution, e.g. 1,1,2,2,4,4; empty: the default "
-                 "for --image_size",
-    num_heads="attention heads (used when --num_head_channels is -1)",
-    num_head_channels="channels per attention head; -1: a fixed number of heads (--num_heads)",
-    num_heads_upsample="released: attention heads in the decoder; -1: same as --num_heads",
-    attention_resolutions="comma-separated resolutions in pixels that get self-attention, e.g. 32,16,8",
-    dropout="dropout rate inside the residual blocks",
-    class_cond="released: must stay True (SCDM models are conditioned on a label map)",
-    use_checkpoint="gradient checkpointing: less memory, about a third slower",
-    use_scale_shift_norm="the timestep embedding scales and shifts the normalised features (released: True)",
-    resblock_updown="residual blocks for up- and downsampling (released: True)",
-    use_fp16="released: run the model in fp16; here fp16 autocast on fp32 weights (same checkpoint layout), "
-             "the same as --precision fp16",
-    use_new_attention_order="split q, k, v before the heads instead of after (released: False)",
-    no_instance="no instance-edge channel in the model input (ADE20K has no instance maps)",
-    dataset_mode="dataset layout: ade20k, coco, celeba, cityscapes or folder (sets the class count and the "
-                 "unlabeled class)",
-    learn_sigma="the model also predicts the variance (6 output channels; released: True)",
-    diffusion_steps="number of diffusion steps T of training",
-    noise_schedule="beta schedule: linear or cosine",
-    timestep_respacing="use a subset of the T steps when sampling: e.g. ddim25 or 250; empty: all of them",
-    use_kl="released: train on the variational bound instead of the noise MSE",
-    predict_xstart="the model predicts x0 instead of the noise",
-    rescale_timesteps="released: the model sees timesteps scaled to 0..1000 whatever T is",
-    rescale_learned_sigmas="released: with --learn_sigma, scale the variational-bound term as the released "
-                           "hybrid loss does",
-    cond_diffuse="diffuse the label map too (SCDM); False: plain SDM conditioning on the clean map",
-    cond_opt="label diffusion: discrete_zero_classwise (SCDM, needs --class_schedule), discrete_zero_uniform, "
-             "or empty for Gaussian noise",
-    class_schedule="per-class lambda .npy for discrete_zero_classwise (the released *_psiphi.npy, or one made "
-                   "by `python -m scdm.class_schedule`)",
-    unlabeled_id="class id of 'unlabeled' (it always diffuses uniformly); -1: from --dataset_mode (ade20k 150, "
-                 "coco 182, folder: its dataset.json, else none)",
-)
-
-def class_count(v):
-    """argparse `type=` of --num_classes: -1 (from the dataset) or at least 2 classes."""
-    x = int_at_least(-1)(v)
-    if x in (0, 1):
-        raise argparse.ArgumentTypeError(f"-1 (from the dataset) or a class count >= 2 expected, got {v!r}")
-    return x
-
-
-# Parse-time type and range of each model and diffusion flag (a released default passes its own check).
-MODEL_FLAG_TYPES = dict(
-    image_size=int_at_least(8), num_classes=class_count, num_channels=positive_int, num_res_blocks=positive_int,
-    channel_mult=int_list, num_heads=positive_int, num_head_channels=minus_one_or_positive,
-    num_heads_upsample=minus_one_or_positive, attention_resolutions=int_list,
-    dropout=float_in(0.0, 1.0, hi_open=True), diffusion_steps=positive_int,
-    noise_schedule=one_of(*gd.NOISE_SCHEDULES), timestep_respacing=respacing, cond_opt=one_of(*COND_OPTS),
-    dataset_mode=one_of("", *LAYOUTS), unlabeled_id=int_at_least(-1),
-)
 
 # The flags that fix the network and its diffusion: a resume or a sampler must use the values the
 # checkpoint was trained with.
@@ -255,22 +159,3 @@ def create_gaussian_diffusion(*, steps=1000, learn_sigma=False, noise_schedule="
         cond_opt=cond_opt,
         class_lambdas=class_lambdas,
     )
-
-
-# ----- argparse helpers ---------------------------------------------------------------------------
-def add_dict_to_argparser(parser, default_dict, helps=None, types=None):
-    """One flag per key; booleans take `--flag`, `--flag True` or `--flag False`. A flag without a
-    text in `helps` still gets a help line, so that its default shows. `types` gives a flag its
-    checked type (range, choices; see `scdm.cli`); the model flags' types are always applied."""
-    helps = helps or {}
-    types = {**MODEL_FLAG_TYPES, **(types or {})}
-    for k, v in default_dict.items():
-        text = helps.get(k) or "(default: %(default)s)"
-        if isinstance(v, bool):
-            add_bool_argument(parser, f"--{k}", default=v, help=text)
-        else:
-            parser.add_argument(f"--{k}", default=v, type=types.get(k) or (str if v is None else type(v)), help=text)
-
-
-def args_to_dict(args, keys):
-    return {k: getattr(args, k) for k in keys}

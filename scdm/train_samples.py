@@ -23,6 +23,7 @@ from .dataset_layouts import DatasetError, display_names
 from .datasets import build_dataset
 from .errors import UserError
 from .fileio import save_image
+from .flags import DEFAULT_MAPS, DEFAULT_RESPACING
 from .figures import header_font, legend_entries, with_legend
 from .palettes import MASK_COLOR, TOY, colorize, palette, palette_name
 from .performance import precision_context
@@ -36,12 +37,10 @@ HOLE = -1               # a blanked pixel of a noisy id map: all-zero in `y`, MA
 RANDOM_P = 0.1          # the paper's Random noise
 EDGE_RADIUS_AT_256 = 2  # the paper's Edge noise at 256 px, scaled to the image size (32 px: 0, a 2-px band)
 DS_FACTOR = 4           # the paper's DS: 256 -> 64, a quarter of the side, then back (nearest)
-DEFAULT_RESPACING = "ddim10"
 # The released few-step setting without guidance (a run trained without --drop_rate has no unconditional
 # model): x0 extrapolation and dynamic thresholding, which keep DDIM at 10 steps from leaving noise behind.
 SAMPLE_SETTINGS = dict(extrapolation=SAMPLING["25"]["extrapolation"],
                        threshold_percentile=SAMPLING["25"]["dynamic_threshold"])
-DEFAULT_MAPS = 4
 SAMPLES_DIR = "samples"
 TILE = 64               # smallest tile side in the grid (pixels); label maps enlarged with nearest
 GAP, HEAD, LEFT, FOOT = 4, 20, 110, 18

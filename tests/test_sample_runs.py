@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import TINY_FLAGS, random_label_map
-from scdm import image_sample, overview, results_folder, run_config
+from scdm import figures, image_sample, results_folder, run_config
 from scdm.palettes import palette, palette_name, spread_colors
 from scdm.presets import PRESETS, as_argv
 from scdm.sampling import sample_loop
@@ -108,7 +108,7 @@ def test_labels_color_uses_the_toy_palette_and_black_for_unlabeled(toy, sampled)
 def test_overview_has_headers_and_large_tiles(sampled):
     res, _ = sampled
     im = np.asarray(Image.open(res / "overview.png").convert("RGB"))
-    tile, gap, head, rows = overview.OVERVIEW_TILE, 4, 24, 4
+    tile, gap, head, rows = figures.OVERVIEW_TILE, 4, 24, 4
     grid = head + rows * (tile + gap) - gap
     assert im.shape[1] == 3 * tile + 2 * gap and im.shape[0] > grid
     legend = im[grid:]  # below the tiles: the legend, toy class colours as swatches and dark names

@@ -17,7 +17,8 @@ import torch
 from scdm.checkpoint import latest_complete_set, model_name
 from scdm.image_train import create_argparser
 from scdm.presets import PRESETS, as_argv
-from scdm.script_util import MODEL_FLAG_HELP, architecture_conflicts, model_and_diffusion_defaults
+from scdm.flags import DIFFUSION_FLAGS, LAUNCH_FLAGS, MODEL_FLAGS, SAMPLE_FLAGS, TRAIN_FLAGS
+from scdm.script_util import architecture_conflicts, model_and_diffusion_defaults
 from scdm.train_util import TrainLoop, adamw, ema_decay, load_adamw_state, resolve_resume
 
 from conftest import in_process_if_cli
@@ -253,7 +254,10 @@ def test_every_training_flag_has_a_help_line_with_its_default(monkeypatch):
     actions = [a for a in parser._actions if a.option_strings and a.dest != "help"]
     undocumented = [a.dest for a in actions if not (a.help and a.help.strip())]
     assert not undocumented
-    assert set(model_and_diffusion_defaults()) <= set(MODEL_FLAG_HELP)
+    tables = MODEL_FLAGS + DIFFUSION_FLAGS + TRAIN_FLAGS + SAMPLE_FLAGS + LAUNCH_FLAGS
+    names = [f.name for f in MODEL_FLAGS + DIFFUSION_FLAGS + TRAIN_FLAGS + LAUNCH_FLAGS]
+    assert len(names) == len(set(names)) and all(f.help.strip() for f in tables)  # each flag declared once
+    assert {a.dest for a in actions} == set(names)
     text = " ".join(parser.format_help().split())
     assert "(default: 0.9999)" in text and "loss-second-moment (released)" in text
     assert "grad scaler on fp32 master weights" in text
