@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scdm.app.server import MAX_BODY, make_server
+from scdm.app.server import MAX_BODY, PainterHandler, PainterServer, make_server
 from scdm.pipeline import MASK_ID, SCDMPipeline
 from tiny_run import make_tiny_run
 
@@ -55,6 +55,11 @@ def wait(server, job_id, timeout=120):
             return job
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} still {job['status']}")
+
+
+def test_the_server_holds_the_app_its_module_level_handler_answers_from(server):
+    assert isinstance(server, PainterServer) and server.RequestHandlerClass is PainterHandler
+    assert request(server, "GET", "/api/info")[1]["image_size"] == server.app.pipe.image_size
 
 
 def test_page_info_and_a_job(server):

@@ -340,152 +340,159 @@ def example_maps(pipe, limit=EXAMPLES):
     return maps
 
 
-def make_handler(app):
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "scdm-app"
-        protocol_version = "HTTP/1.1"
+class PainterHandler(BaseHTTPRequestHandler):
+    """One HTTP request: the static page or the JSON API, answered from the `PainterApp` that the
+    server holds (`self.server.app`). A `BadRequest` becomes its 4xx and `{"error": ...}`; any other
+    exception a 500 with its type and message, so nothing a client sends stops the server."""
+    server_version = "scdm-app"
+    protocol_version = "HTTP/1.1"
 
-        def log_message(self, format, *args):  # quiet: one line per error only
-            pass
+    @property
+    def app(self):
+        return self.server.app
 
-        def send_body(self, status, body, content_type):
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
+    def log_message(self, format, *args):  # quiet: one line per error only
+        pass
 
-        def send_json(self, obj, status=HTTPStatus.OK):
-            self.send_body(status, json.dumps(obj).encode(), "application/json")
+    def send_body(self, status, body, content_type):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
-        def read_body(self):
-            length = self.headers.get("Content-Length")
-            if length is None:
-                raise BadRequest("a Content-Length header is required", HTTPStatus.LENGTH_REQUIRED)
-            try:
-                n = int(length)
-            except ValueError:
-                raise BadRequest("Content-Length must be an integer") from None
-            if n < 0:
-                raise BadRequest("Content-Length must be >= 0")
-            if n > MAX_BODY:
-                self.close_connection = True  # the unread body would be taken for the next request
-                raise BadRequest(f"the request body is {n} bytes; at most {MAX_BODY} are accepted",
-                                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
-            return self.rfile.read(n)
+    def send_json(self, obj, status=HTTPStatus.OK):
+        self.send_body(status, json.dumps(obj).encode(), "application/json")
 
-        def read_json(self):
-            data = self.read_body()
-            try:
-                body = json.loads(data)
-            except (ValueError, UnicodeDecodeError) as e:
-                raise BadRequest(f"the body is not valid JSON ({e})") from None
-            if not isinstance(body, dict):
-                raise BadRequest("the body must be a JSON object")
-            return body
+    def read_body(self):
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise BadRequest("a Content-Length header is required", HTTPStatus.LENGTH_REQUIRED)
+        try:
+            n = int(length)
+        except ValueError:
+            raise BadRequest("Content-Length must be an integer") from None
+        if n < 0:
+            raise BadRequest("Content-Length must be >= 0")
+        if n > MAX_BODY:
+            self.close_connection = True  # the unread body would be taken for the next request
+            raise BadRequest(f"the request body is {n} bytes; at most {MAX_BODY} are accepted",
+                             HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+        return self.rfile.read(n)
 
-        def handle_any(self, method):
-            try:
-                self.route(method)
-            except BadRequest as e:
-                self.send_json({"error": str(e)}, e.status)
-            except Exception as e:  # a bug must not take the server down; say what happened
-                self.send_json({"error": f"internal error: {type(e).__name__}: {e}"},
-                               HTTPStatus.INTERNAL_SERVER_ERROR)
+    def read_json(self):
+        data = self.read_body()
+        try:
+            body = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BadRequest(f"the body is not valid JSON ({e})") from None
+        if not isinstance(body, dict):
+            raise BadRequest("the body must be a JSON object")
+        return body
 
-        def do_GET(self):
-            self.handle_any("GET")
+    def handle_any(self, method):
+        try:
+            self.route(method)
+        except BadRequest as e:
+            self.send_json({"error": str(e)}, e.status)
+        except Exception as e:  # a bug must not take the server down; say what happened
+            self.send_json({"error": f"internal error: {type(e).__name__}: {e}"},
+                           HTTPStatus.INTERNAL_SERVER_ERROR)
 
-        def do_HEAD(self):
-            self.handle_any("GET")
+    def do_GET(self):
+        self.handle_any("GET")
 
-        def do_POST(self):
-            self.handle_any("POST")
+    def do_HEAD(self):
+        self.handle_any("GET")
 
-        def do_DELETE(self):
-            self.handle_any("DELETE")
+    def do_POST(self):
+        self.handle_any("POST")
 
-        def do_PUT(self):
-            self.handle_any("PUT")
+    def do_DELETE(self):
+        self.handle_any("DELETE")
 
-        def route(self, method):
-            url = urlparse(self.path)
-            parts = [p for p in url.path.split("/") if p]
-            query = parse_qs(url.query)
-            if method == "GET" and (not parts or parts[0] == "static"):
-                return self.static(parts[1:] if parts else ["index.html"])
-            if parts[:1] != ["api"]:
-                raise BadRequest(f"no page {url.path}", HTTPStatus.NOT_FOUND)
-            parts = parts[1:]
-            routes = {
-                ("GET", "info"): lambda: self.send_json(app.info()),
-                ("GET", "examples"): lambda: self.example(parts[1:]),
-                ("POST", "decode"): lambda: self.decode(query),
-                ("POST", "noise"): lambda: self.send_json({"ids": app.noise(self.read_json()).tolist()}),
-                ("POST", "jobs"): lambda: self.jobs(parts[1:], method),
-                ("GET", "jobs"): lambda: self.jobs(parts[1:], method),
-                ("DELETE", "jobs"): lambda: self.jobs(parts[1:], method),
-            }
-            key = (method, parts[0] if parts else "")
-            if key not in routes:
-                if any(k[1] == key[1] for k in routes):
-                    raise BadRequest(f"{method} is not allowed on {url.path}", HTTPStatus.METHOD_NOT_ALLOWED)
-                raise BadRequest(f"no API endpoint {url.path}", HTTPStatus.NOT_FOUND)
-            routes[key]()
+    def do_PUT(self):
+        self.handle_any("PUT")
 
-        def static(self, parts):
-            name = "/".join(parts)
-            path = (STATIC / name).resolve()
-            if STATIC not in path.parents or not path.is_file() or path.suffix not in STATIC_TYPES:
-                raise BadRequest(f"no page /{name}", HTTPStatus.NOT_FOUND)
-            self.send_body(HTTPStatus.OK, path.read_bytes(), STATIC_TYPES[path.suffix])
+    def route(self, method):
+        url = urlparse(self.path)
+        parts = [p for p in url.path.split("/") if p]
+        query = parse_qs(url.query)
+        if method == "GET" and (not parts or parts[0] == "static"):
+            return self.static(parts[1:] if parts else ["index.html"])
+        if parts[:1] != ["api"]:
+            raise BadRequest(f"no page {url.path}", HTTPStatus.NOT_FOUND)
+        parts = parts[1:]
+        routes = {
+            ("GET", "info"): lambda: self.send_json(self.app.info()),
+            ("GET", "examples"): lambda: self.example(parts[1:]),
+            ("POST", "decode"): lambda: self.decode(query),
+            ("POST", "noise"): lambda: self.send_json({"ids": self.app.noise(self.read_json()).tolist()}),
+            ("POST", "jobs"): lambda: self.jobs(parts[1:], method),
+            ("GET", "jobs"): lambda: self.jobs(parts[1:], method),
+            ("DELETE", "jobs"): lambda: self.jobs(parts[1:], method),
+        }
+        key = (method, parts[0] if parts else "")
+        if key not in routes:
+            if any(k[1] == key[1] for k in routes):
+                raise BadRequest(f"{method} is not allowed on {url.path}", HTTPStatus.METHOD_NOT_ALLOWED)
+            raise BadRequest(f"no API endpoint {url.path}", HTTPStatus.NOT_FOUND)
+        routes[key]()
 
-        def example(self, rest):
-            if not rest:
-                return self.send_json({"examples": list(app.examples)})
-            name = unquote("/".join(rest))
-            if name not in app.examples:
-                raise BadRequest(f"no example {name!r}; there are {list(app.examples)}", HTTPStatus.NOT_FOUND)
-            self.send_json({"name": name, "ids": app.examples[name].tolist()})
+    def static(self, parts):
+        name = "/".join(parts)
+        path = (STATIC / name).resolve()
+        if STATIC not in path.parents or not path.is_file() or path.suffix not in STATIC_TYPES:
+            raise BadRequest(f"no page /{name}", HTTPStatus.NOT_FOUND)
+        self.send_body(HTTPStatus.OK, path.read_bytes(), STATIC_TYPES[path.suffix])
 
-        def decode(self, query):
-            raw = query.get("raw_ids", ["0"])[0] in ("1", "true", "True")
-            ids, notes = app.decode(self.read_body(), raw)
-            self.send_json({"ids": ids.tolist(), "notes": notes})
+    def example(self, rest):
+        if not rest:
+            return self.send_json({"examples": list(self.app.examples)})
+        name = unquote("/".join(rest))
+        if name not in self.app.examples:
+            raise BadRequest(f"no example {name!r}; there are {list(self.app.examples)}", HTTPStatus.NOT_FOUND)
+        self.send_json({"name": name, "ids": self.app.examples[name].tolist()})
 
-        def jobs(self, rest, method):
-            if method == "POST" and not rest:
-                job = app.submit(self.read_json())
-                return self.send_json(job.describe(app.position(job)), HTTPStatus.ACCEPTED)
-            if not rest:
-                raise BadRequest("GET /api/jobs/<id>; POST /api/jobs submits", HTTPStatus.METHOD_NOT_ALLOWED)
-            job = app.get(rest[0])
-            tail = rest[1:]
-            if method == "DELETE" and not tail or method == "POST" and tail == ["cancel"]:
-                return self.send_json(app.cancel(job.id).describe())
-            if method == "GET" and not tail:
-                return self.send_json(job.describe(app.position(job)))
-            if method == "GET" and tail == ["label.png"] and job.label_png:
-                return self.send_body(HTTPStatus.OK, job.label_png, "image/png")
-            if method == "GET" and len(tail) == 2 and tail[0] == "images":
-                stem = tail[1][:-4] if tail[1].endswith(".png") else ""
-                if stem.isdigit() and int(stem) < len(job.images):
-                    return self.send_body(HTTPStatus.OK, job.images[int(stem)], "image/png")
-            raise BadRequest(f"no {'/'.join(tail)} for job {job.id} (status {job.status})", HTTPStatus.NOT_FOUND)
+    def decode(self, query):
+        raw = query.get("raw_ids", ["0"])[0] in ("1", "true", "True")
+        ids, notes = self.app.decode(self.read_body(), raw)
+        self.send_json({"ids": ids.tolist(), "notes": notes})
 
-    return Handler
+    def jobs(self, rest, method):
+        if method == "POST" and not rest:
+            job = self.app.submit(self.read_json())
+            return self.send_json(job.describe(self.app.position(job)), HTTPStatus.ACCEPTED)
+        if not rest:
+            raise BadRequest("GET /api/jobs/<id>; POST /api/jobs submits", HTTPStatus.METHOD_NOT_ALLOWED)
+        job = self.app.get(rest[0])
+        tail = rest[1:]
+        if method == "DELETE" and not tail or method == "POST" and tail == ["cancel"]:
+            return self.send_json(self.app.cancel(job.id).describe())
+        if method == "GET" and not tail:
+            return self.send_json(job.describe(self.app.position(job)))
+        if method == "GET" and tail == ["label.png"] and job.label_png:
+            return self.send_body(HTTPStatus.OK, job.label_png, "image/png")
+        if method == "GET" and len(tail) == 2 and tail[0] == "images":
+            stem = tail[1][:-4] if tail[1].endswith(".png") else ""
+            if stem.isdigit() and int(stem) < len(job.images):
+                return self.send_body(HTTPStatus.OK, job.images[int(stem)], "image/png")
+        raise BadRequest(f"no {'/'.join(tail)} for job {job.id} (status {job.status})", HTTPStatus.NOT_FOUND)
 
 
 class PainterServer(ThreadingHTTPServer):
+    """The HTTP server of one `PainterApp` (`.app`), each request answered by a `PainterHandler`."""
     daemon_threads = True
     allow_reuse_address = True
+
+    def __init__(self, address, app):
+        self.app = app
+        super().__init__(address, PainterHandler)
 
 
 def make_server(pipe, host="127.0.0.1", port=7860, queue_size=QUEUE_SIZE, max_steps=None):
     """The app's HTTP server (not yet serving: call `serve_forever`); port 0 picks a free port."""
     app = PainterApp(pipe, queue_size=queue_size, max_steps=max_steps)
-    server = PainterServer((host, port), make_handler(app))
-    server.app = app
-    return server
+    return PainterServer((host, port), app)
