@@ -106,6 +106,13 @@ def test_the_library_imports_no_entry_point():
     assert not problems, "library modules importing an entry point:\n" + "\n".join(problems)
 
 
+def test_production_code_does_not_import_unittest():
+    """unittest (mock included) is for the tests; production code swaps nothing behind a mock."""
+    found = [f"{path.relative_to(ROOT)}: {mod}" for path in python_files(*PACKAGES, "benchmarks")
+             for mod, _ in imports(path) if mod.split(".")[0] == "unittest"]
+    assert not found, "unittest imported by production code:\n" + "\n".join(found)
+
+
 def test_sampler_does_not_import_the_network():
     mods = [m for m, _ in imports(ROOT / "scdm" / "sampling.py")]
     assert not any(m.endswith("unet") for m in mods), mods

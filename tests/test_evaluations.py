@@ -226,8 +226,11 @@ def test_inception_weights_from_hub_cache_and_wrong_file(tmp_path, no_hub):
     assert net.identity.startswith("inception-sha256:")
     bad = tmp_path / "bad.pth"
     torch.save({"conv.weight": torch.zeros(1)}, bad)
+    from pytorch_fid import inception as pf
+    download = pf.load_state_dict_from_url
     with pytest.raises(EvalError, match="is not the pytorch-fid Inception state dict"):
         fid_mod.InceptionFeatures(str(bad), dims=64)
+    assert pf.load_state_dict_from_url is download  # put back after a failed build too
 
 
 def test_fid_cli_random_inception(tmp_path, no_hub):

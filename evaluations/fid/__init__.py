@@ -15,7 +15,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
-from unittest import mock
 
 import numpy as np
 import torch
@@ -58,8 +57,7 @@ class InceptionFeatures(torch.nn.Module):
             state = _read_state_dict(weights, INCEPTION_FILE)
             self.identity = f"inception-sha256:{file_sha256(Path(weights))}/dims{dims}"
         self.dims = dims
-        # pytorch-fid fetches its weights by URL inside the constructor; hand it ours instead.
-        with mock.patch.object(pf, "load_state_dict_from_url", lambda *a, **k: state):
+        with pytorch_fid_loads(state):
             try:
                 self.net = pf.InceptionV3([pf.InceptionV3.BLOCK_INDEX_BY_DIM[dims]])
             except RuntimeError as e:  # wrong keys or shapes
@@ -73,6 +71,23 @@ class InceptionFeatures(torch.nn.Module):
         if f.shape[2:] != (1, 1):
             f = torch.nn.functional.adaptive_avg_pool2d(f, 1)
         return f.flatten(1)
+
+
+@contextlib.contextmanager
+def pytorch_fid_loads(state: dict):
+    """While open, pytorch-fid's InceptionV3 constructor gets `state` where it would download its weights.
+
+    pytorch-fid has no argument for local weights: `InceptionV3(...)` builds the FID Inception and
+    fills it with `load_state_dict_from_url(FID_WEIGHTS_URL)`, looked up in `pytorch_fid.inception`.
+    That one function is swapped for one returning `state`, and put back on exit however the block ends.
+    """
+    from pytorch_fid import inception as pf
+    download = pf.load_state_dict_from_url
+    pf.load_state_dict_from_url = lambda *args, **kwargs: state
+    try:
+        yield
+    finally:
+        pf.load_state_dict_from_url = download
 
 
 @functools.lru_cache(maxsize=1)
