@@ -1,19 +1,39 @@
-# Shared by train.sh and sample.sh: the python to use, the presets, and how to launch N processes.
-# Commands run in the caller's folder, so relative DATA_DIR, LOG_DIR, MODEL, ... paths mean what they say.
+# The header every script in scripts/ shares: source it with `. "$(dirname "$0")/common.sh"` after `set -eu`.
+# Sourcing it only sets ROOT, VENV_PYTHON and PRESET_NAMES and defines the functions below; each script calls
+# the ones it needs, so that PYTHON keeps the meaning its own header gives it.
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# The repository's virtual environment, made and refreshed by setup_venv (scripts/setup_env.sh).
+VENV_PYTHON="$ROOT/.venv/bin/python"
+PRESET_NAMES="ade20k coco celeba cityscapes toy"
+
+at_root() {  # the scripts that work on the checkout itself (its venv, lock file, tests) run from its root
+    cd "$ROOT"
+}
+
+base_python() {  # base_python ARGS...: the interpreter that makes a new venv (PYTHON, default python3)
+    "${PYTHON:-python3}" "$@"
+}
+
+setup_venv() {  # create or refresh the repository's .venv from the lock file (idempotent)
+    sh "$ROOT/scripts/setup_env.sh"
+}
+
+# ----- train.sh and sample.sh: run the tools in the caller's folder, so relative DATA_DIR, LOG_DIR, MODEL,
+# ... paths mean what they say.
 # PYTHON: interpreter (default: the repository's .venv/bin/python when present, else python).
 # NUM_GPUS: processes to launch (default: visible GPUs, or 1). More than one uses mpiexec,
 # or torchrun when LAUNCHER=torchrun. LAUNCHER=srun (inside a Slurm job): srun starts the job's tasks.
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-if [ -z "${PYTHON:-}" ]; then
-    if [ -x "$ROOT/.venv/bin/python" ]; then PYTHON="$ROOT/.venv/bin/python"; else PYTHON=python; fi
-fi
-if [ -z "${NUM_GPUS:-}" ]; then
-    NUM_GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-    [ "${NUM_GPUS:-0}" -ge 1 ] 2>/dev/null || NUM_GPUS=1
-fi
-# The package is importable from any folder, also without an install.
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-PRESET_NAMES="ade20k coco celeba cityscapes toy"
+run_env() {  # sets PYTHON and NUM_GPUS as above and puts the repository on PYTHONPATH
+    if [ -z "${PYTHON:-}" ]; then
+        if [ -x "$VENV_PYTHON" ]; then PYTHON="$VENV_PYTHON"; else PYTHON=python; fi
+    fi
+    if [ -z "${NUM_GPUS:-}" ]; then
+        NUM_GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+        [ "${NUM_GPUS:-0}" -ge 1 ] 2>/dev/null || NUM_GPUS=1
+    fi
+    # The package is importable from any folder, also without an install.
+    export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+}
 
 preset_flags() {  # preset_flags PRESET STAGE [--get FLAG]: flags from scdm/presets.py (the one table)
     "$PYTHON" -m scdm.presets "$@"

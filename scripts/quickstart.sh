@@ -5,6 +5,7 @@
 # (--quick: a smaller smoke run, measured times in --help; --fresh: start over). Rerunning continues an
 # interrupted run.
 set -eu
-cd "$(dirname "$0")/.."
-sh scripts/setup_env.sh
-exec .venv/bin/python -m quickstart "$@"
+. "$(dirname "$0")/common.sh"
+at_root
+setup_venv
+exec "$VENV_PYTHON" -m quickstart "$@"

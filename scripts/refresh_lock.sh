@@ -4,9 +4,10 @@
 # versions to constraints.txt. Usage: sh scripts/refresh_lock.sh [pytest args]; then review and commit
 # the diff. PYTHON picks the base interpreter (default python3); the scratch venv is .venv-lock/.
 set -eu
-cd "$(dirname "$0")/.."
+. "$(dirname "$0")/common.sh"
+at_root
 rm -rf .venv-lock
-"${PYTHON:-python3}" -m venv .venv-lock
+base_python -m venv .venv-lock
 .venv-lock/bin/python -m pip install -q --upgrade pip
 .venv-lock/bin/python -m pip install -q -e '.[test]'
 echo "testing the newest versions (.venv-lock) ..." >&2

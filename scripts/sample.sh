@@ -12,6 +12,7 @@
 set -eu
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 . "$(dirname "$0")/common.sh"
+run_env
 case "${1:-}" in
     -h|--help|help) usage; exit 0 ;;
 esac

@@ -4,13 +4,14 @@
 # test.sh, demo.sh and quickstart.sh; PYTHON picks the base interpreter (default python3).
 # A new lock: sh scripts/refresh_lock.sh (tests the newest versions first).
 set -eu
-cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/python ]; then
-    "${PYTHON:-python3}" -m venv .venv
+. "$(dirname "$0")/common.sh"
+at_root
+if [ ! -x "$VENV_PYTHON" ]; then
+    base_python -m venv .venv
 fi
 stamp=.venv/.scdm-installed
 if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
-    .venv/bin/python -m pip install -q -c constraints.txt pip
-    .venv/bin/python -m pip install -q -c constraints.txt -e '.[test]'
+    "$VENV_PYTHON" -m pip install -q -c constraints.txt pip
+    "$VENV_PYTHON" -m pip install -q -c constraints.txt -e '.[test]'
     touch "$stamp"
 fi
