@@ -1,8 +1,8 @@
 """The robustness claim in miniature, with error bars: SDM vs SCDM (uniform and class-wise label diffusion)
 over training seeds, on clean and noisy toy label maps, on a CPU.
 
-    python benchmarks/robustness.py                  # the study: about 90 min on 2 CPU cores; rerun to resume
-    python benchmarks/robustness.py --budget tiny    # a smoke run of every stage (about 3 minutes)
+    python benchmarks/robustness.py                  # the study (its wall time: docs/robustness.md); rerun to resume
+    python benchmarks/robustness.py --budget tiny    # a smoke run of every stage
 
 Everything runs through the project's entry points, with the quickstart's stages (`quickstart.stages`):
 1. one toy dataset (`scdm.toy`, seed --data_seed), its class schedule, and DS / Edge / Random / Painter
@@ -20,10 +20,10 @@ torch hub cache; else the JSON says it was not computed).
 
 Writes <out_dir>/ (data, runs, samples, results.md), --out (the JSON: machine, code version, every setting,
 every per-seed number, mean and std over seeds, SCDM-minus-SDM differences paired by seed) and
---grid (samples of every model on every noise). Stages run --jobs at a time with --threads each: two
-single-threaded training runs side by side (1.4 s a step each at 16 px) go as fast as one with two
-threads (0.75 s), and the sixty short sampling runs overlap their start-up. Finished stages are skipped
-on a rerun; training resumes from its checkpoint.
+--grid (samples of every model on every noise). Stages run --jobs at a time with --threads each: at
+this size two single-threaded training runs side by side go as fast as one with two threads (the
+timing: docs/robustness.md), and the sixty short sampling runs overlap their start-up. Finished stages
+are skipped on a rerun; training resumes from its checkpoint.
 """
 from __future__ import annotations
 

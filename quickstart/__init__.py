@@ -1,7 +1,7 @@
 """Quickstart and miniature robustness benchmark: SCDM vs SDM on noisy toy label maps, on CPU.
 
-    python -m quickstart                  # default budget (about 14 min on 2 CPU cores)
-    python -m quickstart --quick          # smoke run (about 3 min), in results/quickstart-quick
+    python -m quickstart                  # default budget (measured times: docs/quickstart.md)
+    python -m quickstart --quick          # smoke run (its times: --help), in results/quickstart-quick
     python -m quickstart --fresh          # wipe the results folder first
 
 An experiment driver, kept out of the `scdm` library: it runs the project's entry points one after

@@ -16,7 +16,8 @@ NOISE_NAMES = {"clean": "clean", "ds": "DS", "edge": "Edge", "random": "Random",
 NOISE_CLI = {"ds": "downsample", "edge": "edge", "random": "random", "painter": "painter"}
 DROP_RATE = 0.2  # classifier-free label dropout of both models
 
-# DEFAULT: about 14 min on 2 shared CPU cores; QUICK: about 3 min (a smoke run, numbers not meaningful).
+# DEFAULT: the tour; QUICK: a smoke run of every stage (numbers not meaningful). Their measured times
+# depend on the machine: docs/quickstart.md (and --quick's help, which users read before choosing).
 BUDGETS = {
     "default": dict(out_dir="results/quickstart", size=32, num_train=512, num_test=64, steps=400, batch_size=16,
                     lr=5e-4, respacing="ddim25", sample_batch=16),
