@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from . import dist_util, rank_faults
-from .checkpoint import CLASS_SCHEDULE_COPY, RUN_CONFIG, CheckpointError
+from .checkpoint import (CLASS_SCHEDULE_COPY, RUN_CONFIG, CheckpointError, check_resume_members, parse_ema_rates,
+                         resolve_resume)
 from .cli import HelpFormatter, dataset_info_for, note_gpus_per_node
 from .conditioning import Conditioning
 from .errors import run_cli
@@ -31,7 +32,7 @@ from .stop_signals import exit_code
 from .script_util import architecture_conflicts, create_model_and_diffusion, model_and_diffusion_defaults
 from .train_monitor import TrainMonitor
 from .train_samples import TrainSamples, check_sample_respacing
-from .train_util import TrainingDiverged, TrainLoop, check_resume_members, parse_ema_rates, resolve_resume
+from .train_util import TrainingDiverged, TrainLoop
 
 # Every flag of a training run, in --help order (data first, then the run, the model, the diffusion).
 RUN_FLAGS = for_command_line(TRAIN_FLAGS[:1] + MODEL_FLAGS[-1:] + TRAIN_FLAGS[1:] + MODEL_FLAGS[:-1] + DIFFUSION_FLAGS

@@ -1,9 +1,9 @@
 """TrainLoop: DDP, AMP with a grad scaler, EMA, microbatches, classifier-free dropout,
-checkpoints with resume, divergence guard, and logging (see docs/architecture.md). What a run
+checkpoints with resume (the checkpoint sets are written, found and loaded by scdm.checkpoint),
+divergence guard, and logging (see docs/architecture.md). What a run
 shows while it trains (sample grids, TensorBoard, W&B) comes in through two optional hooks,
 `samples` (scdm.train_samples) and `monitor` (scdm.train_monitor)."""
 import contextlib
-import copy
 import math
 import signal
 import sys
@@ -16,11 +16,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from . import dist_util
-from .checkpoint import (CheckpointError, checkpoint_files, ema_name, latest_complete_set, load_file,
-                         load_into_model, model_name, opt_name, parse_step, save_atomic, scaler_name, warn_stderr)
+from .checkpoint import (initial_ema_params, load_into_model, load_optimizer_state, model_name, parse_ema_rates,
+                         parse_step, save_set)
 from .conditioning import Conditioning
 from .fast_paths import unwrap
-from .fileio import WriteError
 from .logger import MetricLogger
 from .performance import precision_context
 from .resample import LossSecondMomentResampler, UniformSampler
@@ -42,31 +41,8 @@ def adamw(params, lr, weight_decay, fused=True):
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def load_adamw_state(opt, state):
-    """Load a saved AdamW state, keeping this optimizer's kind of update: a saved state carries the
-    fused/foreach flags of the run that wrote it (the released code's: neither), which load_state_dict
-    would otherwise adopt; the step counters move to where that update keeps them."""
-    kind = {key: opt.defaults.get(key) for key in ("fused", "foreach")}
-    opt.load_state_dict(state)
-    for group in opt.param_groups:
-        group.update(kind)
-        for p in group["params"]:
-            step = opt.state.get(p, {}).get("step")
-            if isinstance(step, torch.Tensor):
-                opt.state[p]["step"] = (step.to(device=p.device, dtype=torch.float32) if kind["fused"]
-                                        else step.to(device="cpu", dtype=torch.get_default_dtype()))
-
-
 class TrainingDiverged(RuntimeError):
     """The loss stayed non-finite for too many consecutive steps."""
-
-
-RUN_FILES = ("progress.csv",)  # besides checkpoints, what shows that a log dir holds a run
-
-
-def parse_ema_rates(ema_rate):
-    """`--ema_rate "0.9999,0.999"` -> the rate names as they appear in ema_{rate}_{step}.pt."""
-    return [r.strip() for r in str(ema_rate).split(",") if r.strip()]
 
 
 def ema_decay(rate, step, warmup=False):
@@ -74,60 +50,6 @@ def ema_decay(rate, step, warmup=False):
     (1 + step) / (10 + step), so the initial weights fade out after a few hundred steps instead of
     dominating the EMA for ~1/(1 - rate) steps."""
     return min(rate, (1 + step) / (10 + step)) if warmup else rate
-
-
-def resolve_resume(log_dir, resume_checkpoint, ema_rates, warn=warn_stderr):
-    """The checkpoint to resume from ("" for a fresh run), refusing to restart over an existing run.
-
-    `auto`: the newest complete set in `log_dir` (sets with a missing or unreadable member are
-    skipped with one warning each), or a fresh run when the log dir holds no run at all."""
-    log_dir = Path(log_dir)
-    if resume_checkpoint and resume_checkpoint != "auto":
-        return str(resume_checkpoint)
-    found = checkpoint_files(log_dir)
-    evidence = [name for _, name in found] + [n for n in RUN_FILES if (log_dir / n).exists()]
-    if not evidence:
-        return ""
-    if resume_checkpoint == "auto":
-        latest = latest_complete_set(log_dir, ema_rates, warn=warn)
-        if latest is not None:
-            return str(latest[1])
-        hint = ("it stopped before its first checkpoint: remove its " + " and ".join(
-            n for n in RUN_FILES if (log_dir / n).exists()) + " to start it again, or pass another --log_dir"
-                if not found else "pass another --log_dir")
-        raise CheckpointError(
-            f"--resume_checkpoint auto: --log_dir {log_dir} holds a run ({', '.join(evidence[-3:])}) but no "
-            f"complete checkpoint set (model, ema_{{{','.join(ema_rates)}}}, opt) to resume from; {hint}")
-    models = [name for _, name in found if name.startswith("model")]
-    last = (models or [name for _, name in found] or [None])[-1]
-    what = f"last checkpoint: {last}" if last else f"{', '.join(evidence)}, no checkpoint"
-    raise CheckpointError(
-        f"--log_dir {log_dir} already holds a run ({what}); pass --resume_checkpoint auto to continue it, "
-        "or another --log_dir to start a new run")
-
-
-def missing_resume_members(resume_checkpoint, ema_rates):
-    """The files of `resume_checkpoint`'s set that are not there (EMA per rate, optimizer), which
-    a resume would otherwise restart silently from the model weights or from scratch."""
-    folder, step = Path(resume_checkpoint).parent, parse_step(resume_checkpoint)
-    wanted = [folder / ema_name(rate, step) for rate in ema_rates] + [folder / opt_name(step)]
-    return [p for p in wanted if not p.exists()]
-
-
-def check_resume_members(resume_checkpoint, ema_rates, allow_partial):
-    """Refuse a resume whose set lacks members unless `allow_partial`; returns the warnings to say."""
-    missing = missing_resume_members(resume_checkpoint, ema_rates)
-    if not missing:
-        return []
-    names = ", ".join(p.name for p in missing)
-    if not allow_partial:
-        raise CheckpointError(
-            f"--resume_checkpoint {resume_checkpoint}: its checkpoint set lacks {names} (EMA files follow "
-            "--ema_rate); resume from a complete set, set --ema_rate to the run's rates, or pass "
-            "--allow_partial_resume to restart the missing state (EMA from the model weights, optimizer from scratch)")
-    return [f"--allow_partial_resume: {p.name} not found; "
-            + ("the optimizer restarts from scratch" if p.name.startswith("opt") else
-               "this EMA restarts from the model weights") for p in missing]
 
 
 def data_parallel(model, device):
@@ -201,63 +123,17 @@ class TrainLoop:
         if precision == "fp16" and self.device.type == "cuda":
             growth_interval = max(1, round(1.0 / fp16_scale_growth)) if fp16_scale_growth > 0 else 2000
             self.scaler = torch.amp.GradScaler("cuda", growth_interval=growth_interval)
-        self.ema_params = [self._initial_ema(resume_checkpoint, name) for name in self.ema_rate_names]
+        self.ema_params = [initial_ema_params(self.model, resume_checkpoint, name, self.flags, self.device,
+                                              warn=self._warn) for name in self.ema_rate_names]
         if resume_checkpoint:
-            self._load_optimizer_state(resume_checkpoint)
+            load_optimizer_state(self.opt, self.scaler, resume_checkpoint, self.model.parameters(), warn=self._warn)
             self.logger.resume(self.step)
             self.last_saved_step = self.step  # its set is on disk
             self.logger.text(f"resumed from {resume_checkpoint} at step {self.step}")
         self.ddp = data_parallel(self.model, self.device)
 
-    # ----- resume --------------------------------------------------------------------------
-    def _sibling(self, resume_checkpoint, name):
-        return Path(resume_checkpoint).parent / name
-
-    def _initial_ema(self, resume_checkpoint, rate_name):
-        params = [p.detach().clone().float() for p in self.model.parameters()]
-        if not resume_checkpoint:
-            return params
-        path = self._sibling(resume_checkpoint, ema_name(rate_name, self.step))
-        if not path.exists():
-            self.logger.text(f"warning: {path} not found; EMA {rate_name} restarts from the model weights")
-            return params
-        ema_model = copy.deepcopy(self.model)
-        load_into_model(ema_model, path, self.flags)
-        return [p.detach().clone().float().to(self.device) for p in ema_model.parameters()]
-
-    def _load_optimizer_state(self, resume_checkpoint):
-        path = self._sibling(resume_checkpoint, opt_name(self.step))
-        if not path.exists():
-            self.logger.text(f"warning: {path} not found; the optimizer restarts from scratch")
-        else:
-            state = load_file(path, "optimizer checkpoint")
-            self._check_optimizer_shapes(path, state)
-            try:
-                load_adamw_state(self.opt, state)
-            except (ValueError, KeyError) as e:
-                raise CheckpointError(f"{path} does not fit this model's optimizer: {e}") from None
-        spath = self._sibling(resume_checkpoint, scaler_name(self.step))
-        if self.scaler is not None and spath.exists():
-            self.scaler.load_state_dict(load_file(spath, "grad scaler checkpoint"))
-
-    def _check_optimizer_shapes(self, path, state):
-        """An optimizer state of another architecture loads without complaint when the parameter
-        count matches, and fails at the first step; say so at load time instead."""
-        params = list(self.model.parameters())
-        saved = state.get("state", {}) if isinstance(state, dict) else {}
-        if not isinstance(state, dict) or "param_groups" not in state:
-            raise CheckpointError(f"{path} is not an optimizer state (opt*.pt)")
-        count = sum(len(g.get("params", ())) for g in state["param_groups"])
-        if count != len(params):
-            raise CheckpointError(f"{path} holds the optimizer state of {count} parameter tensors; this model has "
-                                  f"{len(params)}: it comes from another architecture")
-        for idx, entry in saved.items():
-            moment = entry.get("exp_avg") if isinstance(entry, dict) else None
-            i = int(idx)
-            if moment is not None and (i >= len(params) or tuple(moment.shape) != tuple(params[i].shape)):
-                shape = tuple(params[i].shape) if i < len(params) else "none"
-                raise CheckpointError(f"{path} does not fit this model: parameter {i} has shape {tuple(moment.shape)} "
-                                      f"there and {shape} here (another architecture)")
+    def _warn(self, line):
+        self.logger.text(f"warning: {line}")
 
     # ----- the loop ------------------------------------------------------------------------
     def done(self):
@@ -430,34 +306,11 @@ class TrainLoop:
             torch._foreach_add_(ema, params, alpha=1 - decay)
 
     # ----- checkpoints -----------------------------------------------------------------------
-    def _state_dict_from(self, params):
-        state = self.model.state_dict()
-        for (name, _), p in zip(self.model.named_parameters(), params):
-            state[name] = p.detach().to(state[name].dtype).cpu()
-        return state
-
     def save(self):
         self.check_replicas_in_sync()
         if dist_util.is_main():
-            written = []
-            try:
-                for rate_name, params in zip(self.ema_rate_names, self.ema_params):
-                    written.append(self.log_dir / ema_name(rate_name, self.step))
-                    save_atomic(self._state_dict_from(params), written[-1])
-                written.append(self.log_dir / opt_name(self.step))
-                save_atomic(self.opt.state_dict(), written[-1])
-                if self.scaler is not None:
-                    written.append(self.log_dir / scaler_name(self.step))
-                    save_atomic(self.scaler.state_dict(), written[-1])
-                # The model file goes last: its presence marks a complete checkpoint set.
-                written.append(self.log_dir / model_name(self.step))
-                save_atomic({k: v.cpu() for k, v in self.model.state_dict().items()}, written[-1])
-            except WriteError as e:
-                for path in written:  # no half set: the members of this step already written go
-                    path.unlink(missing_ok=True)
-                last = (f"the last complete set is {self.log_dir / model_name(self.last_saved_step)}"
-                        if self.last_saved_step is not None else "no checkpoint was saved in this run")
-                raise WriteError(f"checkpoint set of step {self.step} not saved ({e}); {last}") from None
+            save_set(self.log_dir, self.step, self.model, zip(self.ema_rate_names, self.ema_params), self.opt,
+                     self.scaler, last_saved_step=self.last_saved_step)
             self.logger.text(f"saved checkpoint {model_name(self.step)}")
         self.last_saved_step = self.step
         dist_util.barrier()

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from scdm.checkpoint import latest_complete_set, model_name
+from scdm.checkpoint import latest_complete_set, load_adamw_state, model_name, resolve_resume
 from scdm.image_train import create_argparser
 from scdm.presets import PRESETS, as_argv
 from scdm.flags import DIFFUSION_FLAGS, LAUNCH_FLAGS, MODEL_FLAGS, SAMPLE_FLAGS, TRAIN_FLAGS
 from scdm.script_util import architecture_conflicts, model_and_diffusion_defaults
-from scdm.train_util import TrainLoop, adamw, ema_decay, load_adamw_state, resolve_resume
+from scdm.train_util import TrainLoop, adamw, ema_decay
 
 from conftest import in_process_if_cli
 
