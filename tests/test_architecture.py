@@ -125,6 +125,8 @@ def test_sampler_does_not_import_the_network():
     (r"^LAYOUTS\s*[:=]", "scdm/dataset_layouts.py", "the dataset layouts"),
     (r"^def read_ids\(", "scdm/dataset_layouts.py", "the id-map reader"),
     (r"^class \w*Error\((Exception|ValueError|RuntimeError)\)", "scdm/errors.py", "a user-error base class"),
+    (r"\bsave_atomic\(|^def (save_set|resolve_resume|latest_complete_set|check_resume_members)\(",
+     "scdm/checkpoint.py", "writing, finding or checking a checkpoint set"),
 ])
 def test_one_owner(pattern, owner, what):
     rx = re.compile(pattern, re.M)
