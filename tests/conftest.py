@@ -1,15 +1,19 @@
 """Shared test setup: few threads (CI has 2 cores), deterministic seeds, the ../shared/compat path,
 one fast-path tuning cache for the whole session (every process reuses the first timing), and the
 CPU: tests marked `gpu` run only with `-m gpu` on a machine with CUDA; all others never see a GPU,
-in this process or in the ones they start."""
+in this process or in the ones they start. Below them, the helpers the command-line tests share
+(`run_command`, `write_toy`, `toy_train_argv`, `launch_argv`, `error_lines`), imported as `from conftest import ...`."""
 import os
 import sys
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+
+from scdm.presets import PRESETS, as_argv
 
 torch.set_num_threads(1)
 # One tuning cache for the session; xdist's workers inherit the controller's (the cache takes a lock).
@@ -44,7 +48,9 @@ def pytest_unconfigure(config):
     if _OWN_TUNING_DIR:
         shutil.rmtree(os.environ["SCDM_TEST_TUNING_DIR"], ignore_errors=True)
 
-COMPAT = Path(__file__).resolve().parents[1].parent / "shared" / "compat"
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+COMPAT = ROOT.parent / "shared" / "compat"
 
 
 @pytest.fixture
@@ -118,7 +124,6 @@ def run_in_process(module, argv, cwd=None):
     import contextlib
     import io
     import runpy
-    import subprocess
     import warnings
 
     argv = [str(a) for a in argv]
@@ -153,3 +158,51 @@ def in_process_if_cli(args, cwd=None, **subprocess_options):
             or args[2] not in IN_PROCESS_MODULES:
         return None
     return run_in_process(args[2], args[3:], cwd=cwd)
+
+
+def run_command(args, env, cwd=ROOT, check=True, timeout=240, in_process=True, **subprocess_options):
+    """A test's command line: one of our CLIs in this process where `in_process_if_cli` allows it (and
+    `in_process`, the caller's own condition, does), anything else as a subprocess in `cwd` with `env`,
+    its output captured as text. `check`: a non-zero exit fails with the end of both outputs."""
+    p = in_process_if_cli(args, **subprocess_options) if in_process else None
+    if p is None:
+        p = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+                           **subprocess_options)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def error_lines(stderr):
+    """The `error:` lines (a progress bar redraws its line with carriage returns)."""
+    lines = [part.strip() for line in stderr.splitlines() for part in line.split("\r")]
+    return [line for line in lines if line.startswith("error:")]
+
+
+# The toy architecture with uniform label diffusion: no class-schedule file needed.
+TOY_ARCH = as_argv(dict(PRESETS["toy"].model, cond_opt="discrete_zero_uniform"))
+
+
+def write_toy(out, num_train, num_test, size=32):
+    """The toy dataset in `out` as `python -m scdm.toy` writes it (run in this process); returns `out`."""
+    run_command([sys.executable, "-m", "scdm.toy", "--out_dir", out, "--num_train", num_train, "--num_test", num_test,
+                 "--size", size], env=None)
+    return out
+
+
+def toy_train_argv(data, log_dir, *extra, arch=TOY_ARCH, workers=0):
+    """`-m scdm.image_train` on `data` into `log_dir`: a batch of 2 per process, `workers` loader
+    workers, a progress line per step, then `extra`."""
+    return ["-m", "scdm.image_train", *arch, "--data_dir", data, "--log_dir", log_dir, "--batch_size", 2,
+            "--num_workers", workers, "--log_interval", 1, *extra]
+
+
+def launch_argv(launcher):
+    """The start of a two-process command line under `launcher` ("mpiexec", "torchrun"; else one
+    process): what comes before `-m module` or a script."""
+    if launcher == "mpiexec":
+        require_test_extra("mpi4py")
+        return [shutil.which("mpiexec", path=str(BIN)) or "mpiexec", "-n", "2", sys.executable]
+    if launcher == "torchrun":
+        return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2"]
+    return [sys.executable]

@@ -2,7 +2,6 @@
 back, the progress plot, and the pieces of the grid (noisy maps, [MASK] holes in y, toy mIoU)."""
 import csv
 import io
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -14,45 +13,33 @@ from PIL import Image
 
 from scdm.conditioning import Conditioning
 from scdm.palettes import MASK_COLOR, colorize, palette
-from scdm.presets import PRESETS, as_argv
 from scdm.toy import TOY_NUM_CLASSES, TOY_UNLABELED_ID
 from scdm.train_monitor import TrainMonitor, scalar_tag
 from scdm.train_samples import (HOLE, NOISES, TILE, GridLayout, model_input_with_holes, noisy_versions,
                                 pooled_miou)
 
-from conftest import in_process_if_cli
+from conftest import ROOT, TOY_ARCH, run_command, toy_train_argv, write_toy
 
-ROOT = Path(__file__).resolve().parents[1]
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin",
        "HOME": str(Path(tempfile.gettempdir()) / "scdm-test-home")}  # caches (matplotlib, wandb) stay out of the repo
-ARCH = as_argv(dict(PRESETS["toy"].model, cond_opt="discrete_zero_uniform"))
 MAPS = 2
 
 
 def run(args, check=True, timeout=300):
-    p = in_process_if_cli([sys.executable, *args])
-    if p is None:
-        p = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                       timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
-    return p
+    return run_command([sys.executable, *args], ENV, check=check, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    out = tmp_path_factory.mktemp("toy")
-    run(["-m", "scdm.toy", "--out_dir", out, "--num_train", 8, "--num_test", 4, "--size", 32])
-    return out
+    return write_toy(tmp_path_factory.mktemp("toy"), num_train=8, num_test=4)
 
 
 @pytest.fixture(scope="module")
 def trained(toy, tmp_path_factory):
     """3 steps with --sample_interval 2: grids at step 2 (interval) and 3 (the final save)."""
     log_dir = tmp_path_factory.mktemp("run")
-    p = run(["-m", "scdm.image_train", *ARCH, "--data_dir", toy, "--log_dir", log_dir, "--batch_size", 2,
-             "--num_workers", 0, "--log_interval", 1, "--max_steps", 3, "--save_interval", 100,
-             "--sample_interval", 2, "--sample_maps", MAPS, "--sample_respacing", "ddim2"])
+    p = run(toy_train_argv(toy, log_dir, "--max_steps", 3, "--save_interval", 100, "--sample_interval", 2,
+                           "--sample_maps", MAPS, "--sample_respacing", "ddim2"))
     return log_dir, p.stderr
 
 
@@ -132,11 +119,11 @@ def test_plot_progress_writes_a_png(trained, tmp_path):
 
 
 def test_a_respacing_the_diffusion_cannot_take_stops_before_training(toy, tmp_path):
-    p = run(["-m", "scdm.image_train", *ARCH, "--data_dir", toy, "--log_dir", tmp_path / "run", "--dry_run",
+    p = run(["-m", "scdm.image_train", *TOY_ARCH, "--data_dir", toy, "--log_dir", tmp_path / "run", "--dry_run",
              "--sample_interval", 5, "--sample_respacing", "ddim999"], check=False)
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1].startswith("error: --sample_respacing ddim999")
-    p = run(["-m", "scdm.image_train", *ARCH, "--data_dir", toy, "--log_dir", tmp_path / "run", "--dry_run",
+    p = run(["-m", "scdm.image_train", *TOY_ARCH, "--data_dir", toy, "--log_dir", tmp_path / "run", "--dry_run",
              "--sample_interval", -1], check=False)
     assert p.returncode == 2 and "--sample_interval" in p.stderr
 

@@ -16,11 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scdm.presets import PRESETS, as_argv
+from conftest import ROOT, TOY_ARCH, error_lines, write_toy
 from tiny_run import make_tiny_run
 
-ROOT = Path(__file__).resolve().parents[1]
-ARCH = as_argv(dict(PRESETS["toy"].model, cond_opt="discrete_zero_uniform"))
 SAFETY_LIMIT = 120  # seconds; a hang is what fails, not a slow machine
 
 
@@ -66,11 +64,6 @@ def run_marked(args, cwd):
         assert_all_gone(marker)
 
 
-def error_lines(stderr):
-    lines = [part.strip() for line in stderr.splitlines() for part in line.split("\r")]
-    return [line for line in lines if line.startswith("error:")]
-
-
 def assert_one_line(p, *words):
     assert p.returncode == 2, p.stderr[-3000:]
     errors = error_lines(p.stderr)
@@ -84,10 +77,7 @@ def truncate(path):
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    out = tmp_path_factory.mktemp("toy") / "toy"
-    subprocess.run([sys.executable, "-m", "scdm.toy", "--out_dir", str(out), "--num_train", "8", "--num_test", "6",
-                    "--size", "32"], check=True, capture_output=True, cwd=ROOT)
-    return out
+    return write_toy(tmp_path_factory.mktemp("toy") / "toy", num_train=8, num_test=6)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +97,7 @@ def tiny_model(tmp_path_factory):
 
 # ----- a bad file read by a worker: one line, exit 2, nothing left -----------------------------------
 def test_training(broken, tmp_path):
-    p = run_marked(["-m", "scdm.image_train", *ARCH, "--data_dir", broken, "--log_dir", tmp_path / "log",
+    p = run_marked(["-m", "scdm.image_train", *TOY_ARCH, "--data_dir", broken, "--log_dir", tmp_path / "log",
                     "--batch_size", 2, "--num_workers", 2, "--max_steps", 20], tmp_path)
     assert_one_line(p, "cannot read", "00005.png")
 
@@ -166,7 +156,7 @@ def test_image_process(broken, tmp_path):
 
 # ----- the normal end and stop signals to the main process only -----------------------------------
 def test_training_that_ends_normally_leaves_no_worker(toy, tmp_path):
-    p = run_marked(["-m", "scdm.image_train", *ARCH, "--data_dir", toy, "--log_dir", tmp_path / "log",
+    p = run_marked(["-m", "scdm.image_train", *TOY_ARCH, "--data_dir", toy, "--log_dir", tmp_path / "log",
                     "--batch_size", 2, "--num_workers", 2, "--max_steps", 2], tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     # Quiet by default: one summary line of the fast-path autotuner; each choice is in the run's log.
@@ -208,7 +198,7 @@ def finish(proc, marker):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
 def test_training_stopped_by_a_signal_to_the_main_process_saves_and_leaves_no_worker(toy, tmp_path, sig):
     log_dir = tmp_path / "log"
-    proc, marker = start_marked(["-m", "scdm.image_train", *ARCH, "--data_dir", toy, "--log_dir", log_dir,
+    proc, marker = start_marked(["-m", "scdm.image_train", *TOY_ARCH, "--data_dir", toy, "--log_dir", log_dir,
                                  "--batch_size", 2, "--num_workers", 2, "--max_steps", 100000,
                                  "--save_interval", 100000, "--log_interval", 1], tmp_path)
     # Ready: a step is logged, and the two workers run beside the main process.

@@ -15,37 +15,19 @@ import torch
 
 from scdm.checkpoint import latest_complete_set
 from scdm.presets import PRESETS, as_argv
-from conftest import SAFETY_LIMIT, in_process_if_cli, require_test_extra, wait_for
+from conftest import (ROOT, SAFETY_LIMIT, TOY_ARCH, error_lines, launch_argv, run_command, toy_train_argv, wait_for,
+                      write_toy)
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
-ARCH = as_argv(dict(PRESETS["toy"].model, cond_opt="discrete_zero_uniform"))
 RATE = "0.9999"
 
 
 def run(args, check=True, timeout=240, cwd=ROOT, env=ENV, **kw):
-    p = in_process_if_cli(args, **kw) if cwd == ROOT and env is ENV else None
-    if p is None:
-        p = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-                           **kw)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
-    return p
+    return run_command(args, env, cwd=cwd, check=check, timeout=timeout, in_process=cwd == ROOT and env is ENV, **kw)
 
 
 def train_args(data, log_dir, *extra, workers=0):
-    return ["-m", "scdm.image_train", *ARCH, "--data_dir", data, "--log_dir", log_dir, "--batch_size", 2,
-            "--num_workers", workers, "--log_interval", 1, "--ema_rate", RATE, *extra]
-
-
-def launch(launcher):
-    if launcher == "mpiexec":
-        require_test_extra("mpi4py")
-        return [shutil.which("mpiexec", path=str(BIN)) or "mpiexec", "-n", "2", sys.executable]
-    if launcher == "torchrun":
-        return [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2"]
-    return [sys.executable]
+    return toy_train_argv(data, log_dir, "--ema_rate", RATE, *extra, workers=workers)
 
 
 def start_training(cmd, log_dir):
@@ -56,17 +38,9 @@ def start_training(cmd, log_dir):
     return proc
 
 
-def one_error_line(stderr):
-    """The `error:` lines (a progress bar redraws its line with carriage returns)."""
-    lines = [part.strip() for line in stderr.splitlines() for part in line.split("\r")]
-    return [line for line in lines if line.startswith("error:")]
-
-
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    out = tmp_path_factory.mktemp("toy")
-    run([sys.executable, "-m", "scdm.toy", "--out_dir", out, "--num_train", 8, "--num_test", 4, "--size", 32])
-    return out
+    return write_toy(tmp_path_factory.mktemp("toy"), num_train=8, num_test=4)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +71,7 @@ def truncated_copy(toy, dest, *files):
 def test_stop_signal_to_the_process_group_with_workers_saves(toy, tmp_path, launcher, sig):
     """What Slurm, `timeout` and a terminal's Ctrl-C do: signal every process of the job, loader
     workers included. The run saves a complete set at the end of its step and stops."""
-    cmd = [*launch(launcher), *train_args(toy, tmp_path, "--max_steps", 100000, "--save_interval", 100000,
+    cmd = [*launch_argv(launcher), *train_args(toy, tmp_path, "--max_steps", 100000, "--save_interval", 100000,
                                           workers=2)]
     proc = start_training(cmd, tmp_path)
     try:
@@ -126,10 +100,10 @@ def test_a_bad_file_in_one_ranks_shard_stops_every_rank_in_seconds(toy, tmp_path
     # Shard r of 2 takes files r, r + 2, ...: 00001 and 00003 are rank 1's.
     data = truncated_copy(toy, tmp_path / "data", "train/images/00001.png", "train/images/00003.png")
     start = time.time()
-    p = run([*launch(launcher), *train_args(data, tmp_path / "log", "--max_steps", 50)], check=False, timeout=SAFETY_LIMIT + 60)
+    p = run([*launch_argv(launcher), *train_args(data, tmp_path / "log", "--max_steps", 50)], check=False, timeout=SAFETY_LIMIT + 60)
     assert time.time() - start < SAFETY_LIMIT  # not the 30-minute collective timeout (a safety bound, not speed)
     assert p.returncode != 0
-    errors = one_error_line(p.stderr)
+    errors = error_lines(p.stderr)
     assert errors and errors[0].startswith("error: rank 1: cannot read image") and "00001.png" in errors[0], p.stderr
     # Rank 0, when the launcher lets it speak before it ends the job, names rank 1 in one line; it never
     # reports the peer's vanished connection.
@@ -160,7 +134,7 @@ def rank_pid(marker, rank_var, rank):
 @pytest.mark.parametrize("launcher,rank_var", [("mpiexec", "PMI_RANK"), ("torchrun", "RANK")])
 def test_a_rank_that_dies_stops_the_others_promptly(toy, tmp_path, launcher, rank_var):
     log_dir = tmp_path / "log"
-    cmd = [*launch(launcher), *train_args(toy, log_dir, "--max_steps", 100000, "--save_interval", 100000)]
+    cmd = [*launch_argv(launcher), *train_args(toy, log_dir, "--max_steps", 100000, "--save_interval", 100000)]
     proc = start_training(cmd, log_dir)
     try:
         victim = rank_pid(str(log_dir), rank_var, 1)
@@ -178,12 +152,12 @@ def test_a_rank_that_dies_stops_the_others_promptly(toy, tmp_path, launcher, ran
 def test_a_bad_label_in_one_ranks_shard_stops_sampling_in_seconds(toy, base, tmp_path):
     data = truncated_copy(toy, tmp_path / "data", "test/labels/00001.png")
     start = time.time()
-    p = run([*launch("mpiexec"), "-m", "scdm.image_sample", *ARCH, "--data_dir", data,
+    p = run([*launch_argv("mpiexec"), "-m", "scdm.image_sample", *TOY_ARCH, "--data_dir", data,
              "--model_path", base / "ema_0.9999_000002.pt", "--results_path", tmp_path / "out",
              "--timestep_respacing", "ddim3"], check=False, timeout=SAFETY_LIMIT + 60)
     assert time.time() - start < SAFETY_LIMIT  # far below the 30-minute collective timeout
     assert p.returncode == 2, p.stderr[-2000:]
-    errors = one_error_line(p.stderr)
+    errors = error_lines(p.stderr)
     assert errors[0].startswith("error: rank 1: ") and "00001.png" in errors[0], p.stderr
     assert "Traceback" not in p.stderr
 
@@ -195,10 +169,10 @@ def test_a_checkpoint_with_nan_weights_is_refused_naming_the_file(toy, base, tmp
     state[key][0] = float("nan")
     bad = tmp_path / "model000002.pt"
     torch.save(state, bad)
-    p = run([sys.executable, "-m", "scdm.image_sample", *ARCH, "--data_dir", toy, "--model_path", bad,
+    p = run([sys.executable, "-m", "scdm.image_sample", *TOY_ARCH, "--data_dir", toy, "--model_path", bad,
              "--results_path", tmp_path / "out", "--timestep_respacing", "ddim2", "--num_samples", 1], check=False)
     assert p.returncode == 2
-    assert one_error_line(p.stderr) == [f"error: {bad} holds non-finite weights (NaN or Inf) in 1 tensor(s), e.g. "
+    assert error_lines(p.stderr) == [f"error: {bad} holds non-finite weights (NaN or Inf) in 1 tensor(s), e.g. "
                                         f"{key}: it would give blank samples; it comes from a diverged or damaged "
                                         "run, so use an earlier checkpoint"]
     assert not (tmp_path / "out" / "samples").exists() or not list((tmp_path / "out" / "samples").iterdir())
@@ -210,7 +184,7 @@ def test_finite_weights_with_non_finite_samples_stop_before_writing(toy, base, t
     state["out.2.bias"].fill_(3e38)  # the learned variance overflows: exp(inf) noise, then inf - inf
     bad = tmp_path / "model000002.pt"
     torch.save(state, bad)
-    p = run([sys.executable, "-m", "scdm.image_sample", *ARCH, "--data_dir", toy, "--model_path", bad,
+    p = run([sys.executable, "-m", "scdm.image_sample", *TOY_ARCH, "--data_dir", toy, "--model_path", bad,
              "--results_path", tmp_path / "out", "--timestep_respacing", "ddim3", "--num_samples", 1], check=False)
     assert p.returncode == 2, p.stderr[-2000:]
     assert f"--model_path {bad} gave non-finite samples (NaN or Inf) for 00000" in p.stderr
@@ -234,7 +208,7 @@ def test_a_full_disk_during_a_checkpoint_save_keeps_the_last_complete_set(toy, r
                                          "--resume_checkpoint", "auto")],
             check=False, preexec_fn=file_size_limit(int(model_bytes * 1.5)))
     assert p.returncode == 2, p.stderr[-3000:]
-    errors = one_error_line(p.stderr)
+    errors = error_lines(p.stderr)
     assert len(errors) == 1 and errors[0].startswith("error: checkpoint set of step 3 not saved (cannot write "), p.stderr
     assert "File too large" in errors[0], errors  # the OS's own words (here EFBIG; ENOSPC on a full disk)
     assert errors[0].endswith(f"the last complete set is {run_copy / 'model000002.pt'}")
@@ -246,11 +220,11 @@ def test_a_full_disk_during_a_checkpoint_save_keeps_the_last_complete_set(toy, r
 
 
 def test_a_full_disk_during_sampling_ends_in_one_line(toy, base, tmp_path):
-    p = run([sys.executable, "-m", "scdm.image_sample", *ARCH, "--data_dir", toy, "--model_path",
+    p = run([sys.executable, "-m", "scdm.image_sample", *TOY_ARCH, "--data_dir", toy, "--model_path",
              base / "ema_0.9999_000002.pt", "--results_path", tmp_path / "out", "--timestep_respacing", "ddim2",
              "--num_samples", 2], check=False, preexec_fn=file_size_limit(200))
     assert p.returncode == 2, p.stderr[-3000:]
-    errors = one_error_line(p.stderr)
+    errors = error_lines(p.stderr)
     assert len(errors) == 1 and "cannot write" in errors[0] and "File too large" in errors[0], p.stderr
     assert "Traceback" not in p.stderr
     assert not list((tmp_path / "out").rglob(".*.tmp"))
@@ -262,7 +236,7 @@ def test_resume_without_the_optimizer_file_is_refused_unless_allowed(toy, run_co
     resume = ["--resume_checkpoint", run_copy / "model000002.pt", "--max_steps", 3, "--save_interval", 10]
     p = run([sys.executable, *train_args(toy, run_copy, *resume)], check=False)
     assert p.returncode == 2
-    [error] = one_error_line(p.stderr)
+    [error] = error_lines(p.stderr)
     assert "lacks opt000002.pt" in error and "--allow_partial_resume" in error
     assert not (run_copy / "model000003.pt").exists()
     p = run([sys.executable, *train_args(toy, run_copy, *resume, "--allow_partial_resume")])
@@ -274,7 +248,7 @@ def test_resume_with_another_ema_rate_is_refused(toy, run_copy):
     p = run([sys.executable, *train_args(toy, run_copy, "--resume_checkpoint", run_copy / "model000002.pt",
                                          "--max_steps", 3, "--ema_rate", "0.99")], check=False)
     assert p.returncode == 2
-    [error] = one_error_line(p.stderr)
+    [error] = error_lines(p.stderr)
     assert "lacks ema_0.99_000002.pt" in error and "--ema_rate" in error
 
 
@@ -287,7 +261,7 @@ def test_an_optimizer_file_of_another_architecture_is_a_message(toy, run_copy, t
     p = run([sys.executable, *train_args(toy, run_copy, "--resume_checkpoint", "auto", "--max_steps", 3)],
             check=False)
     assert p.returncode == 2, p.stderr[-3000:]
-    [error] = one_error_line(p.stderr)
+    [error] = error_lines(p.stderr)
     assert error.startswith(f"error: {run_copy / 'opt000002.pt'} does not fit this model: parameter ")
     assert "Traceback" not in p.stderr
 

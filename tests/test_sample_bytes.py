@@ -3,7 +3,6 @@
 test_train_sample.py (whose toy run it shares) so that the two run on separate pytest workers."""
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import in_process_if_cli, require_test_extra
-from test_train_sample import BIN, ENV, ROOT, sample_cmd, toy, train_cmd, trained  # noqa: F401 (fixtures)
+from conftest import BIN, in_process_if_cli, require_test_extra, run_command
+from test_train_sample import ENV, sample_cmd, toy, train_cmd, trained  # noqa: F401 (fixtures)
 
 
 def here(args):
@@ -24,10 +23,7 @@ def here(args):
 
 def run(args, timeout=300):
     """A separate process: the files are compared across processes."""
-    p = subprocess.run([str(a) for a in args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
-    if p.returncode != 0:
-        raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
-    return p
+    return run_command(args, ENV, timeout=timeout, in_process=False)
 
 
 @pytest.fixture(scope="session")

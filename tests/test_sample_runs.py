@@ -5,7 +5,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,30 +12,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import TINY_FLAGS, random_label_map
+from conftest import (TINY_FLAGS, TOY_ARCH, in_process_if_cli, random_label_map, run_command, toy_train_argv,
+                      write_toy)
 from scdm import figures, image_sample, results_folder, run_config
 from scdm.palettes import palette, palette_name, spread_colors
-from scdm.presets import PRESETS, as_argv
 from scdm.sampling import sample_loop
 from scdm.script_util import create_model_and_diffusion
 from scdm.toy import TOY_COLORS, TOY_UNLABELED_ID
 
-from conftest import in_process_if_cli
-
-ROOT = Path(__file__).resolve().parents[1]
-# The toy architecture with uniform label diffusion: no class-schedule file needed.
-ARCH = as_argv(dict(PRESETS["toy"].model, cond_opt="discrete_zero_uniform"))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 FAST = ["--timestep_respacing", "ddim2", "--batch_size", "3"]
 
 
 def run(args, timeout=240, check=True):
-    p = in_process_if_cli(args)
-    if p is None:
-        p = subprocess.run([str(a) for a in args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
-    return p
+    return run_command(args, ENV, check=check, timeout=timeout)
 
 
 def sample(model, data, results, *extra, check=True):
@@ -52,16 +41,13 @@ def snapshot(folder):
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    out = tmp_path_factory.mktemp("toy")
-    run([sys.executable, "-m", "scdm.toy", "--out_dir", out, "--num_train", 6, "--num_test", 4, "--size", 32])
-    return out
+    return write_toy(tmp_path_factory.mktemp("toy"), num_train=6, num_test=4)
 
 
 @pytest.fixture(scope="module")
 def trained(toy, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("run")
-    run([sys.executable, "-m", "scdm.image_train", *ARCH, "--data_dir", toy, "--log_dir", log_dir,
-         "--batch_size", 2, "--num_workers", 0, "--log_interval", 1, "--max_steps", 2, "--save_interval", 2])
+    run([sys.executable, *toy_train_argv(toy, log_dir, "--max_steps", 2, "--save_interval", 2)])
     assert (log_dir / "args.json").is_file()
     return log_dir
 
@@ -194,7 +180,7 @@ def test_released_checkpoint_needs_preset_or_flags(toy, trained, tmp_path):
     assert p.returncode == 2 and "--preset ade20k|coco|celeba|cityscapes|toy" in p.stderr
     assert "no args.json" in p.stderr and not (tmp_path / "r").exists()
     # the released way: every architecture flag
-    sample(model, toy, tmp_path / "flags", *ARCH, "--num_samples", 1)
+    sample(model, toy, tmp_path / "flags", *TOY_ARCH, "--num_samples", 1)
     m = json.loads((tmp_path / "flags" / "manifest.json").read_text())
     assert m["model_flags_from"] == "command line" and m["model"]["num_channels"] == 32
     # a preset (explicit flags still win over it)

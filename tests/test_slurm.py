@@ -18,7 +18,7 @@ from PIL import Image
 from scdm import dist_util, slurm
 from scdm.slurm import SlurmError, expand_nodelist
 
-from conftest import wait_for
+from conftest import wait_for, write_toy
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
@@ -182,10 +182,7 @@ def job_with_free_port(step="0"):
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    out = tmp_path_factory.mktemp("toy")
-    subprocess.run([sys.executable, "-m", "scdm.toy", "--out_dir", str(out), "--num_train", "8", "--num_test", "3",
-                    "--size", "32"], env=BASE_ENV, check=True, capture_output=True, timeout=120)
-    return out
+    return write_toy(tmp_path_factory.mktemp("toy"), num_train=8, num_test=3)
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,10 @@
 rank-independent sampling, and user errors (exit code 2, one message)."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,34 +13,22 @@ import torch
 from PIL import Image
 
 from scdm.checkpoint import save_atomic
-from scdm.presets import PRESETS, as_argv
-from conftest import SAFETY_LIMIT, in_process_if_cli, require_test_extra, wait_for
+from conftest import ROOT, SAFETY_LIMIT, TOY_ARCH, launch_argv, run_command, toy_train_argv, wait_for, write_toy
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-ARCH = as_argv(dict(PRESETS["toy"].model, cond_opt="discrete_zero_uniform"))  # no class schedule needed
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def run(args, timeout=240, check=True):
-    p = in_process_if_cli(args)
-    if p is None:
-        p = subprocess.run([str(a) for a in args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
-    return p
+    return run_command(args, ENV, check=check, timeout=timeout)
 
 
 def train_cmd(data, log_dir, *extra, launcher=()):
-    return [*launcher, sys.executable, "-m", "scdm.image_train", *ARCH, "--data_dir", data, "--log_dir", log_dir,
-            "--batch_size", "2", "--num_workers", "0", "--log_interval", "1", *extra]
+    return [*launcher, sys.executable, *toy_train_argv(data, log_dir, *extra)]
 
 
 @pytest.fixture(scope="session")
 def toy(tmp_path_factory):
-    out = tmp_path_factory.mktemp("toy")
-    run([sys.executable, "-m", "scdm.toy", "--out_dir", out, "--num_train", 8, "--num_test", 5, "--size", 32])
-    return out
+    return write_toy(tmp_path_factory.mktemp("toy"), num_train=8, num_test=5)
 
 
 @pytest.fixture(scope="session")
@@ -69,11 +55,7 @@ def test_two_process_replicas_identical(toy, tmp_path, launcher):
     they are what rank 0 saved."""
     args = train_cmd(toy, tmp_path, "--max_steps", 2, "--save_interval", 2)[3:]  # the flags after `-m scdm.image_train`
     script = ROOT / "tests" / "rank_dump.py"
-    if launcher == "mpiexec":
-        require_test_extra("mpi4py")
-        run([shutil.which("mpiexec", path=str(BIN)) or "mpiexec", "-n", "2", sys.executable, script, *args])
-    else:
-        run([BIN / "torchrun", "--standalone", "--nproc_per_node", "2", script, *args])
+    run([*launch_argv(launcher), script, *args])
     ranks = [torch.load(tmp_path / f"rank{r}_2.pt") for r in (0, 1)]
     saved = torch.load(tmp_path / "model000002.pt")
     assert ranks[0].keys() == ranks[1].keys() == saved.keys()
@@ -124,7 +106,7 @@ def test_atomic_save_leaves_no_partial_file(tmp_path, monkeypatch):
 
 
 def sample_cmd(toy, model, results, *extra, launcher=()):
-    return [*launcher, sys.executable, "-m", "scdm.image_sample", *ARCH, "--data_dir", toy, "--model_path", model,
+    return [*launcher, sys.executable, "-m", "scdm.image_sample", *TOY_ARCH, "--data_dir", toy, "--model_path", model,
             "--results_path", results, "--timestep_respacing", "ddim4", "--s", 1.5, "--extrapolation", 0.8,
             "--dynamic_threshold", 0.95, *extra]
 

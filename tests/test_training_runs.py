@@ -6,7 +6,6 @@ import math
 import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,35 +20,25 @@ from scdm.flags import DIFFUSION_FLAGS, LAUNCH_FLAGS, MODEL_FLAGS, SAMPLE_FLAGS,
 from scdm.script_util import architecture_conflicts, model_and_diffusion_defaults
 from scdm.train_util import TrainLoop, adamw, ema_decay
 
-from conftest import in_process_if_cli
+from conftest import ROOT, TOY_ARCH, run_command, toy_train_argv, write_toy
 
-ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
-UNIFORM = as_argv(dict(PRESETS["toy"].model, cond_opt="discrete_zero_uniform"))
 RATES = "0.9999,0.2"  # 0.2 < (1 + s) / (10 + s) from s = 2 on: warm-up takes both branches of min()
 STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \S")
 
 
 def run(args, cwd=ROOT, check=True):
-    p = in_process_if_cli(args) if cwd == ROOT else None
-    if p is None:
-        p = subprocess.run([str(a) for a in args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=240)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{args} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
-    return p
+    return run_command(args, ENV, cwd=cwd, check=check, in_process=cwd == ROOT)
 
 
-def train(data, log_dir, *extra, arch=UNIFORM, cwd=ROOT, check=True):
-    return run([sys.executable, "-m", "scdm.image_train", *arch, "--data_dir", data, "--log_dir", log_dir,
-                "--batch_size", 2, "--num_workers", 0, "--log_interval", 1, "--save_interval", 1,
-                "--ema_rate", RATES, *extra], cwd=cwd, check=check)
+def train(data, log_dir, *extra, arch=TOY_ARCH, cwd=ROOT, check=True):
+    return run([sys.executable, *toy_train_argv(data, log_dir, "--save_interval", 1, "--ema_rate", RATES, *extra,
+                                                arch=arch)], cwd=cwd, check=check)
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    out = tmp_path_factory.mktemp("toy")
-    run([sys.executable, "-m", "scdm.toy", "--out_dir", out, "--num_train", 8, "--num_test", 2, "--size", 32])
-    return out
+    return write_toy(tmp_path_factory.mktemp("toy"), num_train=8, num_test=2)
 
 
 @pytest.fixture(scope="module")
