@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .fast_paths import AUTO, MACHINE_CACHE, Autotuner, FastPaths, timed_call
+from .fast_spade import SpadeLabels
 from .nn import (
     avg_pool_nd,
     checkpoint,
@@ -21,7 +22,7 @@ from .nn import (
     timestep_embedding,
     zero_module,
 )
-from .spade import SPADEGroupNorm, SpadeLabels
+from .spade import SPADEGroupNorm
 
 
 class TimestepBlock(nn.Module):
@@ -351,6 +352,7 @@ class UNetModel(nn.Module):
         )
         self.fast_paths = fast_paths
         self.autotuner = Autotuner(cache=MACHINE_CACHE)  # choices of the "auto" fast paths, per key; not state
+        self.spade_cache = {}  # the SPADE norms' all-zero-map modulations (fast_spade.null_scale_shift); not state
         if use_fp16:
             self.convert_to_fp16()
 
@@ -377,7 +379,7 @@ class UNetModel(nn.Module):
             raise TypeError(f"fast_paths must be a FastPaths, got {type(config).__name__}")
         self._fast_paths = config
         for m in self.modules():
-            if isinstance(m, (SPADEGroupNorm, AttentionBlock)):
+            if isinstance(m, AttentionBlock):
                 m.fast_paths = config
 
     def convert_to_fp16(self):
@@ -445,7 +447,7 @@ class UNetModel(nn.Module):
             if not share:
                 x, timesteps = torch.cat([x, x]), torch.cat([timesteps, timesteps])
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
-        cond = SpadeLabels(y, self.dtype, fast, self.autotuner) if fast.spade_enabled else y.type(self.dtype)
+        cond = SpadeLabels(y, self.dtype, fast, self.autotuner, self.spade_cache) if fast.spade_enabled else y.type(self.dtype)
         h = x.type(self.dtype)
         channels_last = fast.channels_last is True and h.dim() == 4
         if channels_last:
