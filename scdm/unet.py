@@ -2,16 +2,19 @@
 
 The encoder sees only the noisy image; the label map enters through SPADE group norms (spade.py) in
 the middle and decoder blocks. Module and attribute names are load-bearing: they are the state-dict
-keys of the released checkpoints. Which exact fast paths run is the model's own `fast_paths` config.
+keys of the released checkpoints. How the network runs (the model's own `fast_paths` config: SDPA,
+NHWC, the label map prepared once for the SPADE fast paths) is in fast_unet.py; the blocks call it
+where noted, and every fast path computes what the code here says.
 """
+import functools
 from abc import abstractmethod
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fast_paths import AUTO, MACHINE_CACHE, Autotuner, FastPaths, timed_call
-from .fast_spade import SpadeLabels
+from .fast_paths import FastPaths
+from .fast_unet import FastPathOwner, from_torso_layout, is_nhwc_torso, nhwc_residual, sdpa, sdpa_choice, to_torso_layout
 from .nn import (
     avg_pool_nd,
     checkpoint,
@@ -208,7 +211,7 @@ class AttentionBlock(nn.Module):
     def __init__(self, channels, num_heads=1, num_head_channels=-1, use_checkpoint=False,
                  use_new_attention_order=False, fast_paths=FastPaths()):
         super().__init__()
-        self.fast_paths = fast_paths  # set by the owning UNet; not state
+        self.fast_paths = fast_paths  # the owning UNet's (SDPA, NHWC: fast_unet.py); not state
         self.autotuner = None  # the owning UNet's; not state
         if num_head_channels == -1:
             self.num_heads = num_heads
@@ -225,36 +228,23 @@ class AttentionBlock(nn.Module):
     def forward(self, x):
         return checkpoint(self._forward, (x,), self.use_checkpoint)
 
-    def _attend(self, x):
-        qkv = self.qkv(self.norm(x))
-        use_sdpa = self.fast_paths.sdpa_attention
-        if use_sdpa == AUTO:
-            use_sdpa = self._sdpa_choice(qkv)
-        return self.proj_out(qkv_attention(qkv, self.num_heads, self.legacy_order, use_sdpa=use_sdpa))
-
-    def _sdpa_choice(self, qkv):
-        """Whether SDPA beats einsum + softmax here (on CPU its backward can be the slower one at few tokens)."""
-        tuner = self.autotuner if self.autotuner is not None else Autotuner()
-        leaf = qkv.detach().requires_grad_(torch.is_grad_enabled() and qkv.requires_grad)
-        key = (qkv.device, qkv.dtype, "train" if leaf.requires_grad else "eval", "x".join(map(str, qkv.shape)),
-               f"heads={self.num_heads}")
-        candidates = {name: timed_call(lambda s=name == "sdpa": qkv_attention(leaf, self.num_heads, self.legacy_order,
-                                                                             use_sdpa=s), [leaf])
-                      for name in ("sdpa", "einsum")}
-        return tuner.choose("sdpa_attention", key, candidates, qkv.device) == "sdpa"
-
     def _forward(self, x):
+        if is_nhwc_torso(x, self.fast_paths):
+            return nhwc_residual(x, self._attend)  # the same sum, kept in the torso's NHWC layout
         b, c, *spatial = x.shape
-        if self.fast_paths.channels_last and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-            # Keep the torso in NHWC: otherwise every conv after an attention block runs NCHW.
-            h = self._attend(x.reshape(b, c, -1))
-            return (x + h.view(b, c, *spatial)).contiguous(memory_format=torch.channels_last)
         x = x.reshape(b, c, -1)
         return (x + self._attend(x)).reshape(b, c, *spatial)
 
+    def _attend(self, x):
+        """(B, C, T) -> (B, C, T): the residual branch."""
+        qkv = self.qkv(self.norm(x))
+        attention = functools.partial(qkv_attention, num_heads=self.num_heads, legacy_order=self.legacy_order)
+        return self.proj_out(attention(qkv, use_sdpa=sdpa_choice(self, qkv, attention)))
+
 
 def qkv_attention(qkv, num_heads, legacy_order=True, use_sdpa=True):
-    """(B, 3*H*C, T) -> (B, H*C, T). Softmax(q k^T / sqrt(C)) v per head, softmax in fp32."""
+    """(B, 3*H*C, T) -> (B, H*C, T). Softmax(q k^T / sqrt(C)) v per head, softmax in fp32;
+    `use_sdpa`: the same through F.scaled_dot_product_attention (fast_unet.sdpa)."""
     bs, width, length = qkv.shape
     ch = width // (3 * num_heads)
     if legacy_order:
@@ -262,20 +252,17 @@ def qkv_attention(qkv, num_heads, legacy_order=True, use_sdpa=True):
     else:
         q, k, v = (t.reshape(bs * num_heads, ch, length) for t in qkv.chunk(3, dim=1))
     if use_sdpa:
-        # Contiguous 4-D (batch, heads, tokens, ch): the fused (flash) kernels need a unit-stride last
-        # dimension; otherwise SDPA silently falls back to its slower math path.
-        q, k, v = (t.view(bs, num_heads, ch, length).transpose(2, 3).contiguous() for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v)
-        return out.transpose(2, 3).reshape(bs, -1, length)
+        return sdpa(q, k, v, bs)
     scale = ch ** -0.25
     weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)
     weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
     return torch.einsum("bts,bcs->bct", weight, v).reshape(bs, -1, length)
 
 
-class UNetModel(nn.Module):
+class UNetModel(FastPathOwner, nn.Module):
     """The SDM/SCDM UNet. Call as `model(x, t, y=label_map)` with y of shape (B, num_classes, H, W)
-    where num_classes here is the number of label channels (classes, plus one edge channel)."""
+    where num_classes here is the number of label channels (classes, plus one edge channel).
+    `fast_paths`, `autotuner`: how it runs (FastPathOwner, fast_unet.py)."""
 
     def __init__(self, image_size, in_channels, model_channels, out_channels, num_res_blocks,
                  attention_resolutions, dropout=0.0, channel_mult=(1, 2, 4, 8), conv_resample=True,
@@ -350,37 +337,9 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(
             normalization(ch), nn.SiLU(), zero_module(conv_nd(dims, input_ch, out_channels, 3, padding=1))
         )
-        self.fast_paths = fast_paths
-        self.autotuner = Autotuner(cache=MACHINE_CACHE)  # choices of the "auto" fast paths, per key; not state
-        self.spade_cache = {}  # the SPADE norms' all-zero-map modulations (fast_spade.null_scale_shift); not state
+        self.init_fast_paths(fast_paths)
         if use_fp16:
             self.convert_to_fp16()
-
-    @property
-    def fast_paths(self) -> FastPaths:
-        return self._fast_paths
-
-    @property
-    def autotuner(self) -> Autotuner:
-        """Timings and choices of the "auto" fast paths (one per model, shared by its blocks)."""
-        return self._autotuner
-
-    @autotuner.setter
-    def autotuner(self, tuner: Autotuner):
-        self._autotuner = tuner
-        for m in self.modules():
-            if isinstance(m, AttentionBlock):
-                m.autotuner = tuner
-
-    @fast_paths.setter
-    def fast_paths(self, config: FastPaths):
-        """Also hands the config to every block that reads it, so that none reads a global."""
-        if not isinstance(config, FastPaths):
-            raise TypeError(f"fast_paths must be a FastPaths, got {type(config).__name__}")
-        self._fast_paths = config
-        for m in self.modules():
-            if isinstance(m, AttentionBlock):
-                m.fast_paths = config
 
     def convert_to_fp16(self):
         for part in (self.input_blocks, self.middle_block, self.output_blocks):
@@ -419,39 +378,19 @@ class UNetModel(nn.Module):
         all-zero map at the same x and timesteps is appended (see `forward_with_cfg`). The encoder does
         not see the label map, so with the `shared_encoder` fast path it runs once for both halves."""
         self.check_inputs(x, y)
-        fast = self.fast_paths
-        if fast.channels_last == AUTO:
-            fast = fast.replace(channels_last=x.dim() == 4 and self._channels_last_choice(x, timesteps, y,
-                                                                                         with_unconditional))
-        return self._forward(x, timesteps, y, with_unconditional, fast)
-
-    def _channels_last_choice(self, x, timesteps, y, with_unconditional):
-        """Whether NHWC is faster here: timed once per (device, dtype, grad mode, shapes), forward and,
-        when training, backward."""
-        device = x.device
-        amp = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.dtype
-        key = (device, amp, "train" if torch.is_grad_enabled() else "eval", "x".join(map(str, x.shape)),
-               f"labels={y.shape[1]}", "cfg" if with_unconditional else "single")
-        candidates = {
-            choice: timed_call(lambda c=choice: self._forward(x, timesteps, y, with_unconditional,
-                                                              self.fast_paths.replace(channels_last=c == "nhwc")),
-                               self.parameters())
-            for choice in ("nhwc", "nchw")
-        }
-        return self.autotuner.choose("channels_last", key, candidates, device) == "nhwc"
+        run = functools.partial(self._forward, x, timesteps, y, with_unconditional)
+        return run(self.resolve_fast_paths(run, x, y, with_unconditional))
 
     def _forward(self, x, timesteps, y, with_unconditional, fast):
+        """The forward pass; `fast` (the model's config, "auto" layout decided) says only how it runs."""
         share = with_unconditional and fast.shared_encoder
-        if with_unconditional:
+        if with_unconditional:  # the all-zero map as a second half of the batch
             y = torch.cat([y, torch.zeros_like(y)])
             if not share:
                 x, timesteps = torch.cat([x, x]), torch.cat([timesteps, timesteps])
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels))
-        cond = SpadeLabels(y, self.dtype, fast, self.autotuner, self.spade_cache) if fast.spade_enabled else y.type(self.dtype)
-        h = x.type(self.dtype)
-        channels_last = fast.channels_last is True and h.dim() == 4
-        if channels_last:
-            h = h.contiguous(memory_format=torch.channels_last)
+        cond = self.spade_labels(y, fast) if fast.spade_enabled else y.type(self.dtype)
+        h = to_torso_layout(x.type(self.dtype), fast)
         hs = []
         for module in self.input_blocks:
             h = module(h, cond, emb)
@@ -462,5 +401,4 @@ class UNetModel(nn.Module):
         for module in self.output_blocks:
             skip = hs.pop()
             h = module(torch.cat([h, torch.cat([skip, skip]) if share else skip], dim=1), cond, emb)
-        out = self.out(h.type(x.dtype))
-        return out.contiguous() if channels_last else out
+        return from_torso_layout(self.out(h.type(x.dtype)), fast)
