@@ -24,9 +24,8 @@ import torch
 AUTO = "auto"
 Switch = Union[bool, str]  # True, False or AUTO
 
-# Unique-patch evaluation is used only when it saves work: distinct patches / pixels at most this.
-# Measured for one training norm (2 threads, AMD EPYC): at 0.58 it took 75% of the per-pixel time, at
-# 0.93 112%.
+# Unique-patch evaluation is used only when it saves work: distinct patches / pixels at most this
+# (nearer 1 the per-patch path costs more than the per-pixel gather; measured in docs/performance.md).
 UNIQUE_PATCH_MAX_RATIO = 0.75
 
 
@@ -68,7 +67,7 @@ class FastPaths:
 
     @property
     def spade_enabled(self):
-        """Whether the norms need the label map prepared as `SpadeLabels` (else the dense tensor)."""
+        """Whether the norms need the label map prepared as `fast_spade.SpadeLabels` (else the dense tensor)."""
         return self.spade_gather or self.fused_gamma_beta or self.null_label_cache
 
     def disabled(self):

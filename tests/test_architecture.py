@@ -118,6 +118,21 @@ def test_sampler_does_not_import_the_network():
     assert not any(m.endswith("unet") for m in mods), mods
 
 
+def test_network_files_hold_the_architecture_and_the_fast_paths_sit_beside_them():
+    """spade.py and unet.py read as the released network: the SPADE norm imports nothing of ours, the
+    UNet takes only the FastPaths type and the fast-path modules' entry points (no autotuning of its
+    own); the fast-path modules know no architecture class."""
+    def ours(path):
+        return [(m, n) for m, n in imports(path) if m.split(".")[0] == "scdm"]
+
+    assert ours(ROOT / "scdm" / "spade.py") == []
+    unet = dict(ours(ROOT / "scdm" / "unet.py"))
+    assert unet["scdm.fast_paths"] == ["FastPaths"], unet
+    assert set(unet) <= {"scdm.fast_paths", "scdm.fast_unet", "scdm.nn", "scdm.spade"}, unet
+    for fast in ("fast_unet.py", "fast_spade.py"):
+        assert not {m for m, _ in ours(ROOT / "scdm" / fast)} & {"scdm.unet", "scdm.spade"}, fast
+
+
 @pytest.mark.parametrize("pattern, owner, what", [
     (r"os\.replace\(|mkstemp\(|NamedTemporaryFile\(", "scdm/fileio.py", "atomic file writing"),
     (r"^\s*(IMAGE_EXTENSIONS|IMAGE_EXTS)\s*=", None, "the image extensions"),
