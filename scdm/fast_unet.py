@@ -6,8 +6,9 @@
   memory layout where `channels_last` is "auto" (`resolve_fast_paths`).
 - `sdpa`, `sdpa_choice`: attention by F.scaled_dot_product_attention instead of the released einsum +
   softmax (`sdpa_attention`).
-- `to_torso_layout`, `from_torso_layout`, `is_nhwc_torso`, `nhwc_residual`: NHWC activations in the
-  torso (`channels_last`).
+- `to_torso_layout`, `is_nhwc_torso`, `nhwc_residual`: NHWC activations in the torso (`channels_last`;
+  the model's output is made contiguous NCHW again in its forward, inline: under torch.compile a call
+  there would add a graph).
 
 Nothing here knows the architecture's classes: the blocks reach it through these functions.
 """
@@ -115,11 +116,6 @@ def sdpa_choice(block, qkv, attention):
 def to_torso_layout(h, fast):
     """The torso's input in its memory layout: NHWC where `channels_last` is on (4-D input only)."""
     return h.contiguous(memory_format=torch.channels_last) if fast.channels_last is True and h.dim() == 4 else h
-
-
-def from_torso_layout(out, fast):
-    """The model's output in the default (contiguous NCHW) layout again."""
-    return out.contiguous() if fast.channels_last is True and out.dim() == 4 else out
 
 
 def is_nhwc_torso(x, fast):

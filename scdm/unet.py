@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .fast_paths import FastPaths
-from .fast_unet import FastPathOwner, from_torso_layout, is_nhwc_torso, nhwc_residual, sdpa, sdpa_choice, to_torso_layout
+from .fast_unet import FastPathOwner, is_nhwc_torso, nhwc_residual, sdpa, sdpa_choice, to_torso_layout
 from .nn import (
     avg_pool_nd,
     checkpoint,
@@ -401,4 +401,5 @@ class UNetModel(FastPathOwner, nn.Module):
         for module in self.output_blocks:
             skip = hs.pop()
             h = module(torch.cat([h, torch.cat([skip, skip]) if share else skip], dim=1), cond, emb)
-        return from_torso_layout(self.out(h.type(x.dtype)), fast)
+        out = self.out(h.type(x.dtype))
+        return out.contiguous() if fast.channels_last is True and out.dim() == 4 else out  # NCHW after an NHWC torso
