@@ -29,7 +29,7 @@ from ..errors import UserError
 from ..palettes import MASK_COLOR, TOY, palette_name, to_hex
 from ..pipeline import (DEFAULT_EXTRAPOLATION, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_THRESHOLD,
                         MASK_ID)
-from ..sampling import SAMPLERS
+from ..sampling import MAX_GUIDANCE, SAMPLERS
 from ..toy import toy_label_map
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -37,7 +37,6 @@ STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; ch
                 ".css": "text/css; charset=utf-8", ".png": "image/png"}
 MAX_BODY = 8 << 20          # bytes of one request (an uploaded PNG or a JSON map)
 MAX_SAMPLES = 8
-MAX_GUIDANCE = 20.0
 MAX_SEED = 2 ** 31 - 1
 QUEUE_SIZE = 4              # jobs waiting behind the running one
 KEEP_FINISHED = 16          # finished jobs kept for their results
