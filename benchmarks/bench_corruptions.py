@@ -23,9 +23,9 @@ import numpy as np
 
 from image_process.common import build_tree
 from image_process.synthetic import scene, write_tree
-from scdm import corruptions as C
-from scdm.cli import HelpFormatter, add_deprecated_alias
-from scdm.performance import describe_machine
+from scdm.data import corruptions as C
+from scdm.runtime.cli import HelpFormatter, add_deprecated_alias
+from scdm.fast.performance import describe_machine
 
 PARAMS = {"downsample": {"size": 64}, "edge": {"radius": 2}, "random": {"p": 0.1},
           "painter": {"max_shift": 3, "small_area": 64, "drop_prob": 0.5}}

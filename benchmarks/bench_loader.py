@@ -1,4 +1,4 @@
-"""Loader throughput: training batches per second through `scdm.datasets.load_data`, with the
+"""Loader throughput: training batches per second through `scdm.data.datasets.load_data`, with the
 plain in-process path (0 workers) and worker processes (2 by default), in the same run.
 
 Runs on a toy tree it generates (stored at --source_size, loaded at --image_size with the train
@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from scdm.cli import HelpFormatter, add_deprecated_alias
-from scdm.performance import describe_machine
-from scdm.datasets import load_data
+from scdm.runtime.cli import HelpFormatter, add_deprecated_alias
+from scdm.fast.performance import describe_machine
+from scdm.data.datasets import load_data
 from scdm.toy import make_toy_dataset
 
 

@@ -47,12 +47,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from scdm.fast_paths import FastPaths, override
-from scdm.fileio import recorded_path
-from scdm.performance import describe_machine, maybe_compile, precision_context
-from scdm.sampling import reverse_step, sample_loop
+from scdm.fast.fast_paths import FastPaths, override
+from scdm.runtime.fileio import recorded_path
+from scdm.fast.performance import describe_machine, maybe_compile, precision_context
+from scdm.diffusion.sampling import reverse_step, sample_loop
 from scdm.script_util import create_model_and_diffusion
-from scdm.train_util import adamw
+from scdm.training.train_util import adamw
 
 COMPAT = Path(__file__).resolve().parents[2] / "shared" / "compat"
 REPO = Path(__file__).resolve().parents[1]
@@ -266,10 +266,10 @@ def newest_toy_checkpoint():
 def run_precision(args):
     """Samples of the trained toy model from fixed noise, 25 guided DDIM steps, per precision."""
     from bench_steps import load_maps, miou, to_uint8
-    from scdm.conditioning import Conditioning
-    from scdm.dataset_layouts import dataset_info
+    from scdm.data.conditioning import Conditioning
+    from scdm.data.dataset_layouts import dataset_info
     from scdm.loading import load_checkpoint
-    from scdm.performance import cpu_half_support
+    from scdm.fast.performance import cpu_half_support
 
     model_path = Path(args.toy_model) if args.toy_model else newest_toy_checkpoint()
     data_dir = Path(args.toy_data)

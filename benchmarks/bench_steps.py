@@ -36,17 +36,17 @@ sys.path.insert(0, str(ROOT))
 
 from evaluations.image_stats import distribution_distance, image_statistics, load_images  # noqa: E402
 from evaluations.miou import confusion_matrix, gt_to_classes, label_spec, scores  # noqa: E402
-from scdm.cli import HelpFormatter, positive_int  # noqa: E402
-from scdm.conditioning import Conditioning  # noqa: E402
-from scdm.dataset_layouts import dataset_info, read_ids  # noqa: E402
-from scdm.datasets import build_dataset  # noqa: E402
-from scdm.errors import UserError, run_cli  # noqa: E402
-from scdm.fileio import save_image, write_json  # noqa: E402
-from scdm.performance import describe_machine  # noqa: E402
+from scdm.runtime.cli import HelpFormatter, positive_int  # noqa: E402
+from scdm.data.conditioning import Conditioning  # noqa: E402
+from scdm.data.dataset_layouts import dataset_info, read_ids  # noqa: E402
+from scdm.data.datasets import build_dataset  # noqa: E402
+from scdm.runtime.errors import UserError, run_cli  # noqa: E402
+from scdm.runtime.fileio import save_image, write_json  # noqa: E402
+from scdm.fast.performance import describe_machine  # noqa: E402
 from scdm.presets import SAMPLING  # noqa: E402
 from scdm.run_config import read_run_config  # noqa: E402
 from scdm.loading import load_checkpoint  # noqa: E402
-from scdm.sampling import SamplerSettings, sample_batch  # noqa: E402
+from scdm.diffusion.sampling import SamplerSettings, sample_batch  # noqa: E402
 from scdm.script_util import create_diffusion, create_model_and_diffusion  # noqa: E402
 from scdm.toy import segment_toy_image  # noqa: E402
 
@@ -228,7 +228,7 @@ def plot(result, path):
 
 def smoke(args):
     """The whole benchmark in seconds: toy maps and an untrained tiny model written to a temp folder."""
-    from scdm.fileio import save_torch
+    from scdm.runtime.fileio import save_torch
     from scdm.presets import PRESETS
     from scdm.toy import make_toy_dataset
     with tempfile.TemporaryDirectory() as tmp:

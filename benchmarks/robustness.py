@@ -46,10 +46,10 @@ from evaluations.lpips import find_sample_sets  # noqa: E402
 from quickstart.config import NOISE_NAMES, arch_flags  # noqa: E402
 from quickstart.report import colorize, fmt_time  # noqa: E402
 from quickstart.stages import MARKER_DIR, Runner, data_stages, sample_stage, train_stage  # noqa: E402
-from scdm.cli import (HelpFormatter, int_at_least, nonnegative_float, nonnegative_int, positive_float,  # noqa: E402
+from scdm.runtime.cli import (HelpFormatter, int_at_least, nonnegative_float, nonnegative_int, positive_float,  # noqa: E402
                       positive_int, rate_list)
-from scdm.errors import EXIT_INTERRUPTED, Terminated, UserError, run_cli  # noqa: E402
-from scdm.fileio import (  # noqa: E402
+from scdm.runtime.errors import EXIT_INTERRUPTED, Terminated, UserError, run_cli  # noqa: E402
+from scdm.runtime.fileio import (  # noqa: E402
     atomic_write, check_writable_file, first_non_folder, recorded_path, save_image, write_json,
 )
 from scdm.presets import SAMPLING  # noqa: E402
@@ -420,7 +420,7 @@ def prepare_out(out, cfg, fresh):
 
 def run(cfg, fresh=False, runner=None):
     """The whole study; returns the report written to cfg['out']."""
-    from scdm.performance import describe_machine
+    from scdm.fast.performance import describe_machine
     from quickstart.report import machine_line
     out = Path(cfg["out_dir"])
     blocker = first_non_folder(out)

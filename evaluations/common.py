@@ -1,7 +1,7 @@
 """Shared pieces of the evaluation tools: folder listing, name matching, the size policy, errors.
 
-Extensions and the id-map reader are scdm's (`scdm.dataset_layouts`), so a dataset the loader
-reads is one the evaluations read; errors are `UserError`s, reported by `scdm.errors.run_cli`.
+Extensions and the id-map reader are scdm's (`scdm.data.dataset_layouts`), so a dataset the loader
+reads is one the evaluations read; errors are `UserError`s, reported by `scdm.runtime.errors.run_cli`.
 
 Size policy (one rule for every tool): the ground truth defines the size. An image whose size
 differs from its reference is resized to it before scoring -- RGB images with PIL bicubic,
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from scdm.dataset_layouts import IMAGE_EXTENSIONS, read_ids, resize_ids
-from scdm.errors import UserError
+from scdm.data.dataset_layouts import IMAGE_EXTENSIONS, read_ids, resize_ids
+from scdm.runtime.errors import UserError
 
 MAX_LISTED = 10  # how many offending names an error message shows
 

@@ -16,9 +16,9 @@ from typing import Optional
 
 from evaluations.common import EvalError, list_images
 from evaluations.miou import DATASETS as MIOU_DATASETS
-from scdm.cli import HelpFormatter, add_deprecated_alias, device_name, nonnegative_int, positive_int
-from scdm.errors import UserError, run_cli
-from scdm.fileio import atomic_write, check_writable_file, write_json
+from scdm.runtime.cli import HelpFormatter, add_deprecated_alias, device_name, nonnegative_int, positive_int
+from scdm.runtime.errors import UserError, run_cli
+from scdm.runtime.fileio import atomic_write, check_writable_file, write_json
 from scdm.results_folder import MANIFEST, main_settings, read_manifest
 
 SIZE_POLICY = ("the ground truth defines the size: differing images are resized to it "

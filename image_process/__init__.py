@@ -1,4 +1,4 @@
-"""Noisy-label benchmark trees from a dataset's annotations (thin CLIs over scdm.corruptions).
+"""Noisy-label benchmark trees from a dataset's annotations (thin CLIs over scdm.data.corruptions).
 
     python -m image_process.downsample --data_dir ADEChallengeData2016 --out_dir ade_ds
     python -m image_process.edge       --data_dir ADEChallengeData2016 --out_dir ade_edge

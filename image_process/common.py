@@ -4,7 +4,7 @@ Each CLI (downsample, edge, random, painter) only declares its own flags; ``buil
 one split of a dataset (its test split by default) into a complete dataset tree with noisy
 annotations that the loader reads as it is: same layout and relative paths, images hard-linked,
 annotations as PNG of raw ids. Layouts, file pairing, the unlabeled id and the id-map reader are
-those of ``scdm.dataset_layouts``, so every ``--dataset_mode`` the loader knows works here too, and
+those of ``scdm.data.dataset_layouts``, so every ``--dataset_mode`` the loader knows works here too, and
 a folder-layout tree gets its ``dataset.json`` copied so that it stays readable as it is.
 """
 from __future__ import annotations
@@ -24,16 +24,16 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from scdm.cli import (
+from scdm.runtime.cli import (
     HelpFormatter, add_bool_argument, add_deprecated_alias, nonnegative_int, positive_int,
 )
-from scdm.corruptions import corrupt, derive_rng, resize_nearest
-from scdm.dataset_layouts import (
+from scdm.data.corruptions import corrupt, derive_rng, resize_nearest
+from scdm.data.dataset_layouts import (
     CORRUPTION_FILE, EIGHT_BIT_MAP_MODES, LAYOUTS, SIXTEEN_BIT_MAP_MODES, DatasetError, Record, get_layout, list_records,
     raw_unlabeled_id, read_ids,
 )
-from scdm.errors import UserError, run_cli
-from scdm.fileio import copy_file, folder_problem, link_or_copy, move_file, save_image, write_json
+from scdm.runtime.errors import UserError, run_cli
+from scdm.runtime.fileio import copy_file, folder_problem, link_or_copy, move_file, save_image, write_json
 
 MANIFEST = CORRUPTION_FILE
 # Every file a builder wrote into its tree, relative to the tree's root: the only files a later

@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from image_process.common import InputError, default_fill
-from scdm.cli import HelpFormatter, add_bool_argument
-from scdm.corruptions import boundary_mask, resize_nearest
-from scdm.dataset_layouts import CORRUPTION_FILE, LAYOUTS, DatasetError, get_layout, list_records, read_ids
-from scdm.errors import run_cli
-from scdm.fileio import check_writable_file, write_json
+from scdm.runtime.cli import HelpFormatter, add_bool_argument
+from scdm.data.corruptions import boundary_mask, resize_nearest
+from scdm.data.dataset_layouts import CORRUPTION_FILE, LAYOUTS, DatasetError, get_layout, list_records, read_ids
+from scdm.runtime.errors import run_cli
+from scdm.runtime.fileio import check_writable_file, write_json
 
 NOISES = ("ds", "edge", "random")
 # Edge holes lie along the clean map's class boundaries (within BOUNDARY_RADIUS); Random holes anywhere.

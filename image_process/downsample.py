@@ -5,7 +5,7 @@
 import sys
 
 from image_process.common import Noise, run_noise_cli
-from scdm.cli import positive_int
+from scdm.runtime.cli import positive_int
 
 
 def _add_args(p):

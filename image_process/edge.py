@@ -8,7 +8,7 @@ Boundaries come from the instance maps (coco, cityscapes, folder with instances/
 import sys
 
 from image_process.common import Noise, run_noise_cli
-from scdm.cli import nonnegative_int
+from scdm.runtime.cli import nonnegative_int
 
 
 def _add_args(p):

@@ -15,10 +15,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from image_process.synthetic import colorize, scene
-from scdm import corruptions as C
-from scdm.cli import HelpFormatter, int_at_least, nonnegative_int
-from scdm.errors import run_cli
-from scdm.fileio import check_writable_file, save_image
+from scdm.data import corruptions as C
+from scdm.runtime.cli import HelpFormatter, int_at_least, nonnegative_int
+from scdm.runtime.errors import run_cli
+from scdm.runtime.fileio import check_writable_file, save_image
 
 MIN_SIZE = 64  # the DS panel is a 64x64 map
 MAX_SIZE = 2048  # five panels of 2048^2 are already a 100-megapixel picture

@@ -9,7 +9,7 @@ smaller than --small_area pixels are forgotten with probability --drop_prob.
 import sys
 
 from image_process.common import Noise, run_noise_cli
-from scdm.cli import nonnegative_int, probability
+from scdm.runtime.cli import nonnegative_int, probability
 
 
 def _add_args(p):

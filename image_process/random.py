@@ -7,7 +7,7 @@ Run it as ``python -m image_process.random`` (as a module it does not shadow Pyt
 import sys
 
 from image_process.common import Noise, run_noise_cli
-from scdm.cli import probability
+from scdm.runtime.cli import probability
 
 
 def _add_args(p):

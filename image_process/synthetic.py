@@ -1,4 +1,4 @@
-"""Synthetic scene-like label maps and fake dataset trees in every layout of scdm.dataset_layouts.
+"""Synthetic scene-like label maps and fake dataset trees in every layout of scdm.data.dataset_layouts.
 
 The corruption figure, the benchmark and the tests need realistic-looking maps (large stuff
 regions, objects, small things, unlabeled bits) without any real dataset on disk.
@@ -11,8 +11,8 @@ from typing import Tuple
 import numpy as np
 from PIL import Image
 
-from scdm.dataset_layouts import get_layout
-from scdm.fileio import save_image, write_json
+from scdm.data.dataset_layouts import get_layout
+from scdm.runtime.fileio import save_image, write_json
 
 
 def scene(height: int, width: int, rng: np.random.Generator, num_classes: int = 150,

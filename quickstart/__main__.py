@@ -1,7 +1,7 @@
 """`python -m quickstart`: parse the flags, run the pipeline, turn problems into one line and an exit code."""
 import sys
 
-from scdm.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, Terminated, UserError, run_cli
+from scdm.runtime.errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, Terminated, UserError, run_cli
 
 from .config import build_parser, resolve_config
 

@@ -5,9 +5,9 @@ one JSON-able dict. The network is the toy preset of `scdm.presets`, not a copy 
 """
 import argparse
 
-from scdm.cli import (HelpFormatter, add_bool_argument, add_deprecated_alias, int_at_least, nonnegative_float,
+from scdm.runtime.cli import (HelpFormatter, add_bool_argument, add_deprecated_alias, int_at_least, nonnegative_float,
                       nonnegative_int, positive_float, positive_int, probability, rate_list)
-from scdm.errors import UserError
+from scdm.runtime.errors import UserError
 from scdm.presets import PRESETS
 
 MODELS = ("sdm", "scdm")

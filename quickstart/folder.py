@@ -9,7 +9,7 @@ import shutil
 import sys
 import time
 
-from scdm.fileio import folder_problem, write_json
+from scdm.runtime.fileio import folder_problem, write_json
 
 from .config import MODELS, QuickstartError, model_flags, training_key
 

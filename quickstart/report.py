@@ -11,8 +11,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from evaluations.image_stats import distribution_distance, image_statistics, load_images
-from scdm import palettes
-from scdm.fileio import atomic_write, save_image, write_json
+from scdm.data import palettes
+from scdm.runtime.fileio import atomic_write, save_image, write_json
 from scdm.toy import TOY_NUM_CLASSES
 
 from .config import MODELS, NOISE_NAMES, arch_flags, noise_params
@@ -87,8 +87,8 @@ def fmt_time(seconds):
 
 
 def machine_line():
-    """`scdm.performance.describe_machine` in one line, for the report."""
-    from scdm.performance import describe_machine
+    """`scdm.fast.performance.describe_machine` in one line, for the report."""
+    from scdm.fast.performance import describe_machine
     m = describe_machine()
     gpu = f"GPU {m['gpu']['name']}" if m["gpu"] else "no GPU"
     return f"{m['cpus_usable']} CPU cores ({m['cpu']}, {platform.machine()}), {gpu}"

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from scdm.checkpoint import checkpoint_steps, ema_name, model_name, prune_checkpoints
-from scdm.fileio import write_json
+from scdm.runtime.fileio import write_json
 from scdm.presets import as_argv
 
 from .config import (MODEL_NAMES, NOISE_CLI, NOISE_NAMES, QuickstartError, model_flags, noise_params, training_key,

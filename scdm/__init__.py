@@ -12,10 +12,10 @@ _PUBLIC = {
     "SCDMPipeline": "scdm.pipeline",
     "load_checkpoint": "scdm.loading",
     "create_model_and_diffusion": "scdm.script_util",
-    "SamplerSettings": "scdm.sampling",
-    "sample_batch": "scdm.sampling",
-    "sample_loop": "scdm.sampling",
-    "LabelDiffusion": "scdm.label_diffusion",
+    "SamplerSettings": "scdm.diffusion.sampling",
+    "sample_batch": "scdm.diffusion.sampling",
+    "sample_loop": "scdm.diffusion.sampling",
+    "LabelDiffusion": "scdm.diffusion.label_diffusion",
     "PRESETS": "scdm.presets",
 }
 __all__ = sorted(_PUBLIC)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .fileio import WriteError, save_torch
+from .runtime.errors import UserError
+from .runtime.fileio import WriteError, save_torch
 
 # Beside the checkpoints of a run: its flags (written by image_train) and its class schedule.
 RUN_CONFIG = "args.json"
@@ -153,7 +153,7 @@ def parse_step(path):
 
 
 def save_atomic(obj, path):
-    """torch.save through a temporary file, fsync and rename (`scdm.fileio`): a crash mid-write
+    """torch.save through a temporary file, fsync and rename (`scdm.runtime.fileio`): a crash mid-write
     never leaves a partial file under the final name."""
     save_torch(obj, path)
 

@@ -29,12 +29,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .cli import HelpFormatter, float_in, int_at_least, nonnegative_float, nonnegative_int, positive_int
-from .datasets import build_dataset, iter_user_errors_clean
-from .errors import run_cli
-from .dataset_layouts import LAYOUTS
-from .fileio import check_writable_file, save_npy
-from .stop_signals import worker_options
+from .runtime.cli import HelpFormatter, float_in, int_at_least, nonnegative_float, nonnegative_int, positive_int
+from .data.datasets import build_dataset, iter_user_errors_clean
+from .runtime.errors import run_cli
+from .data.dataset_layouts import LAYOUTS
+from .runtime.fileio import check_writable_file, save_npy
+from .runtime.stop_signals import worker_options
 
 UNIFORM_LAMBDA = 0.5     # absent and unlabeled classes: diffuse uniformly
 MIN_LAMBDA = 1.001

@@ -9,10 +9,10 @@ import argparse
 import json
 import sys
 
-from .cli import HelpFormatter
-from .dataset_layouts import LAYOUTS, dataset_info, display_names, get_layout
-from .errors import UserError, run_cli
-from .palettes import TOY, palette, palette_name, to_hex
+from .runtime.cli import HelpFormatter
+from .data.dataset_layouts import LAYOUTS, dataset_info, display_names, get_layout
+from .runtime.errors import UserError, run_cli
+from .data.palettes import TOY, palette, palette_name, to_hex
 
 DATASETS = tuple(sorted(set(LAYOUTS) - {"folder"})) + ("folder", TOY)
 

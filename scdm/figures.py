@@ -2,8 +2,8 @@
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .fileio import save_image
-from .palettes import MASK_COLOR, ids_from_colors
+from .runtime.fileio import save_image
+from .data.palettes import MASK_COLOR, ids_from_colors
 from .results_folder import sample_dirs
 
 OVERVIEW_TILE = 128   # smallest tile side in overview.png (pixels)

@@ -13,14 +13,14 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from .cli import (add_bool_argument, float_in, int_at_least, int_list, minus_one_or_positive, nonnegative_float,
+from .runtime.cli import (add_bool_argument, float_in, int_at_least, int_list, minus_one_or_positive, nonnegative_float,
                   nonnegative_int, one_of, positive_float, positive_int, probability, rate_list, respacing)
-from .dataset_layouts import LAYOUTS
-from .gaussian_diffusion import NOISE_SCHEDULES
-from .label_diffusion import COND_OPTS
-from .performance import PRECISIONS
+from .data.dataset_layouts import LAYOUTS
+from .diffusion.gaussian_diffusion import NOISE_SCHEDULES
+from .diffusion.label_diffusion import COND_OPTS
+from .fast.performance import PRECISIONS
 from .presets import PRESETS
-from .sampling import MAX_EXTRAPOLATION, MAX_GUIDANCE, SAMPLERS
+from .diffusion.sampling import MAX_EXTRAPOLATION, MAX_GUIDANCE, SAMPLERS
 
 # Formats the default as nothing: help lines that say their default in words get no "(default: ...)".
 NO_DEFAULT_LINE = "%(default).0s"
@@ -172,7 +172,7 @@ TRAIN_FLAGS = (
     Flag('compile', False, None,
          'torch.compile the model (falls back to eager with a warning where it cannot)'),
     Flag('disable_fast_paths', '', None,
-         "debugging: 'all' or comma-separated names of scdm.fast_paths.FastPaths to turn off"),
+         "debugging: 'all' or comma-separated names of scdm.fast.fast_paths.FastPaths to turn off"),
     Flag('ema_warmup', False, None,
          'EMA decay min(rate, (1 + step) / (10 + step)), so that short runs get a usable EMA (the released '
          'models were trained without it)'),
@@ -246,7 +246,7 @@ SAMPLE_FLAGS = (
     Flag('compile', False, None,
          'torch.compile the model (falls back to eager where it cannot)'),
     Flag('disable_fast_paths', '', None,
-         "'all' or comma-separated names of scdm.fast_paths.FastPaths to turn off (debugging)"),
+         "'all' or comma-separated names of scdm.fast.fast_paths.FastPaths to turn off (debugging)"),
     Flag('verbose', False, None,
          'print each fast-path choice (by default one summary line)'),
     Flag('batch_invariant', False, None,

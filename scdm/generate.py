@@ -14,16 +14,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import HelpFormatter, add_bool_argument, float_in, nonnegative_int, positive_int
-from .dataset_layouts import IMAGE_EXTENSIONS
-from .errors import UserError, run_cli, warnings_as_lines
-from .fileio import check_writable, save_image
+from .runtime.cli import HelpFormatter, add_bool_argument, float_in, nonnegative_int, positive_int
+from .data.dataset_layouts import IMAGE_EXTENSIONS
+from .runtime.errors import UserError, run_cli, warnings_as_lines
+from .runtime.fileio import check_writable, save_image
 from .figures import legend_entries, side_by_side
 from .pipeline import (
     DEFAULT_EXTRAPOLATION, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_THRESHOLD, SCDMPipeline,
     add_model_flags,
 )
-from .sampling import MAX_EXTRAPOLATION, MAX_GUIDANCE, SAMPLERS
+from .diffusion.sampling import MAX_EXTRAPOLATION, MAX_GUIDANCE, SAMPLERS
 
 
 def create_argparser():

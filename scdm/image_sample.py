@@ -21,28 +21,28 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from . import dist_util, rank_faults
+from .runtime import dist_util, rank_faults
 from .checkpoint import CheckpointError
-from .cli import HelpFormatter, note_gpus_per_node
-from .conditioning import Conditioning
-from .dataset_layouts import CORRUPTION_FILE, display_names
-from .datasets import build_dataset, iter_user_errors_clean
-from .errors import UserError, run_cli
-from .fast_paths import from_disable_spec, route_details, summary_line
+from .runtime.cli import HelpFormatter, note_gpus_per_node
+from .data.conditioning import Conditioning
+from .data.dataset_layouts import CORRUPTION_FILE, display_names
+from .data.datasets import build_dataset, iter_user_errors_clean
+from .runtime.errors import UserError, run_cli
+from .fast.fast_paths import from_disable_spec, route_details, summary_line
 from .figures import write_overview
-from .fileio import note_removed_temp_files, save_image
+from .runtime.fileio import note_removed_temp_files, save_image
 from .flags import (DIFFUSION_FLAGS, LAUNCH_FLAGS, MODEL_FLAGS, SAMPLE_FLAGS, add_flags, as_sampling_flag,
                     config_class, for_command_line)
 from .loading import resolve_checkpoint
-from .palettes import colorize, palette, palette_name
-from .performance import maybe_compile, precision_context, resolve_precision
+from .data.palettes import colorize, palette, palette_name
+from .fast.performance import maybe_compile, precision_context, resolve_precision
 from .results_folder import (build_manifest, check_results_path, plan_results, prepare_results, read_corruption,
                              sample_dirs, unlabeled_handling)
 from .run_config import given_flags
-from .sampling import SamplerSettings, image_generators, resolve_sampler, sample_batch, to_uint8
+from .diffusion.sampling import SamplerSettings, image_generators, resolve_sampler, sample_batch, to_uint8
 from .script_util import model_and_diffusion_defaults
-from .tuning_cache import reuse_record, write_record
-from .stop_signals import worker_options
+from .fast.tuning_cache import reuse_record, write_record
+from .runtime.stop_signals import worker_options
 
 def sampling_run_flags():
     """Every flag of a sampling run, in --help order: the model flags say that their value comes from
@@ -61,7 +61,7 @@ def create_argparser():
 
 
 def save_png(array, path):
-    """Atomic (`scdm.fileio`): a run killed mid-write leaves no broken PNG that a rerun would skip."""
+    """Atomic (`scdm.runtime.fileio`): a run killed mid-write leaves no broken PNG that a rerun would skip."""
     save_image(array, path, format="PNG")
 
 

@@ -14,25 +14,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import dist_util, rank_faults
+from .runtime import dist_util, rank_faults
 from .checkpoint import (CLASS_SCHEDULE_COPY, RUN_CONFIG, CheckpointError, check_resume_members, parse_ema_rates,
                          resolve_resume)
-from .cli import HelpFormatter, dataset_info_for, note_gpus_per_node
-from .conditioning import Conditioning
-from .errors import run_cli
-from .fileio import check_writable, copy_file, write_json
-from .datasets import load_data
-from .fast_paths import from_disable_spec
-from .label_diffusion import DISCRETE_CLASSWISE
+from .data.dataset_layouts import dataset_info_for
+from .runtime.cli import HelpFormatter, note_gpus_per_node
+from .data.conditioning import Conditioning
+from .runtime.errors import run_cli
+from .runtime.fileio import check_writable, copy_file, write_json
+from .data.datasets import load_data
+from .fast.fast_paths import from_disable_spec
+from .diffusion.label_diffusion import DISCRETE_CLASSWISE
 from .flags import DIFFUSION_FLAGS, LAUNCH_FLAGS, MODEL_FLAGS, TRAIN_FLAGS, add_flags, config_class, for_command_line
-from .performance import maybe_compile, resolve_precision
-from .resample import create_named_schedule_sampler
+from .fast.performance import maybe_compile, resolve_precision
+from .diffusion.resample import create_named_schedule_sampler
 from .run_config import given_flags, read_run_config
-from .stop_signals import exit_code
+from .runtime.stop_signals import exit_code
 from .script_util import architecture_conflicts, create_model_and_diffusion, model_and_diffusion_defaults
-from .train_monitor import TrainMonitor
-from .train_samples import TrainSamples, check_sample_respacing
-from .train_util import TrainingDiverged, TrainLoop
+from .training.train_monitor import TrainMonitor
+from .training.train_samples import TrainSamples, check_sample_respacing
+from .training.train_util import TrainingDiverged, TrainLoop
 
 # Every flag of a training run, in --help order (data first, then the run, the model, the diffusion).
 RUN_FLAGS = for_command_line(TRAIN_FLAGS[:1] + MODEL_FLAGS[-1:] + TRAIN_FLAGS[1:] + MODEL_FLAGS[:-1] + DIFFUSION_FLAGS

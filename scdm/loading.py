@@ -17,8 +17,7 @@ from typing import Optional
 import torch
 
 from .checkpoint import CheckpointError, ema_name, newest_checkpoint, parse_step
-from .cli import dataset_info_for
-from .dataset_layouts import DatasetInfo
+from .data.dataset_layouts import DatasetInfo, dataset_info_for
 from .run_config import ModelFlags, ema_warning, load_checked, preset_differences, resolve_model_flags
 from .script_util import create_diffusion, create_model_and_diffusion, model_and_diffusion_defaults
 

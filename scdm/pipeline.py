@@ -23,16 +23,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .cli import device_name
-from .conditioning import Conditioning
-from .dataset_layouts import DatasetError, DatasetInfo, check_label_ids, display_names, remap_labels, resize_ids
-from .errors import UserError
-from .label_diffusion import COND_OPTS, GAUSSIAN
+from .runtime.cli import device_name
+from .data.conditioning import Conditioning
+from .data.dataset_layouts import DatasetError, DatasetInfo, check_label_ids, display_names, remap_labels, resize_ids
+from .runtime.errors import UserError
+from .diffusion.label_diffusion import COND_OPTS, GAUSSIAN
 from .loading import LoadedCheckpoint, load_checkpoint
-from .palettes import MASK_COLOR, colorize, ids_from_colors, palette, palette_name
-from .performance import precision_context, resolve_precision
+from .data.palettes import MASK_COLOR, colorize, ids_from_colors, palette, palette_name
+from .fast.performance import precision_context, resolve_precision
 from .presets import SAMPLING
-from .sampling import SamplerSettings, image_generators, image_seed, sample_batch, to_uint8
+from .diffusion.sampling import SamplerSettings, image_generators, image_seed, sample_batch, to_uint8
 
 MASK_ID = -1
 # The released 25-step schedule is the default of every entry point built on the pipeline.
@@ -47,8 +47,8 @@ MAX_MAP_SIDE = 4096  # a map larger than this is a mistake (or an attack on the 
 def add_model_flags(parser):
     """The flags that say which checkpoint to load and how (`SCDMPipeline.from_checkpoint`'s
     arguments), shared by `scdm.generate` and `scdm.app`."""
-    from .cli import add_bool_argument
-    from .performance import PRECISIONS
+    from .runtime.cli import add_bool_argument
+    from .fast.performance import PRECISIONS
     from .presets import PRESETS
     parser.add_argument("--model_path", required=True, help="model*.pt or ema_*.pt, or a run folder (its newest "
                                                             "checkpoint, EMA when saved); its args.json gives the "
@@ -71,7 +71,7 @@ def respacing_for(steps, diffusion_steps, sampler=DEFAULT_SAMPLER):
     """The step grid of `sampler` (see `sampling.sample_loop`): log-SNR spacing for the multistep
     solver ("dpm..."), else the released `ddimN` where N strided steps fit exactly, else N evenly
     spread steps."""
-    from .respace import space_timesteps
+    from .diffusion.respace import space_timesteps
     if sampler.startswith("dpm"):
         return f"logsnr{steps}"
     try:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import HelpFormatter, float_in
-from .errors import UserError, run_cli
-from .fileio import atomic_write, check_writable_file
+from .runtime.cli import HelpFormatter, float_in
+from .runtime.errors import UserError, run_cli
+from .runtime.fileio import atomic_write, check_writable_file
 
 PROGRESS = "progress.csv"
 DEFAULT_OUT = "progress.png"

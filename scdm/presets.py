@@ -25,7 +25,7 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 
-from .errors import run_cli
+from .runtime.errors import run_cli
 
 # The released 256x256 architecture and diffusion, shared by the released datasets.
 RELEASED_ARCH = dict(

@@ -16,16 +16,16 @@ from pathlib import Path
 
 import torch
 
-from . import dist_util
+from .runtime import dist_util
 from .checkpoint import CHECKPOINT_FILE, parse_step
-from .dataset_layouts import CORRUPTION_FILE, DatasetError
-from .errors import UserError
-from .fileio import check_writable, file_sha256, write_json
-from .label_diffusion import DISCRETE_CLASSWISE
-from .performance import autocast_dtype
+from .data.dataset_layouts import CORRUPTION_FILE, DatasetError
+from .runtime.errors import UserError
+from .runtime.fileio import check_writable, file_sha256, write_json
+from .diffusion.label_diffusion import DISCRETE_CLASSWISE
+from .fast.performance import autocast_dtype
 from .run_config import SAMPLING_TIME_FLAGS
 from .script_util import model_and_diffusion_defaults
-from .tuning_cache import RECORD as TUNING_RECORD
+from .fast.tuning_cache import RECORD as TUNING_RECORD
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1

@@ -16,8 +16,8 @@ from typing import Optional
 from .checkpoint import (
     CHECKPOINT_FILE, CLASS_SCHEDULE_COPY, RUN_CONFIG, CheckpointError, load_into_model, model_name, parse_step,
 )
-from .cli import str2bool
-from .errors import UserError
+from .runtime.cli import str2bool
+from .runtime.errors import UserError
 from .presets import PRESETS
 from .script_util import model_and_diffusion_defaults
 

@@ -1,12 +1,12 @@
 """Model and diffusion construction from flag values, under the released names and defaults."""
 import numpy as np
 
-from . import gaussian_diffusion as gd
-from .dataset_layouts import get_layout
+from .diffusion import gaussian_diffusion as gd
+from .data.dataset_layouts import get_layout
 from .flags import DIFFUSION_FLAGS, MODEL_FLAGS, defaults
-from .label_diffusion import COND_OPTS, DISCRETE_CLASSWISE, load_class_schedule
-from .respace import SpacedDiffusion, space_timesteps
-from .unet import UNetModel
+from .diffusion.label_diffusion import COND_OPTS, DISCRETE_CLASSWISE, load_class_schedule
+from .diffusion.respace import SpacedDiffusion, space_timesteps
+from .models.unet import UNetModel
 
 DEFAULT_CHANNEL_MULT = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1, 1, 2, 3, 4),
                         64: (1, 2, 3, 4), 32: (1, 2, 2, 2)}

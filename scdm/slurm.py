@@ -16,7 +16,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from .errors import UserError, run_cli
+from .runtime.errors import UserError, run_cli
 
 NODELIST_VARS = ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
 # Derived rendezvous ports stay below Linux's ephemeral range (32768+), where clients pick their ports.

@@ -22,9 +22,9 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage
 
-from .cli import HelpFormatter, add_deprecated_alias, int_at_least, nonnegative_int, positive_int
-from .errors import UserError, run_cli
-from .fileio import check_writable, save_image, write_json
+from .runtime.cli import HelpFormatter, add_deprecated_alias, int_at_least, nonnegative_int, positive_int
+from .runtime.errors import UserError, run_cli
+from .runtime.fileio import check_writable, save_image, write_json
 
 
 class ToyClass(NamedTuple):

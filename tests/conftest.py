@@ -64,7 +64,7 @@ def compat_dir():
 def _seed():
     torch.manual_seed(0)
     yield
-    from scdm.fast_paths import route_details
+    from scdm.fast.fast_paths import route_details
     route_details()  # an in-process run's log sinks end with its test
 
 

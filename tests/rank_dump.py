@@ -7,8 +7,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from scdm import dist_util, train_util  # noqa: E402
-from scdm.errors import run_cli  # noqa: E402
+from scdm.runtime import dist_util  # noqa: E402
+from scdm.training import train_util  # noqa: E402
+from scdm.runtime.errors import run_cli  # noqa: E402
 from scdm.image_train import main  # noqa: E402
 
 _save = train_util.TrainLoop.save

@@ -86,7 +86,7 @@ def test_no_private_names_across_modules():
 
 
 # The command-line programs of scdm: the library under them never imports one (a user's Python code,
-# the pipeline and the tools load checkpoints and sample through scdm.loading and scdm.sampling).
+# the pipeline and the tools load checkpoints and sample through scdm.loading and scdm.diffusion.sampling).
 ENTRY_POINTS = ("scdm.image_train", "scdm.image_sample", "scdm.generate", "scdm.app", "scdm.overview")
 
 
@@ -106,6 +106,41 @@ def test_the_library_imports_no_entry_point():
     assert not problems, "library modules importing an entry point:\n" + "\n".join(problems)
 
 
+# The layers of scdm (docs/architecture.md): which subpackage may import which. The modules at the
+# top of scdm (entry points, the pipeline, the loader, the flag table, presets) may use them all.
+LAYERS = {
+    "runtime": set(),
+    "fast": {"runtime"},
+    "models": {"fast", "runtime"},
+    "diffusion": {"runtime"},
+    "data": {"runtime"},
+    "training": {"models", "diffusion", "data", "fast", "runtime"},
+}
+# Modules at the top of scdm that a layer may read: facts (toy data, Slurm's syntax) and, for the
+# training loop, the builders and files of a run.
+TOP_FACTS = {"data": {"scdm.toy"}, "runtime": {"scdm.slurm"},
+             "training": {"scdm.toy", "scdm.flags", "scdm.figures", "scdm.presets", "scdm.script_util",
+                          "scdm.checkpoint"}}
+
+
+def test_subpackages_are_layered():
+    assert all((ROOT / "scdm" / layer / "__init__.py").is_file() for layer in LAYERS)
+    problems = []
+    for layer, allowed in LAYERS.items():
+        for path in python_files(f"scdm/{layer}"):
+            for mod, names in imports(path):
+                parts = mod.split(".")
+                if parts[0] != "scdm":
+                    continue
+                if len(parts) == 1:  # from scdm import x
+                    parts = ["scdm", names[0]] if names else parts
+                target = parts[1] if len(parts) > 1 else ""
+                if target == layer or target in allowed or ".".join(parts[:2]) in TOP_FACTS.get(layer, set()):
+                    continue
+                problems.append(f"{path.relative_to(ROOT)} imports {mod}")
+    assert not problems, "layer violations:\n" + "\n".join(problems)
+
+
 def test_production_code_does_not_import_unittest():
     """unittest (mock included) is for the tests; production code swaps nothing behind a mock."""
     found = [f"{path.relative_to(ROOT)}: {mod}" for path in python_files(*PACKAGES, "benchmarks")
@@ -114,7 +149,7 @@ def test_production_code_does_not_import_unittest():
 
 
 def test_sampler_does_not_import_the_network():
-    mods = [m for m, _ in imports(ROOT / "scdm" / "sampling.py")]
+    mods = [m for m, _ in imports(ROOT / "scdm" / "diffusion" / "sampling.py")]
     assert not any(m.endswith("unet") for m in mods), mods
 
 
@@ -125,21 +160,21 @@ def test_network_files_hold_the_architecture_and_the_fast_paths_sit_beside_them(
     def ours(path):
         return [(m, n) for m, n in imports(path) if m.split(".")[0] == "scdm"]
 
-    assert ours(ROOT / "scdm" / "spade.py") == []
-    unet = dict(ours(ROOT / "scdm" / "unet.py"))
-    assert unet["scdm.fast_paths"] == ["FastPaths"], unet
-    assert set(unet) <= {"scdm.fast_paths", "scdm.fast_unet", "scdm.nn", "scdm.spade"}, unet
+    assert ours(ROOT / "scdm" / "models" / "spade.py") == []
+    unet = dict(ours(ROOT / "scdm" / "models" / "unet.py"))
+    assert unet["scdm.fast.fast_paths"] == ["FastPaths"], unet
+    assert set(unet) <= {"scdm.fast.fast_paths", "scdm.fast.fast_unet", "scdm.models.nn", "scdm.models.spade"}, unet
     for fast in ("fast_unet.py", "fast_spade.py"):
-        assert not {m for m, _ in ours(ROOT / "scdm" / fast)} & {"scdm.unet", "scdm.spade"}, fast
+        assert not {m for m, _ in ours(ROOT / "scdm" / "fast" / fast)} & {"scdm.models.unet", "scdm.models.spade"}, fast
 
 
 @pytest.mark.parametrize("pattern, owner, what", [
-    (r"os\.replace\(|mkstemp\(|NamedTemporaryFile\(", "scdm/fileio.py", "atomic file writing"),
+    (r"os\.replace\(|mkstemp\(|NamedTemporaryFile\(", "scdm/runtime/fileio.py", "atomic file writing"),
     (r"^\s*(IMAGE_EXTENSIONS|IMAGE_EXTS)\s*=", None, "the image extensions"),
     (r"^(RELEASED_ARCH|TOY_ARCH|ARCH)\s*=", "scdm/presets.py", "a model preset"),
-    (r"^LAYOUTS\s*[:=]", "scdm/dataset_layouts.py", "the dataset layouts"),
-    (r"^def read_ids\(", "scdm/dataset_layouts.py", "the id-map reader"),
-    (r"^class \w*Error\((Exception|ValueError|RuntimeError)\)", "scdm/errors.py", "a user-error base class"),
+    (r"^LAYOUTS\s*[:=]", "scdm/data/dataset_layouts.py", "the dataset layouts"),
+    (r"^def read_ids\(", "scdm/data/dataset_layouts.py", "the id-map reader"),
+    (r"^class \w*Error\((Exception|ValueError|RuntimeError)\)", "scdm/runtime/errors.py", "a user-error base class"),
     (r"\bsave_atomic\(|^def (save_set|resolve_resume|latest_complete_set|check_resume_members)\(",
      "scdm/checkpoint.py", "writing, finding or checking a checkpoint set"),
 ])
@@ -167,7 +202,7 @@ def test_no_references_outside_the_repository():
 
 
 def test_committed_results_name_no_machines_folders():
-    """Committed results JSON record paths relative to the repository (scdm.fileio.recorded_path)."""
+    """Committed results JSON record paths relative to the repository (scdm.runtime.fileio.recorded_path)."""
     import json
     absolute = []
 

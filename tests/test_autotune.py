@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import random_label_map
-from scdm.fast_paths import AUTO, Autotuner, FastPaths, apply_settings, override
+from scdm.fast.fast_paths import AUTO, Autotuner, FastPaths, apply_settings, override
 from scdm.script_util import create_model_and_diffusion
-from scdm import fast_spade
-from scdm.fast_spade import SpadeLabels, cond_strategies
+from scdm.fast import fast_spade
+from scdm.fast.fast_spade import SpadeLabels, cond_strategies
 
 
 class ScriptedClock:
@@ -183,7 +183,7 @@ def test_spade_choices_are_shared_by_labelled_row_counts_up_to_a_power_of_two(ti
 
 
 def test_choices_go_to_the_routed_sinks_and_the_console_gets_one_summary():
-    from scdm import fast_paths
+    from scdm.fast import fast_paths
     lines = []
     clock = ScriptedClock({("op", "a"): 3.0, ("op", "b"): 1.0, ("sdpa", "x"): 2.0, ("sdpa", "y"): 5.0})
     tuner = Autotuner(clock=clock, repeats=1)

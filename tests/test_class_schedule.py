@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from scdm import class_schedule as cs
-from scdm.datasets import DatasetError
-from scdm.errors import run_cli
+from scdm.data.dataset_layouts import DatasetError
+from scdm.runtime.errors import run_cli
 
 
 def write_tree(root, labels, num_classes=4, unlabeled_id=3):

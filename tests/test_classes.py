@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from scdm.classes import DATASETS, class_table, main
-from scdm.dataset_layouts import LAYOUTS, remap_labels
-from scdm.errors import run_cli
+from scdm.data.dataset_layouts import LAYOUTS, remap_labels
+from scdm.runtime.errors import run_cli
 
 
 @pytest.mark.parametrize("dataset", sorted(set(LAYOUTS) - {"folder"}))

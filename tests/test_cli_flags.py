@@ -24,7 +24,7 @@ CLIS = [
 SIGNED_FLAGS = {}
 
 
-# scdm.cli's checked number types, for flags whose default is "absent" (argparse.SUPPRESS).
+# scdm.runtime.cli's checked number types, for flags whose default is "absent" (argparse.SUPPRESS).
 FLOAT_TYPES = ("probability", "positive_float", "nonnegative_float", "float_in")
 NUMBER_TYPES = ("positive_int", "nonnegative_int", "int_at_least", *FLOAT_TYPES)
 
@@ -146,7 +146,7 @@ def test_an_abbreviated_flag_is_an_error_naming_it(capsys):
 def test_released_gpu_flags():
     """`--gpu N` is the released device flag of a single-process run; it is its own flag, and without
     CUDA it is one line naming it."""
-    from scdm import dist_util
+    from scdm.runtime import dist_util
     from scdm.image_sample import create_argparser as sample_parser
     from scdm.image_train import create_argparser as train_parser
     for make in (train_parser, sample_parser):
@@ -158,7 +158,7 @@ def test_released_gpu_flags():
 
 
 def test_seed_align_is_accepted_and_false_is_refused_with_the_reason(tmp_path, capsys):
-    from scdm.errors import run_cli
+    from scdm.runtime.errors import run_cli
     from scdm.image_sample import create_argparser, main
     assert create_argparser().parse_args(["--seed_align", "True"]).seed_align is True
     with pytest.raises(SystemExit) as e:

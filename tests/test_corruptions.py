@@ -1,9 +1,9 @@
-"""scdm.corruptions against independent computations: PIL, brute-force loops, binomial bounds."""
+"""scdm.data.corruptions against independent computations: PIL, brute-force loops, binomial bounds."""
 import numpy as np
 import pytest
 from PIL import Image
 
-from scdm import corruptions as C
+from scdm.data import corruptions as C
 
 
 def random_map(shape, values, seed, blocks=6):

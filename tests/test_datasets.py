@@ -1,4 +1,4 @@
-"""scdm.datasets on tiny fake trees of every layout: remapping, edges, transforms, sharding,
+"""scdm.data.datasets on tiny fake trees of every layout: remapping, edges, transforms, sharding,
 name matching, and one clear error per kind of bad input."""
 import json
 import math
@@ -9,11 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from scdm import dataset_layouts as L
-from scdm import datasets as D
-from scdm.conditioning import Conditioning, instance_edges, label_to_model_input
-from scdm.datasets import DatasetError, build_dataset, dataset_info, load_data, transform
-from scdm.errors import UserError
+from scdm.data import dataset_layouts as L
+from scdm.data import dataset_layouts as L, datasets as D
+from scdm.data.conditioning import Conditioning, instance_edges, label_to_model_input
+from scdm.data.dataset_layouts import DatasetError, dataset_info
+from scdm.data.datasets import build_dataset, load_data, transform
+from scdm.runtime.errors import UserError
 
 H, W = 12, 16  # stored file size (width 16, height 12)
 
@@ -93,7 +94,7 @@ def make_folder(root, n=4, split="train", num_classes=5, instances=True, meta=Tr
 def test_ade20k_remap_and_shapes(tmp_path):
     raws = make_ade(tmp_path, split="validation")
     ds = build_dataset("ade20k", str(tmp_path), image_size=8, is_train=False)
-    assert len(ds) == 3 and ds.info == D.DatasetInfo(151, 150, False)
+    assert len(ds) == 3 and ds.info == L.DatasetInfo(151, 150, False)
     for i in range(3):
         image, cond = ds[i]
         assert image.shape == (3, 8, 8) and image.dtype == torch.float32
@@ -115,7 +116,7 @@ def test_coco_remap_and_instances(tmp_path):
     ori = cond["label_ori"][0]
     assert (ori == 255).any()
     np.testing.assert_array_equal(cond["label"][0].numpy(), np.where(ori.numpy() == 255, 182, ori.numpy()))
-    assert dataset_info("coco") == D.DatasetInfo(183, 182, True)
+    assert dataset_info("coco") == L.DatasetInfo(183, 182, True)
 
 
 def test_celeba_label_doubles_as_instance(tmp_path):
@@ -123,7 +124,7 @@ def test_celeba_label_doubles_as_instance(tmp_path):
     ds = build_dataset("celeba", str(tmp_path), image_size=16, is_train=False)
     _, cond = ds[1]
     assert torch.equal(cond["instance"], cond["label_ori"]) and torch.equal(cond["label"], cond["label_ori"])
-    assert dataset_info("celeba") == D.DatasetInfo(19, None, True)
+    assert dataset_info("celeba") == L.DatasetInfo(19, None, True)
 
 
 def test_cityscapes_suffixes_cities_and_16bit_instances(tmp_path):
@@ -135,14 +136,14 @@ def test_cityscapes_suffixes_cities_and_16bit_instances(tmp_path):
     assert set(inst.unique().tolist()) == {26001.0, 26002.0}  # 16-bit ids kept, not clipped to 255
     edges = instance_edges(cond["instance"])[0]
     assert edges[:, 7].all() and edges[:, 8].all() and edges.sum() == 2 * 16
-    assert dataset_info("cityscapes") == D.DatasetInfo(35, None, True)
+    assert dataset_info("cityscapes") == L.DatasetInfo(35, None, True)
 
 
 def test_folder_layout_json_and_flag_override(tmp_path):
     make_folder(tmp_path, num_classes=5)
-    assert dataset_info("folder", str(tmp_path)) == D.DatasetInfo(5, None, True)
-    assert dataset_info("folder", str(tmp_path), num_classes=7, unlabeled_id=6) == D.DatasetInfo(7, 6, True)
-    assert dataset_info("folder", str(tmp_path), -1, -1) == D.DatasetInfo(5, None, True)  # -1: not given
+    assert dataset_info("folder", str(tmp_path)) == L.DatasetInfo(5, None, True)
+    assert dataset_info("folder", str(tmp_path), num_classes=7, unlabeled_id=6) == L.DatasetInfo(7, 6, True)
+    assert dataset_info("folder", str(tmp_path), -1, -1) == L.DatasetInfo(5, None, True)  # -1: not given
     ds = build_dataset("folder", str(tmp_path), image_size=16, is_train=True)
     _, cond = ds[0]
     assert set(cond) == {"label", "label_ori", "instance", "path"}
@@ -306,11 +307,11 @@ def test_table_facts_and_remapping_rule():
     assert facts == {"ade20k": (0, 150, 1), "coco": (255, 182, 0), "celeba": (None, None, 0),
                      "cityscapes": (0, None, 0)}
     raw = np.array([0, 1, 5, 149, 150, 181, 255])
-    np.testing.assert_array_equal(D.remap_labels(raw, "ade20k"), np.where(raw == 0, 150, raw - 1))
-    np.testing.assert_array_equal(D.remap_labels(raw, "coco"), np.where(raw == 255, 182, raw))
+    np.testing.assert_array_equal(L.remap_labels(raw, "ade20k"), np.where(raw == 0, 150, raw - 1))
+    np.testing.assert_array_equal(L.remap_labels(raw, "coco"), np.where(raw == 255, 182, raw))
     for mode in ("celeba", "cityscapes", "folder"):
-        np.testing.assert_array_equal(D.remap_labels(raw, mode), raw)
-    assert D.remap_labels(np.array([0, 3]), "ade20k", unlabeled_id=7).tolist() == [7, 2]  # --unlabeled_id wins
+        np.testing.assert_array_equal(L.remap_labels(raw, mode), raw)
+    assert L.remap_labels(np.array([0, 3]), "ade20k", unlabeled_id=7).tolist() == [7, 2]  # --unlabeled_id wins
 
 
 def test_class_names_match_the_class_counts(tmp_path):
@@ -327,7 +328,7 @@ def test_class_names_match_the_class_counts(tmp_path):
 
 
 def test_dataset_errors_are_user_errors():
-    assert issubclass(DatasetError, UserError) and issubclass(D.DatasetNotFoundError, FileNotFoundError)
+    assert issubclass(DatasetError, UserError) and issubclass(L.DatasetNotFoundError, FileNotFoundError)
 
 
 def test_webp_images_are_listed(tmp_path):
@@ -344,10 +345,10 @@ def test_read_ids_returns_the_palette(tmp_path):
     palette = [v for i in range(256) for v in (i, 255 - i, 7)]
     pal.putpalette(palette)
     pal.save(tmp_path / "p.png")
-    ids, got = D.read_ids(tmp_path / "p.png", return_palette=True)
+    ids, got = L.read_ids(tmp_path / "p.png", return_palette=True)
     assert ids.dtype == np.int64 and set(np.unique(ids)) <= {1, 4} and got == palette
     save(f"{tmp_path}/g.png", blocks(0, [2, 3]).astype(np.uint8))
-    assert D.read_ids(f"{tmp_path}/g.png", return_palette=True)[1] is None
+    assert L.read_ids(f"{tmp_path}/g.png", return_palette=True)[1] is None
 
 
 def test_coco_id_that_would_alias_unlabeled_is_refused(tmp_path):
@@ -406,7 +407,7 @@ def test_image_modes_are_converted(tmp_path, mode):
         img = rgb.convert(mode)
         img.save(path)
         expect = np.asarray(img.convert("RGB"))[..., 0]
-    image = D.read_rgb(path)
+    image = L.read_rgb(path)
     assert image.mode == "RGB" and image.size == (W, H)
     np.testing.assert_array_equal(np.asarray(image)[..., 0], expect)
     ds = build_dataset("folder", str(tmp_path), 16, True)

@@ -19,8 +19,8 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str
 PROBE = '''
 import json, sys, warnings, torch
 from torch.nn.parallel import DistributedDataParallel as DDP
-from scdm import dist_util
-from scdm.train_util import data_parallel
+from scdm.runtime import dist_util
+from scdm.training.train_util import data_parallel
 
 
 class ChannelsLastGrad(torch.autograd.Function):

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from scdm import fast_paths, tuning_cache
-from scdm.fast_paths import Autotuner
-from scdm.sampling import sample_loop
+from scdm.fast import fast_paths, tuning_cache
+from scdm.fast.fast_paths import Autotuner
+from scdm.diffusion.sampling import sample_loop
 from scdm.script_util import create_model_and_diffusion
-from scdm.tuning_cache import TuningCache, machine_key, reuse_record, write_record
+from scdm.fast.tuning_cache import TuningCache, machine_key, reuse_record, write_record
 
 from conftest import random_label_map
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from scdm.gaussian_diffusion import get_named_beta_schedule
-from scdm.respace import space_timesteps
+from scdm.diffusion.gaussian_diffusion import get_named_beta_schedule
+from scdm.diffusion.respace import space_timesteps
 from scdm.script_util import create_gaussian_diffusion, create_model_and_diffusion
 
 from conftest import random_label_map

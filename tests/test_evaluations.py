@@ -19,7 +19,7 @@ from evaluations import lpips as lpips_mod
 from evaluations import miou as miou_mod
 from evaluations import report as report_mod
 from evaluations.common import EvalError, list_images, load_rgb, match_names
-from scdm.errors import UserError, run_cli
+from scdm.runtime.errors import UserError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -404,7 +404,7 @@ def test_miou_cityscapes_ignores_raw_unlabeled(tmp_path, capsys):
 
 
 def test_list_images_uses_the_project_extensions(tmp_path):
-    from scdm.dataset_layouts import IMAGE_EXTENSIONS
+    from scdm.data.dataset_layouts import IMAGE_EXTENSIONS
     folder = write_images(tmp_path / "a", 0, names=["x"], ext="webp")
     write_images(folder, 0, names=["y"], ext="png")
     (folder / "notes.txt").write_text("not an image")

@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from conftest import random_label_map
-from scdm import performance
-from scdm.fast_paths import UNIQUE_PATCH_MAX_RATIO, FastPaths, from_disable_spec, override, unwrap
-from scdm.performance import maybe_compile, precision_context, resolve_precision
-from scdm.sampling import guided_model_output
+from scdm.fast import performance
+from scdm.fast.fast_paths import UNIQUE_PATCH_MAX_RATIO, FastPaths, from_disable_spec, override, unwrap
+from scdm.fast.performance import maybe_compile, precision_context, resolve_precision
+from scdm.diffusion.sampling import guided_model_output
 from scdm.script_util import create_model_and_diffusion
-from scdm.fast_spade import clear_spade_caches, gather_sum, rows_of
-from scdm.spade import SPADEGroupNorm
-from scdm.unet import AttentionBlock, UNetModel
+from scdm.fast.fast_spade import clear_spade_caches, gather_sum, rows_of
+from scdm.models.spade import SPADEGroupNorm
+from scdm.models.unet import AttentionBlock, UNetModel
 
 RTOL = 1e-4
 
@@ -377,7 +377,7 @@ def test_compile_failure_at_first_call_falls_back(tiny_flags, monkeypatch):
 
 def test_image_sample_rejects_unknown_fast_path(capsys):
     from scdm import image_sample
-    from scdm.errors import run_cli
+    from scdm.runtime.errors import run_cli
     with pytest.raises(SystemExit) as e:
         run_cli(image_sample.main, ["--dataset_mode", "folder", "--num_classes", "4", "--disable_fast_paths", "nope"])
     assert e.value.code == 2

@@ -1,4 +1,4 @@
-"""Every writer goes through scdm.fileio: atomic, and with the umask's permissions."""
+"""Every writer goes through scdm.runtime.fileio: atomic, and with the umask's permissions."""
 import errno
 import os
 import stat
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from scdm import fileio
+from scdm.runtime import fileio
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ computation, and batch-invariant sampling, on the device users train on."""
 import pytest
 import torch
 
-from scdm.fast_paths import Autotuner, override
-from scdm.sampling import sample_loop
+from scdm.fast.fast_paths import Autotuner, override
+from scdm.diffusion.sampling import sample_loop
 from scdm.script_util import create_model_and_diffusion
 
 from conftest import TINY_FLAGS, random_label_map

@@ -11,7 +11,7 @@ from PIL import Image
 
 from image_process import downsample, edge, painter, random as random_cli
 from image_process.synthetic import colorize, write_tree
-from scdm import corruptions as C, datasets
+from scdm.data import corruptions as C, dataset_layouts, datasets
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIS = {"downsample": downsample, "edge": edge, "random": random_cli, "painter": painter}
@@ -362,7 +362,7 @@ def test_folder_layout_tree_reads_back(cli, toy_folder, tmp_path):
     if cli != "downsample":
         assert any((ids(out / "test" / "labels" / f"{n}.png") == TOY_UNLABELED_ID).sum()
                    > (ids(toy_folder / "test" / "labels" / f"{n}.png") == TOY_UNLABELED_ID).sum() for n in names)
-    info = datasets.dataset_info("folder", str(out))
+    info = dataset_layouts.dataset_info("folder", str(out))
     assert (info.num_classes, info.unlabeled_id) == (8, TOY_UNLABELED_ID)
     ds = datasets.build_dataset("folder", str(out), image_size=16, is_train=False, label_resize=True)
     assert len(ds) == 3
@@ -439,7 +439,7 @@ def test_describe_refuses_what_it_cannot_pair(toy64, tmp_path, capsys):
     import shutil
 
     from image_process import describe
-    from scdm.errors import run_cli
+    from scdm.runtime.errors import run_cli
     out = tmp_path / "edge"
     assert run("edge", toy64, out, "--dataset_mode", "folder") == 0
     for argv, needle in (([], "already exists"), (["--clean_dir", str(tmp_path / "none"), "--overwrite", "True"],

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from scdm.label_diffusion import LabelNoise
+from scdm.diffusion.label_diffusion import LabelNoise
 from scdm.script_util import create_gaussian_diffusion, create_model_and_diffusion
 
 from conftest import random_label_map

@@ -9,7 +9,7 @@ import torch
 import scdm
 from scdm.checkpoint import CheckpointError
 from scdm.loading import checkpoint_path, load_checkpoint, resolve_checkpoint
-from scdm.sampling import MAX_GUIDANCE, SamplerSettings, sample_batch, sample_loop
+from scdm.diffusion.sampling import MAX_GUIDANCE, SamplerSettings, sample_batch, sample_loop
 from tiny_run import TINY_RUN, make_tiny_run
 
 
@@ -47,7 +47,8 @@ def test_a_flag_that_contradicts_the_run_is_refused_by_name(run_file):
 
 
 def test_public_api_names_one_object_each():
-    from scdm import loading, pipeline, sampling
+    from scdm import loading, pipeline
+    from scdm.diffusion import sampling
     assert scdm.load_checkpoint is loading.load_checkpoint and scdm.SCDMPipeline is pipeline.SCDMPipeline
     assert scdm.SamplerSettings is sampling.SamplerSettings and scdm.sample_batch is sampling.sample_batch
     assert set(scdm.__all__) <= set(dir(scdm))

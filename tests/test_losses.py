@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import stats
 
-from scdm.losses import approx_standard_normal_cdf, discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from scdm.diffusion.losses import approx_standard_normal_cdf, discretized_gaussian_log_likelihood, mean_flat, normal_kl
 
 
 def test_normal_kl_is_the_gaussian_kl():

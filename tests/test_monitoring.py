@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from scdm.conditioning import Conditioning
-from scdm.palettes import MASK_COLOR, colorize, palette
+from scdm.data.conditioning import Conditioning
+from scdm.data.palettes import MASK_COLOR, colorize, palette
 from scdm.toy import TOY_NUM_CLASSES, TOY_UNLABELED_ID
-from scdm.train_monitor import TrainMonitor, scalar_tag
-from scdm.train_samples import (HOLE, NOISES, TILE, GridLayout, model_input_with_holes, noisy_versions,
+from scdm.training.train_monitor import TrainMonitor, scalar_tag
+from scdm.training.train_samples import (HOLE, NOISES, TILE, GridLayout, model_input_with_holes, noisy_versions,
                                 pooled_miou)
 
 from conftest import ROOT, TOY_ARCH, run_command, toy_train_argv, write_toy
@@ -197,9 +197,9 @@ def test_pooled_miou_against_a_hand_count():
 
 
 def test_validation_maps_fall_back_to_the_first_training_maps(tmp_path):
-    from scdm.dataset_layouts import dataset_info
+    from scdm.data.dataset_layouts import dataset_info
     from scdm.toy import make_toy_dataset
-    from scdm.train_samples import load_validation_maps
+    from scdm.training.train_samples import load_validation_maps
     root = make_toy_dataset(str(tmp_path / "toy"), num_train=3, num_test=0, size=16)
     info = dataset_info("folder", root)
     cond = Conditioning(info.num_classes, no_instance=False, unlabeled_id=info.unlabeled_id)

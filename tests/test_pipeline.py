@@ -6,11 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from scdm.dataset_layouts import COCO_STUFF_CLASSES, COCO_UNUSED_THING_IDS, LAYOUTS, display_names, resize_ids
-from scdm.errors import UserError
-from scdm.palettes import ids_from_colors, palette
+from scdm.data.dataset_layouts import COCO_STUFF_CLASSES, COCO_UNUSED_THING_IDS, LAYOUTS, display_names, resize_ids
+from scdm.runtime.errors import UserError
+from scdm.data.palettes import ids_from_colors, palette
 from scdm.pipeline import MASK_ID, LabelMapResized, SCDMPipeline
-from scdm.sampling import SAMPLERS
+from scdm.diffusion.sampling import SAMPLERS
 from tiny_run import make_tiny_run
 
 STEPS = 3
@@ -138,7 +138,7 @@ def test_every_sampler_of_the_cli(pipe, sampler):
 
 
 def test_instance_map_gives_the_edge_channel(tmp_path):
-    from scdm.conditioning import instance_edges
+    from scdm.data.conditioning import instance_edges
     pipe = SCDMPipeline.from_checkpoint(make_tiny_run(tmp_path, no_instance=False))
     ids = label_map()
     inst = np.arange(256).reshape(16, 16) // 37
@@ -153,7 +153,7 @@ def test_instance_map_gives_the_edge_channel(tmp_path):
 def test_diffusers_habits(tmp_path):
     """from_pretrained (a file or a run folder), pipe.to(device), and an output with .images and what made
     them; the list it always was keeps working."""
-    from scdm.fileio import save_torch
+    from scdm.runtime.fileio import save_torch
     from scdm.checkpoint import newest_checkpoint
     from scdm.pipeline import SCDMPipeline
     from tiny_run import make_tiny_run

@@ -114,7 +114,7 @@ def test_shell_scripts_read_the_table():
 
 
 def test_a_closed_pipe_ends_the_cli_quietly():
-    """`python -m scdm.presets ... | head -c 0`: no traceback, as scdm.errors.run_cli handles a closed pipe."""
+    """`python -m scdm.presets ... | head -c 0`: no traceback, as scdm.runtime.errors.run_cli handles a closed pipe."""
     import sys
     p = subprocess.run(["sh", "-c", f"'{sys.executable}' -m scdm.presets ade20k train --json | head -c 0"],
                        capture_output=True, text=True)

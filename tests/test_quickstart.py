@@ -18,7 +18,7 @@ from quickstart import config, folder, stages
 from quickstart.__main__ import main
 from quickstart.config import QuickstartError
 from scdm.checkpoint import checkpoint_steps
-from scdm.errors import UserError
+from scdm.runtime.errors import UserError
 from scdm.presets import PRESETS
 
 TINY = ["--num_train", "8", "--num_test", "2", "--size", "16", "--steps", "2", "--batch_size", "2",
@@ -320,7 +320,7 @@ def test_load_images(tmp_path):
 
 @pytest.mark.parametrize("stop, code", [("term", 143), ("int", 130)])
 def test_a_stop_exits_with_the_shell_code_of_its_signal(monkeypatch, tmp_path, capsys, stop, code):
-    from scdm.errors import Terminated
+    from scdm.runtime.errors import Terminated
 
     def stopped(cfg, fresh=False):
         raise Terminated() if stop == "term" else KeyboardInterrupt()

@@ -2,7 +2,7 @@
 import pytest
 import torch.distributed as dist
 
-from scdm import rank_faults
+from scdm.runtime import rank_faults
 
 GLOO_RESET = ("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:29347: "
               "Connection reset by peer. This is typically caused by a remote worker hanging")

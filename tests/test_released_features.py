@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from scdm.conditioning import Conditioning
+from scdm.data.conditioning import Conditioning
 from scdm.presets import PRESETS, as_argv
-from scdm.resample import LossSecondMomentResampler, ScheduleSampler, create_named_schedule_sampler
+from scdm.diffusion.resample import LossSecondMomentResampler, ScheduleSampler, create_named_schedule_sampler
 from scdm.script_util import create_model_and_diffusion
-from scdm.train_util import TrainLoop
+from scdm.training.train_util import TrainLoop
 
 from conftest import TINY_FLAGS
 

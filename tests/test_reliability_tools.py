@@ -14,7 +14,7 @@ from PIL import Image
 from image_process import downsample, edge, figure, painter, random as random_cli
 from image_process.synthetic import write_tree
 from scdm import class_schedule, toy
-from scdm.errors import run_cli
+from scdm.runtime.errors import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 ADE_LABELS = "annotations/validation"
@@ -253,7 +253,7 @@ def test_numeric_flags_are_range_checked_at_parse_time(case, tmp_path, capsys, m
 
 
 def test_range_helpers_accept_the_edges():
-    from scdm.cli import float_in, int_at_least, nonnegative_float, positive_float, positive_int, probability
+    from scdm.runtime.cli import float_in, int_at_least, nonnegative_float, positive_float, positive_int, probability
     import argparse
     assert probability("0") == 0.0 and probability("1") == 1.0 and positive_int("1") == 1
     assert int_at_least(-1)("-1") == -1 and nonnegative_float("0") == 0.0
@@ -266,13 +266,14 @@ def test_range_helpers_accept_the_edges():
 # ----------------------------------------------------------------------------- 10: messages
 
 def test_missing_data_dir_says_so_instead_of_asking_for_num_classes(tmp_path):
-    from scdm.dataset_layouts import DatasetNotFoundError, dataset_info
+    from scdm.data.dataset_layouts import DatasetNotFoundError, dataset_info
     with pytest.raises(DatasetNotFoundError, match=r"--data_dir .*missing.* is not a folder"):
         dataset_info("folder", str(tmp_path / "missing"))
 
 
 def test_too_few_classes_names_the_file_and_the_id(tmp_path):
-    from scdm.datasets import DatasetError, build_dataset
+    from scdm.data.dataset_layouts import DatasetError
+    from scdm.data.datasets import build_dataset
     root = toy.make_toy_dataset(str(tmp_path / "toy"), num_train=2, num_test=1, size=16, seed=0)
     with pytest.raises(DatasetError, match=r"unlabeled_id=7 is outside 0..2: the unlabeled id comes from "
                                            r".*dataset.json, num_classes=3 from --num_classes"):

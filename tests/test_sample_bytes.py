@@ -78,7 +78,7 @@ def test_use_ema_samples_the_ema_file_of_the_same_step(toy, trained, tmp_path):
 def test_half_precision_sampling_and_training_run_and_say_what_ran(toy, busy, tmp_path, precision):
     """On a CPU with the native type it runs (and changes the pictures by rounding only); without it,
     one warning and fp32. Either way the manifest says what ran."""
-    from scdm.performance import cpu_half_support
+    from scdm.fast.performance import cpu_half_support
     native = cpu_half_support(precision)[0]
     common = ("--batch_size", 2, "--num_samples", 2, "--timestep_respacing", "ddim4")
     here(sample_cmd(toy, busy, tmp_path / "fp32", "--precision", "fp32", *common))

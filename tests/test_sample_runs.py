@@ -15,8 +15,8 @@ from PIL import Image
 from conftest import (TINY_FLAGS, TOY_ARCH, in_process_if_cli, random_label_map, run_command, toy_train_argv,
                       write_toy)
 from scdm import figures, image_sample, results_folder, run_config
-from scdm.palettes import palette, palette_name, spread_colors
-from scdm.sampling import sample_loop
+from scdm.data.palettes import palette, palette_name, spread_colors
+from scdm.diffusion.sampling import sample_loop
 from scdm.script_util import create_model_and_diffusion
 from scdm.toy import TOY_COLORS, TOY_UNLABELED_ID
 

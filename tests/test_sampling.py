@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import scdm
-from scdm import sampling
-from scdm.sampling import (dynamic_threshold, guided_model_output, process_xstart, reverse_step,
+from scdm.diffusion import sampling
+from scdm.diffusion.sampling import (dynamic_threshold, guided_model_output, process_xstart, reverse_step,
                            sample_loop)
 from scdm.script_util import create_model_and_diffusion
 
@@ -85,7 +85,7 @@ def _imports(path):
 
 def test_sampler_does_not_import_the_network():
     for module, names in _imports(sampling.__file__):
-        assert module != "scdm.unet" and not (module == "scdm" and "unet" in names), module
+        assert module != "scdm.models.unet" and not (module == "scdm" and "unet" in names), module
 
 
 def test_no_module_imports_private_names_of_another():

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scdm import dist_util, slurm
+from scdm.runtime import dist_util
+from scdm import slurm
 from scdm.slurm import SlurmError, expand_nodelist
 
 from conftest import wait_for, write_toy
@@ -136,7 +137,7 @@ def test_bad_slurm_environment_is_a_user_error(env, says):
 
 def test_plain_python_in_a_batch_shell_runs_alone(tmp_path):
     """No srun step: one process at once, with a line saying so, instead of waiting for 3 peers."""
-    code = ("from scdm import dist_util; dist_util.setup_dist(); "
+    code = ("from scdm.runtime import dist_util; dist_util.setup_dist(); "
             "print(dist_util.get_rank(), dist_util.get_world_size()); dist_util.cleanup()")
     p = subprocess.run([sys.executable, "-c", code], env=dict(BASE_ENV, **batch_shell_env()), cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)

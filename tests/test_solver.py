@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from scdm.sampling import (SAMPLERS, SolverState, StepOutput, ddim_update, dpm_solver_update, resolve_sampler,
+from scdm.diffusion.sampling import (SAMPLERS, SolverState, StepOutput, ddim_update, dpm_solver_update, resolve_sampler,
                            reverse_step, sample_loop)
 from scdm.script_util import create_gaussian_diffusion, create_model_and_diffusion
 
@@ -307,7 +307,7 @@ def test_image_sample_sampler_flag(tmp_path):
     ddim; a contradiction or an unknown name is a one-line error."""
     import json
     from scdm import image_sample
-    from scdm.fileio import save_torch, write_json
+    from scdm.runtime.fileio import save_torch, write_json
     from scdm.presets import PRESETS
     from scdm.toy import make_toy_dataset
     make_toy_dataset(tmp_path / "toy", num_train=2, num_test=2, size=8, seed=0)

@@ -8,8 +8,9 @@ from PIL import Image
 from scipy import ndimage
 
 from scdm import toy
-from scdm.errors import UserError, run_cli
-from scdm.datasets import build_dataset, dataset_info
+from scdm.runtime.errors import UserError, run_cli
+from scdm.data.dataset_layouts import dataset_info
+from scdm.data.datasets import build_dataset
 
 
 def tree_bytes(root):

@@ -18,7 +18,7 @@ from scdm.image_train import create_argparser
 from scdm.presets import PRESETS, as_argv
 from scdm.flags import DIFFUSION_FLAGS, LAUNCH_FLAGS, MODEL_FLAGS, SAMPLE_FLAGS, TRAIN_FLAGS
 from scdm.script_util import architecture_conflicts, model_and_diffusion_defaults
-from scdm.train_util import TrainLoop, adamw, ema_decay
+from scdm.training.train_util import TrainLoop, adamw, ema_decay
 
 from conftest import ROOT, TOY_ARCH, run_command, toy_train_argv, write_toy
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from scdm.script_util import create_model_and_diffusion
-from scdm.fast_paths import FastPaths
+from scdm.fast.fast_paths import FastPaths
 
 from conftest import random_label_map
 

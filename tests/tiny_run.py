@@ -1,7 +1,7 @@
 """A tiny random-weight run folder (checkpoint + args.json) that the pipeline, generate and the app load."""
 import torch
 
-from scdm.fileio import save_torch, write_json
+from scdm.runtime.fileio import save_torch, write_json
 from scdm.script_util import create_model_and_diffusion
 
 TINY_RUN = dict(

@@ -23,9 +23,9 @@ from evaluations.common import (
     EvalError, default_device, folder_fingerprint, image_size, list_images, load_rgb,
     match_names, note_resized, resolve_weights,
 )
-from scdm.datasets import iter_user_errors_clean
-from scdm.fileio import atomic_write, file_sha256
-from scdm.stop_signals import worker_options
+from scdm.data.datasets import iter_user_errors_clean
+from scdm.runtime.fileio import atomic_write, file_sha256
+from scdm.runtime.stop_signals import worker_options
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + INCEPTION_FILE

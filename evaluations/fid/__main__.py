@@ -3,9 +3,9 @@ import argparse
 import os
 
 from evaluations.fid import DIMS, INCEPTION_FILE, compute_fid
-from scdm.cli import HelpFormatter, add_bool_argument, device_name, nonnegative_int, positive_int
-from scdm.errors import run_cli
-from scdm.fileio import check_writable_file
+from scdm.runtime.cli import HelpFormatter, add_bool_argument, device_name, nonnegative_int, positive_int
+from scdm.runtime.errors import run_cli
+from scdm.runtime.fileio import check_writable_file
 
 
 def parse_args(argv=None):

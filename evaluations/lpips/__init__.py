@@ -19,8 +19,8 @@ import torch
 from evaluations.common import (
     EvalError, default_device, list_images, load_rgb, match_names, note_resized, resolve_weights,
 )
-from scdm.datasets import iter_user_errors_clean
-from scdm.stop_signals import worker_options
+from scdm.data.datasets import iter_user_errors_clean
+from scdm.runtime.stop_signals import worker_options
 
 DistanceFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (B,3,H,W) in [-1,1] x2 -> (B,)
 NETS = ("alex", "vgg", "squeeze")

@@ -2,9 +2,9 @@
 import argparse
 
 from evaluations.lpips import NETS, backbone_file, find_sample_sets, lpips_diversity
-from scdm.cli import HelpFormatter, device_name, int_at_least, nonnegative_int, positive_int
-from scdm.errors import run_cli
-from scdm.fileio import check_writable_file, write_json
+from scdm.runtime.cli import HelpFormatter, device_name, int_at_least, nonnegative_int, positive_int
+from scdm.runtime.errors import run_cli
+from scdm.runtime.fileio import check_writable_file, write_json
 
 
 def parse_args(argv=None):

@@ -1,7 +1,7 @@
 """mIoU: how well samples follow their label maps, via a segmenter's predictions on the samples.
 
 Ground-truth files hold raw dataset ids (as the sampler writes them to `labels/`); the dataset
-table (`scdm.dataset_layouts`) maps them to the segmenter's classes 0..N-1 and names the id that is
+table (`scdm.data.dataset_layouts`) maps them to the segmenter's classes 0..N-1 and names the id that is
 not scored: N = the dataset's classes without its unlabeled class, the raw unlabeled id ignored,
 other raw ids shifted as the loader shifts them:
   ade20k: raw 0 ignored, raw k -> class k-1, N = 150     coco: raw 255 ignored, N = 182
@@ -23,8 +23,8 @@ import numpy as np
 from evaluations.common import (
     EvalError, image_size, list_images, load_label, load_rgb, match_names, note_resized,
 )
-from scdm.dataset_layouts import LAYOUTS, DatasetError, list_records
-from scdm.fileio import save_image
+from scdm.data.dataset_layouts import LAYOUTS, DatasetError, list_records
+from scdm.runtime.fileio import save_image
 
 DATASETS = tuple(sorted(LAYOUTS)) + ("toy",)
 GT_CHOICES = ("clean", "noisy")  # or a folder of label maps

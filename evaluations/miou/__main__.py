@@ -7,9 +7,9 @@ import argparse
 
 from evaluations.common import EvalError
 from evaluations.miou import DATASETS, dataset_preset, ground_truth, miou_of_folders, miou_of_toy_samples
-from scdm.cli import HelpFormatter, add_deprecated_alias, nonnegative_int, positive_int
-from scdm.errors import run_cli
-from scdm.fileio import check_writable, check_writable_file, write_json
+from scdm.runtime.cli import HelpFormatter, add_deprecated_alias, nonnegative_int, positive_int
+from scdm.runtime.errors import run_cli
+from scdm.runtime.fileio import check_writable, check_writable_file, write_json
 
 
 def _presets() -> str:

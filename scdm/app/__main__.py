@@ -4,8 +4,8 @@
 import argparse
 import sys
 
-from ..cli import HelpFormatter, int_at_least, positive_int
-from ..errors import UserError, run_cli, warnings_as_lines
+from ..runtime.cli import HelpFormatter, int_at_least, positive_int
+from ..runtime.errors import UserError, run_cli, warnings_as_lines
 from ..pipeline import add_model_flags
 from .server import QUEUE_SIZE, make_server
 

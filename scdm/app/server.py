@@ -23,13 +23,13 @@ from urllib.parse import parse_qs, unquote, urlparse
 import numpy as np
 from PIL import Image
 
-from ..corruptions import corrupt, resize_nearest
-from ..dataset_layouts import LAYOUTS, get_layout, list_files, read_ids, remap_labels, resize_ids
-from ..errors import UserError
-from ..palettes import MASK_COLOR, TOY, palette_name, to_hex
+from ..data.corruptions import corrupt, resize_nearest
+from ..data.dataset_layouts import LAYOUTS, get_layout, list_files, read_ids, remap_labels, resize_ids
+from ..runtime.errors import UserError
+from ..data.palettes import MASK_COLOR, TOY, palette_name, to_hex
 from ..pipeline import (DEFAULT_EXTRAPOLATION, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_THRESHOLD,
                         MASK_ID)
-from ..sampling import MAX_GUIDANCE, SAMPLERS
+from ..diffusion.sampling import MAX_GUIDANCE, SAMPLERS
 from ..toy import toy_label_map
 
 STATIC = Path(__file__).resolve().parent / "static"

@@ -2,7 +2,7 @@
 checkpoints with resume (the checkpoint sets are written, found and loaded by scdm.checkpoint),
 divergence guard, and logging (see docs/architecture.md). What a run
 shows while it trains (sample grids, TensorBoard, W&B) comes in through two optional hooks,
-`samples` (scdm.train_samples) and `monitor` (scdm.train_monitor)."""
+`samples` (scdm.training.train_samples) and `monitor` (scdm.training.train_monitor)."""
 import contextlib
 import math
 import signal
@@ -15,17 +15,17 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from . import dist_util
-from .checkpoint import (initial_ema_params, load_into_model, load_optimizer_state, model_name, parse_ema_rates,
+from ..runtime import dist_util
+from ..checkpoint import (initial_ema_params, load_into_model, load_optimizer_state, model_name, parse_ema_rates,
                          parse_step, save_set)
-from .conditioning import Conditioning
-from .fast_paths import unwrap
-from .logger import MetricLogger
-from .performance import precision_context
-from .resample import LossSecondMomentResampler, UniformSampler
-from .fast_paths import route_details, summary_line
-from .tuning_cache import reuse_record, write_record
-from .stop_signals import StopRequest
+from ..data.conditioning import Conditioning
+from ..fast.fast_paths import unwrap
+from ..runtime.logger import MetricLogger
+from ..fast.performance import precision_context
+from ..diffusion.resample import LossSecondMomentResampler, UniformSampler
+from ..fast.fast_paths import route_details, summary_line
+from ..fast.tuning_cache import reuse_record, write_record
+from ..runtime.stop_signals import StopRequest
 from .train_monitor import memory_stats
 
 

@@ -5,7 +5,7 @@ the log dir when `tensorboard` is installed (the `monitor` extra; one line says 
 not); W&B logs only when `wandb` is installed and `--wandb PROJECT` asks for it, and follows
 W&B's own settings (WANDB_MODE=offline keeps the run on disk for a later `wandb sync`). Event
 files are append-only streams written by TensorBoard itself, the one kind of file here that does
-not go through `scdm.fileio`; a resumed run purges the events logged after its checkpoint's step,
+not go through `scdm.runtime.fileio`; a resumed run purges the events logged after its checkpoint's step,
 as `MetricLogger.resume` drops those rows of progress.csv.
 """
 import re

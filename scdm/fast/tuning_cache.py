@@ -1,6 +1,6 @@
 """The autotuner's choices, kept per machine so every process on it runs the same kernels.
 
-A fresh model times its "auto" fast paths on first use (`scdm.fast_paths.Autotuner`). Timings are
+A fresh model times its "auto" fast paths on first use (`scdm.fast.fast_paths.Autotuner`). Timings are
 noisy, so two processes could pick different exact alternatives, which round differently: the
 same seed would then give files that differ in the last bit. The first process to time a choice
 writes it here; every later one (the other ranks, a resumed job, a rerun with another batch size)
@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from .fileio import atomic_write
+from ..runtime.fileio import atomic_write
 
 ENV = "SCDM_TUNING_CACHE"
 FORMAT = 1
-_log = logging.getLogger("scdm.tuning_cache")
+_log = logging.getLogger("scdm.fast.tuning_cache")
 
 
 def default_path():

@@ -10,7 +10,7 @@ import colorsys
 import numpy as np
 
 from .dataset_layouts import read_metadata
-from .toy import GENERATOR as TOY_GENERATOR, TOY_COLORS, TOY_UNLABELED_ID
+from ..toy import GENERATOR as TOY_GENERATOR, TOY_COLORS, TOY_UNLABELED_ID
 
 GOLDEN_RATIO = 0.6180339887498949
 TOY = "toy"

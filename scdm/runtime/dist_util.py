@@ -14,7 +14,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from . import slurm
+from .. import slurm
 from .errors import UserError
 
 MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")

@@ -1,8 +1,8 @@
-"""How the UNet (scdm/unet.py) runs: its fast-path plumbing, which changes speed, never what it computes.
+"""How the UNet (scdm/models/unet.py) runs: its fast-path plumbing, which changes speed, never what it computes.
 
 - `FastPathOwner`, mixed into the model: its `fast_paths` config (handed to every block that reads
   one), its `autotuner`, the SPADE norms' cache of the all-zero map, the label map prepared once per
-  forward for the SPADE fast paths (`spade_labels`, scdm/fast_spade.py) and the choice of the torso's
+  forward for the SPADE fast paths (`spade_labels`, scdm/fast/fast_spade.py) and the choice of the torso's
   memory layout where `channels_last` is "auto" (`resolve_fast_paths`).
 - `sdpa`, `sdpa_choice`: attention by F.scaled_dot_product_attention instead of the released einsum +
   softmax (`sdpa_attention`).

@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fast_paths import FastPaths
-from .fast_unet import FastPathOwner, is_nhwc_torso, nhwc_residual, sdpa, sdpa_choice, to_torso_layout
+from ..fast.fast_paths import FastPaths
+from ..fast.fast_unet import FastPathOwner, is_nhwc_torso, nhwc_residual, sdpa, sdpa_choice, to_torso_layout
 from .nn import (
     avg_pool_nd,
     checkpoint,

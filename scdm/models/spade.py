@@ -7,7 +7,7 @@
 
 The module names are the released checkpoints' state-dict keys. The exact fast ways of computing gamma
 and beta (a table gather for one-hot maps, once per distinct 3x3 label patch, the all-zero map in closed
-form) are in scdm/fast_spade.py: the UNet hands the norms its label map prepared as `SpadeLabels` when one
+form) are in scdm/fast/fast_spade.py: the UNet hands the norms its label map prepared as `SpadeLabels` when one
 of them is on, and `forward` passes the normalised input to it.
 """
 import torch

@@ -3,7 +3,7 @@
 Why: a run otherwise shows nothing to look at until a separate sampling job runs, and "how long
 should I train" is best answered by watching a fixed set of label maps turn into pictures. The
 maps are fixed (the first test maps, else the first training maps, centre-cropped), each is shown
-clean and with the paper's three noises made on the fly with `scdm.corruptions` (DS, Edge,
+clean and with the paper's three noises made on the fly with `scdm.data.corruptions` (DS, Edge,
 Random; blanked pixels become the all-zero [MASK] vector, SCDM's absorbing state), and each is
 sampled with the EMA and with the raw weights in a few DDIM steps from fixed seeds, so two grids
 differ only by what the weights learned in between. On the toy data (`scdm.toy`) the exact toy
@@ -18,19 +18,19 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .corruptions import corrupt, resize_nearest
-from .dataset_layouts import DatasetError, display_names
-from .datasets import build_dataset
-from .errors import UserError
-from .fileio import save_image
-from .flags import DEFAULT_MAPS, DEFAULT_RESPACING
-from .figures import header_font, legend_entries, with_legend
-from .palettes import MASK_COLOR, TOY, colorize, palette, palette_name
-from .performance import precision_context
-from .presets import SAMPLING
-from .sampling import sample_loop
-from .script_util import create_diffusion
-from .toy import segment_toy_image
+from ..data.corruptions import corrupt, resize_nearest
+from ..data.dataset_layouts import DatasetError, display_names
+from ..data.datasets import build_dataset
+from ..runtime.errors import UserError
+from ..runtime.fileio import save_image
+from ..flags import DEFAULT_MAPS, DEFAULT_RESPACING
+from ..figures import header_font, legend_entries, with_legend
+from ..data.palettes import MASK_COLOR, TOY, colorize, palette, palette_name
+from ..fast.performance import precision_context
+from ..presets import SAMPLING
+from ..diffusion.sampling import sample_loop
+from ..script_util import create_diffusion
+from ..toy import segment_toy_image
 
 NOISES = ("clean", "DS", "Edge", "Random")
 HOLE = -1               # a blanked pixel of a noisy id map: all-zero in `y`, MASK_COLOR in pictures
@@ -307,7 +307,7 @@ class GridLayout:
 def check_sample_respacing(flags, respacing):
     """Stop before training on a --sample_respacing this diffusion cannot take. Only the image
     diffusion's steps matter here, so the check needs no class schedule (train.sh computes it after)."""
-    from .script_util import create_gaussian_diffusion
+    from ..script_util import create_gaussian_diffusion
     try:
         create_gaussian_diffusion(steps=flags["diffusion_steps"], noise_schedule=flags["noise_schedule"],
                                   timestep_respacing=respacing)

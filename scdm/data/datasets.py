@@ -1,7 +1,7 @@
 """The training and sampling side of datasets: transforms, the torch Dataset, sharding, loaders.
 
 What a layout is on disk (folders, stored ids, class counts, the id-map reader) lives in
-`scdm.dataset_layouts`, shared with `image_process` and `evaluations`; its names are re-exported
+`scdm.data.dataset_layouts`, shared with `image_process` and `evaluations`; its names are re-exported
 here. Files are matched by name stem, never by sorted position, so one missing file cannot shift
 every pair. Cheap checks (folders, pairing, batch size) run when the dataset is built; per-file
 checks (decoding, sizes, id range, colour label maps) run when a file is loaded, so a bad file
@@ -15,13 +15,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .dataset_layouts import (  # noqa: F401  (re-exported: the loader's public names)
-    DATASET_JSON, IMAGE_EXTENSIONS, LAYOUTS, DatasetError, DatasetInfo,
-    DatasetNotFoundError, Layout, Record, check_int, check_label_ids, class_names, dataset_info, get_layout,
-    list_records, raw_unlabeled_id, read_ids, read_rgb, remap_labels, require_data_dir, resize_ids,
-)
-from .errors import UserError
-from .stop_signals import worker_options
+from .dataset_layouts import (DatasetError, DatasetInfo, check_int, check_label_ids, dataset_info, get_layout,
+                              list_records, read_ids, read_rgb, remap_labels, require_data_dir, resize_ids)
+from ..runtime.errors import UserError
+from ..runtime.stop_signals import worker_options
 
 FLOAT_EXACT = 2 ** 24  # ids at or above this do not survive the float32 cond tensors
 

@@ -1,4 +1,4 @@
-"""The exact fast paths of the SPADE norm (scdm/spade.py): the same gamma and beta, computed faster.
+"""The exact fast paths of the SPADE norm (scdm/models/spade.py): the same gamma and beta, computed faster.
 
 gamma and beta depend on the label map only, never on x or t, so their label-dependent part can be
 prepared once per forward (`SpadeLabels`), shared by every norm, and for the all-zero map (the

@@ -6,7 +6,7 @@
   released `--results_path` and `--log_dir`), a single output file is `--out`.
 - Spellings we introduced and later renamed stay as aliases for one release and print one
   deprecation line (`add_deprecated_alias`).
-- Errors: see `scdm.errors` (one `error: ...` line, exit code 2).
+- Errors: see `scdm.runtime.errors` (one `error: ...` line, exit code 2).
 """
 import argparse
 import math
@@ -205,12 +205,3 @@ def note_gpus_per_node(args):
     if getattr(args, "gpu", None) is not None:
         from .dist_util import select_gpu
         select_gpu(args.gpu)
-
-
-def dataset_info_for(dataset_mode, data_dir, num_classes=-1, unlabeled_id=-1):
-    """The class count (-1: from the dataset) and unlabeled class (-1: the layout's), resolved once."""
-    from .datasets import dataset_info
-    if not dataset_mode:
-        raise UserError("--dataset_mode is required (ade20k, coco, celeba, cityscapes or folder)")
-    return dataset_info(dataset_mode, data_dir or None, num_classes=num_classes if num_classes > 0 else None,
-                        unlabeled_id=unlabeled_id if unlabeled_id >= 0 else None)

@@ -38,7 +38,7 @@ class FastPaths:
     null_label_cache: Switch = True      # all-zero map (guidance, dropped labels): closed form, cached under no_grad
     shared_encoder: Switch = True        # guidance: the label-free encoder runs once for both halves
     channels_last: Switch = AUTO         # NHWC activations in the torso
-    fused_adamw: Switch = True           # training: AdamW's update as torch's fused kernel (scdm.train_util)
+    fused_adamw: Switch = True           # training: AdamW's update as torch's fused kernel (scdm.training.train_util)
 
     def __post_init__(self):
         for name in self.names():
@@ -118,7 +118,7 @@ def route_details(*sinks):
 
 
 def _log_details(line):
-    logging.getLogger("scdm.fast_paths").debug(line)
+    logging.getLogger("scdm.fast.fast_paths").debug(line)
     for sink in _detail_sinks:
         sink(line)
 
@@ -135,7 +135,7 @@ def summary_line(tuner):
     return f"fast paths: {len(tuner.choices)} choice(s) timed in {tuner.seconds:.1f} s{reused} ({parts})"
 
 
-MACHINE_CACHE = "machine"  # Autotuner(cache=MACHINE_CACHE): the process's scdm.tuning_cache.default_cache()
+MACHINE_CACHE = "machine"  # Autotuner(cache=MACHINE_CACHE): the process's scdm.fast.tuning_cache.default_cache()
 
 
 class Autotuner:

@@ -1,6 +1,6 @@
 """Speed knobs shared by the training and sampling entry points and the benchmarks.
 
-The model's exact fast paths are not here: each model holds its own config (scdm.fast_paths).
+The model's exact fast paths are not here: each model holds its own config (scdm.fast.fast_paths).
 
 - `resolve_precision`: the precision the `--precision` / `--use_fp16` flags ask for.
 - `precision_context`: autocast to bf16/fp16 where the device can do it; otherwise one clear warning

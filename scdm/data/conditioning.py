@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .errors import UserError
+from ..runtime.errors import UserError
 
 
 def instance_edges(instance):

@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 from PIL import Image
 
-from .errors import UserError
+from ..runtime.errors import UserError
 
 # Every extension PIL decodes that datasets use; the whole project accepts exactly these.
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
@@ -482,3 +482,11 @@ def check_label_ids(raw, dataset_mode, info, path):
         raise DatasetError(
             f"label map {path} contains id {raw_bad}{after}; expected class ids 0..{info.num_classes - 1} "
             f"(num_classes={info.num_classes} from {flag}){why}. Ids present: {present.tolist()[:20]}")
+
+
+def dataset_info_for(dataset_mode, data_dir, num_classes=-1, unlabeled_id=-1):
+    """The class count (-1: from the dataset) and unlabeled class (-1: the layout's), resolved once."""
+    if not dataset_mode:
+        raise UserError("--dataset_mode is required (ade20k, coco, celeba, cityscapes or folder)")
+    return dataset_info(dataset_mode, data_dir or None, num_classes=num_classes if num_classes > 0 else None,
+                        unlabeled_id=unlabeled_id if unlabeled_id >= 0 else None)

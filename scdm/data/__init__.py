@@ -1,0 +1,1 @@
+"""Label maps and images on disk -> tensors -> the model's conditioning."""

@@ -1,0 +1,1 @@
+"""The image and label forward processes, their losses, respacing and the samplers."""

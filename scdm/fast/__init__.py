@@ -1,0 +1,1 @@
+"""How the network runs fast: exact fast paths, their autotuning and its cache, precision."""

@@ -1,0 +1,1 @@
+"""The network: the UNet of the released architecture and its SPADE norm."""

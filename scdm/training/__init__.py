@@ -1,0 +1,1 @@
+"""The training loop, its sample grids and its monitors."""
