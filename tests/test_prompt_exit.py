@@ -265,3 +265,28 @@ def test_the_painter_serves_a_job_then_ends_on_sigterm_and_ctrl_c_even_mid_job(t
         err = finish(proc, marker)
         assert proc.returncode in (128 + sig, -sig) and proc.returncode != -signal.SIGABRT, err[-3000:]
         assert "Traceback" not in err and "terminate called" not in err, err[-3000:]
+
+
+def test_a_loader_worker_is_quiet_when_its_main_process_left_mid_batch():
+    """The resource sharer of a DataLoader worker fails to hand over a batch when the main process was
+    stopped: that error is dropped (the main process reports the stop); any other error is not."""
+    from scdm.runtime.stop_signals import quiet_when_the_reader_left
+
+    seen = []
+    hook = quiet_when_the_reader_left(lambda kind, value, tb: seen.append(kind))
+
+    def raised(error, filename):
+        code = compile("def send():\n    raise error\n", filename, "exec")
+        scope = {"error": error}
+        exec(code, scope)
+        try:
+            scope["send"]()
+        except BaseException as e:
+            return type(e), e, e.__traceback__
+
+    hook(*raised(ConnectionResetError("peer gone"), "/x/multiprocessing/resource_sharer.py"))
+    hook(*raised(EOFError(), "/x/multiprocessing/resource_sharer.py"))
+    assert seen == []
+    hook(*raised(ConnectionResetError("elsewhere"), "/x/ours.py"))
+    hook(*raised(ValueError("a bug"), "/x/multiprocessing/resource_sharer.py"))
+    assert seen == [ConnectionResetError, ValueError]

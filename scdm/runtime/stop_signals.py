@@ -23,9 +23,26 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 def ignore_in_worker(_worker_id=None):
-    """DataLoader `worker_init_fn`: the main process decides how the run stops."""
+    """DataLoader `worker_init_fn`: the main process decides how the run stops, and a worker whose
+    main process stopped while fetching a batch's shared memory says nothing about it."""
     for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)
+    sys.excepthook = quiet_when_the_reader_left(sys.excepthook)
+
+
+def quiet_when_the_reader_left(hook):
+    """`sys.excepthook` that drops the connection errors of multiprocessing's resource sharer (the
+    thread that hands a batch's file descriptors to the main process): they mean the main process
+    is gone, which its own exit already reports."""
+    def excepthook(kind, value, tb):
+        frames, step = [], tb
+        while step is not None:
+            frames.append(step.tb_frame.f_code.co_filename)
+            step = step.tb_next
+        if issubclass(kind, (ConnectionError, EOFError)) and any(f.endswith("resource_sharer.py") for f in frames):
+            return
+        hook(kind, value, tb)
+    return excepthook
 
 
 def reap_workers(timeout=5.0):
