@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from scdm.fast.fast_paths import FastPaths, override
 from scdm.runtime.fileio import recorded_path
 from scdm.fast.performance import describe_machine, maybe_compile, precision_context
-from scdm.diffusion.sampling import reverse_step, sample_loop
+from scdm.diffusion.sampling import SamplerSettings, reverse_step, sample_batch, sample_loop
 from scdm.script_util import create_model_and_diffusion
 from scdm.training.train_util import adamw
 
@@ -58,6 +58,9 @@ COMPAT = Path(__file__).resolve().parents[2] / "shared" / "compat"
 REPO = Path(__file__).resolve().parents[1]
 TOY_RUN = REPO / "results" / "bench_steps"
 GUIDANCE = dict(guidance_scale=1.5, extrapolation=0.8, threshold_percentile=0.95)
+# The same guided setting on the released ddim25 grid, for whole samples.
+RELEASED_25 = SamplerSettings(sampler="ddim", respacing="ddim25", guidance_scale=1.5, extrapolation=0.8,
+                              dynamic_threshold=0.95)
 # bf16 dense peak (TFLOP/s) by GPU name, for model FLOP utilisation; --peak_tflops overrides.
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0,
                     "H100 NVL": 835.0, "H100": 756.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
@@ -290,7 +293,7 @@ def run_precision(args):
         ctx = torch.autocast("cpu", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
         t0 = time.perf_counter()
         with ctx, torch.no_grad():
-            x = sample_loop(model, diffusion, shape, y, noise=noise, generators=gens, sampler="ddim", **GUIDANCE)
+            x = sample_batch(model, diffusion, y, RELEASED_25, noise=noise, generators=gens)
         samples[precision] = x.float()
         rows[precision] = {"seconds": round(time.perf_counter() - t0, 2),
                            "toy_miou": round(float(miou(to_uint8(x), names, data_dir / "test" / "labels")), 4)}

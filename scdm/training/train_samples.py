@@ -28,7 +28,7 @@ from ..figures import header_font, legend_entries, with_legend
 from ..data.palettes import MASK_COLOR, TOY, colorize, palette, palette_name
 from ..fast.performance import precision_context
 from ..presets import SAMPLING
-from ..diffusion.sampling import sample_loop
+from ..diffusion.sampling import SamplerSettings, sample_batch
 from ..script_util import create_diffusion
 from ..toy import segment_toy_image
 
@@ -39,8 +39,8 @@ EDGE_RADIUS_AT_256 = 2  # the paper's Edge noise at 256 px, scaled to the image 
 DS_FACTOR = 4           # the paper's DS: 256 -> 64, a quarter of the side, then back (nearest)
 # The released few-step setting without guidance (a run trained without --drop_rate has no unconditional
 # model): x0 extrapolation and dynamic thresholding, which keep DDIM at 10 steps from leaving noise behind.
-SAMPLE_SETTINGS = dict(extrapolation=SAMPLING["25"]["extrapolation"],
-                       threshold_percentile=SAMPLING["25"]["dynamic_threshold"])
+SAMPLE_SETTINGS = SamplerSettings(sampler="ddim", extrapolation=SAMPLING["25"]["extrapolation"],
+                                  dynamic_threshold=SAMPLING["25"]["dynamic_threshold"])
 SAMPLES_DIR = "samples"
 TILE = 64               # smallest tile side in the grid (pixels); label maps enlarged with nearest
 GAP, HEAD, LEFT, FOOT = 4, 20, 110, 18
@@ -152,7 +152,7 @@ class TrainSamples:
         self.unlabeled_id = unlabeled_id
         self.precision = precision
         self.seed = seed
-        self.settings = dict(SAMPLE_SETTINGS)
+        self.settings = SAMPLE_SETTINGS
         self.sampler_model = None
 
     @classmethod
@@ -186,10 +186,8 @@ class TrainSamples:
         y = torch.cat([self.maps.y[n] for n in NOISES])
         k = len(self.maps.names)
         gens = [torch.Generator().manual_seed(self.seed * 100003 + i % k) for i in range(y.shape[0])]
-        size = self.maps.photos.shape[1]
         with precision_context(device, self.precision):
-            x = sample_loop(net, self.diffusion, (y.shape[0], 3, size, size), y, sampler="ddim", generators=gens,
-                            device=device, **self.settings)
+            x = sample_batch(net, self.diffusion, y, self.settings, generators=gens, device=device)
         x = ((x.float() + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()
         return {n: x[i * k:(i + 1) * k] for i, n in enumerate(NOISES)}
 
