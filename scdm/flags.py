@@ -41,6 +41,11 @@ class Flag:
     def with_help(self, text):
         return dataclasses.replace(self, help=text)
 
+    def with_default(self, value):
+        """The same flag (type, range, help) with another tool's default, e.g. generate's released 25-step
+        setting where the sampler keeps the released flag default."""
+        return dataclasses.replace(self, default=value)
+
 
 def class_count(v):
     """argparse `type=` of --num_classes: -1 (from the dataset) or at least 2 classes."""

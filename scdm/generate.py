@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .runtime.cli import HelpFormatter, add_bool_argument, float_in, nonnegative_int, positive_int
+from .runtime.cli import HelpFormatter, add_bool_argument, float_in, positive_int
 from .data.dataset_layouts import IMAGE_EXTENSIONS
 from .runtime.errors import UserError, run_cli, warnings_as_lines
 from .runtime.fileio import check_writable, save_image
@@ -23,7 +23,8 @@ from .pipeline import (
     DEFAULT_EXTRAPOLATION, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_THRESHOLD, SCDMPipeline,
     add_model_flags,
 )
-from .diffusion.sampling import MAX_EXTRAPOLATION, MAX_GUIDANCE, SAMPLERS
+from .diffusion.sampling import MAX_EXTRAPOLATION, SAMPLERS
+from .flags import SAMPLE_FLAGS, add_flags, by_name
 
 
 def create_argparser():
@@ -34,15 +35,13 @@ def create_argparser():
     p.add_argument("--out", required=True, help="output folder (samples/, labels_color/, side_by_side/)")
     p.add_argument("--num_samples", type=positive_int, default=1, help="samples per label map")
     p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, help="sampling steps")
-    p.add_argument("--s", type=float_in(0.0, MAX_GUIDANCE), default=DEFAULT_GUIDANCE,
-                   help="classifier-free guidance scale (1: no guidance)")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the per-map, per-sample noise")
+    sampling = by_name(SAMPLE_FLAGS)
+    add_flags(p, [sampling["s"].with_default(DEFAULT_GUIDANCE), sampling["seed"]])
     p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER, help="reverse-step update")
-    p.add_argument("--eta", type=float_in(0.0, 1.0), default=0.0, help="DDIM noise: 0 deterministic, 1 as ancestral")
+    add_flags(p, [sampling["eta"]])
     p.add_argument("--extrapolation", type=float_in(0.0, MAX_EXTRAPOLATION), default=None,
                    help=f"x0 extrapolation e (0: off; default: {DEFAULT_EXTRAPOLATION}, 0 with dpm++2m)")
-    p.add_argument("--dynamic_threshold", type=float_in(0.0, 1.0, hi_open=True), default=DEFAULT_THRESHOLD,
-                   help="dynamic-thresholding percentile (0: plain clipping)")
+    add_flags(p, [sampling["dynamic_threshold"].with_default(DEFAULT_THRESHOLD)])
     add_bool_argument(p, "--unlabeled_to_zero", default=None,
                       help="unlabeled pixels become SCDM's [MASK] state (holes the model fills); default: True for a "
                            "model with label diffusion (SCDM), False (the unlabeled class) for one without, as in the "
