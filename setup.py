@@ -14,7 +14,8 @@ EVAL = ["lpips>=0.1.4", "pytorch-fid>=0.3.0"]
 BENCH = ["matplotlib>=3.5"]  # the plots of benchmarks/bench_steps.py
 BROWSER = ["selenium>=4.10"]  # the painter's browser test (it also needs Chromium and its driver)
 MONITOR = ["tensorboard>=2.10", "matplotlib>=3.5"]  # event files of image_train, python -m scdm.plot_progress
-TEST = ["pytest>=7.0", "pytest-xdist>=3.0"] + MPI + EVAL + BROWSER + MONITOR  # xdist: the suite runs on every core
+# xdist: the suite runs on every core; ruff: the lint the test command runs first
+TEST = ["pytest>=7.0", "pytest-xdist>=3.0", "ruff>=0.5"] + MPI + EVAL + BROWSER + MONITOR
 
 setup(
     name="scdm",

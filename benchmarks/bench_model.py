@@ -248,7 +248,8 @@ def cpu_train_step(flags, batch, warmup, repeats, dropped=1):
 def run_cpu(args):
     flags = cpu_flags(args.smoke)
     steps = [int(s) for s in args.steps.split(",")]
-    out = {"config": {**recorded(flags), "batch": args.batch, "precision": "fp32", "guidance": GUIDANCE, "clock": args.clock,
+    out = {"config": {**recorded(flags), "batch": args.batch, "precision": "fp32", "guidance": GUIDANCE,
+                      "clock": args.clock,
                       "timestep_respacing": "ddim25", "label_maps": "10 smooth regions per map",
                       "fast_paths": sorted(FastPaths.names()), "warmup": args.warmup, "repeats": args.repeats}}
     out["load_average_before"] = os.getloadavg()
@@ -371,7 +372,8 @@ def gpu_sampling(args, flags, device):
             for k in ("plain", "fast"):
                 row[f"{k}_images_per_s"] = round(batch / times[k]["best_s"], 3)
                 if peak:
-                    row[f"{k}_mfu_vs_bf16_peak"] = round(flops * forwards * batch / times[k]["best_s"] / (peak * 1e12), 3)
+                    achieved = flops * forwards * batch / times[k]["best_s"]
+                    row[f"{k}_mfu_vs_bf16_peak"] = round(achieved / (peak * 1e12), 3)
             rows.append(row)
     return {"model_tflops_per_image_forward": round(flops / 1e12, 3), "forwards_per_image": forwards,
             "bf16_peak_tflops": peak, "rows": rows}
@@ -406,7 +408,7 @@ def gpu_training(args, flags, device):
                     rows.append({"checkpointing": checkpointing, "precision": precision, "fast": fast,
                                  "batch": batch, "error": "out of memory"})
                     torch.cuda.empty_cache()
-        del model, opts
+        model = opts = None  # the next configuration starts with this one's memory freed
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -438,7 +440,8 @@ def run_gpu(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["cpu", "gpu", "precision", "all"], default="cpu")
     parser.add_argument("--cpu_parts", default="guided,train,precision",
                         help="which CPU measurements: comma-separated guided, train, precision")

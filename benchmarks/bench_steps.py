@@ -255,7 +255,8 @@ def noisy_arg(text):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="python benchmarks/bench_steps.py", formatter_class=HelpFormatter,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python benchmarks/bench_steps.py",
+                                formatter_class=HelpFormatter,
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--model_path", help="checkpoint of a toy run (its args.json beside it)")
     p.add_argument("--data_dir", help="the toy dataset root (clean test maps, real images)")

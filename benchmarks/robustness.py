@@ -87,14 +87,16 @@ def build_parser():
     def budget(key, text):
         return f"{text}; default {d[key]}" + (f", tiny: {t[key]}" if t[key] != d[key] else "")
 
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="python benchmarks/robustness.py", formatter_class=HelpFormatter,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python benchmarks/robustness.py",
+                                formatter_class=HelpFormatter,
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--budget", choices=tuple(BUDGETS), default="default", help="size of the study (default: default)")
     p.add_argument("--out_dir", default=None, help=budget("out_dir", "working folder (data, runs, samples)"))
     p.add_argument("--fresh", action="store_true", help="remove the working folder first")
     p.add_argument("--out", default=None, help="result JSON (default: <out_dir>/robustness.json)")
     p.add_argument("--grid", default=None, help="sample picture (default: <out_dir>/grid.png)")
-    p.add_argument("--seeds", type=nonnegative_int, nargs="+", default=[0, 1, 2], help="training seeds (default: 0 1 2)")
+    p.add_argument("--seeds", type=nonnegative_int, nargs="+", default=[0, 1, 2],
+                   help="training seeds (default: 0 1 2)")
     p.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS), help="models (default: all)")
     p.add_argument("--both_ways", nargs="*", choices=tuple(m for m in MODELS if m != "sdm"),
                    default=["scdm_classwise"],
@@ -130,7 +132,8 @@ def resolve_config(args):
         sample_from="ema", s=RELEASED["s"], extrapolation=args.extrapolation,
         dynamic_threshold=RELEASED["dynamic_threshold"], edge_radius=1, random_p=0.1,
         seeds=sorted(set(args.seeds)), models=[m for m in MODELS if m in args.models],
-        both_ways=[m for m in args.both_ways if m in args.models], noises=["clean", *[n for n in NOISES if n in args.noises]],
+        both_ways=[m for m in args.both_ways if m in args.models],
+        noises=["clean", *[n for n in NOISES if n in args.noises]],
         data_seed=args.data_seed, grid_maps=args.grid_maps, jobs=args.jobs, threads=args.threads,
         out_dir=str(Path(cfg["out_dir"]).resolve()))
     if cfg["num_test"] > cfg["num_train"]:
@@ -184,7 +187,8 @@ def plan(out, cfg, runner):
                 tree, made = trees[noise]
                 folder = out / "samples" / vid / f"seed{seed}" / noise
                 st = sample_stage(seed_cfg, runner, markers, trained[model], made, folder,
-                                  model_flags(cfg, model, schedule), zero, f"{name} seed {seed} on {NOISE_NAMES[noise]}")
+                                  model_flags(cfg, model, schedule), zero,
+                                  f"{name} seed {seed} on {NOISE_NAMES[noise]}")
                 deps[st] = [trained[model], made]
                 stages.append(st)
                 sample_dirs[vid, seed, noise] = folder
@@ -344,7 +348,8 @@ def markdown(cfg, variant_list, summary, paired, floor, lpips_note, seconds, wal
                 f"{fmt(p['fd_diff_mean'], p['fd_diff_std'], 1, 0)} ({p['fd_wins']}/{p['seeds']})"
                 for p in (paired[v[0]][noise] for v in pcols)) + " |")
     lines += ["", f"LPIPS diversity: {lpips_note}.",
-              f"Budget: {cfg['size']}x{cfg['size']} px, {cfg['num_train']} training maps, {cfg['steps']} steps of batch "
+              f"Budget: {cfg['size']}x{cfg['size']} px, {cfg['num_train']} training maps, {cfg['steps']} steps "
+              f"of batch "
               f"{cfg['batch_size']} (lr {cfg['lr']}, EMA {cfg['ema_rate']}), {cfg['num_test']} test maps per noise, "
               f"sampled with {cfg['respacing']}, s={cfg['s']}, extrapolation {cfg['extrapolation']}, dynamic "
               f"threshold {cfg['dynamic_threshold']}. Machine: {machine}. Wall time {fmt_time(wall)}, stages "

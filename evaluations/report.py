@@ -169,7 +169,8 @@ def markdown(report: dict) -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m evaluations.report", formatter_class=HelpFormatter, description=(
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m evaluations.report", formatter_class=HelpFormatter,
+                                description=(
         "Score a sampler results folder (FID, LPIPS diversity, mIoU, whatever applies) and write "
         "<prefix>.json and <prefix>.md"))
     p.add_argument("--results", required=True, metavar="RESULTS_DIR", help="a sampler results folder")

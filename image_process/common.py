@@ -29,7 +29,8 @@ from scdm.runtime.cli import (
 )
 from scdm.data.corruptions import corrupt, derive_rng, resize_nearest
 from scdm.data.dataset_layouts import (
-    CORRUPTION_FILE, EIGHT_BIT_MAP_MODES, LAYOUTS, SIXTEEN_BIT_MAP_MODES, DatasetError, Record, get_layout, list_records,
+    CORRUPTION_FILE, EIGHT_BIT_MAP_MODES, LAYOUTS, SIXTEEN_BIT_MAP_MODES, DatasetError, Record, get_layout,
+    list_records,
     raw_unlabeled_id, read_ids,
 )
 from scdm.runtime.errors import UserError, run_cli
@@ -431,7 +432,8 @@ def _fill_help() -> str:
 
 
 def parser(noise: Noise) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(allow_abbrev=False, prog=f"python -m image_process.{noise.name}", description=noise.description,
+    p = argparse.ArgumentParser(allow_abbrev=False, prog=f"python -m image_process.{noise.name}",
+                                description=noise.description,
                                 epilog=noise.epilog, formatter_class=HelpFormatter)
     p.add_argument("--data_dir", required=True, type=Path,
                    help="dataset root (e.g. ADEChallengeData2016, or a folder-layout root such as the toy data)")
@@ -443,7 +445,8 @@ def parser(noise: Noise) -> argparse.ArgumentParser:
                    help="split to read; default the dataset's test split: "
                         + ", ".join(f"{m} {lay.test_split}" for m, lay in LAYOUTS.items()))
     p.add_argument("--num", type=positive_int, default=2000, help="first N samples in sorted name order")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="noise seed (each file's noise depends on it and its name)")
+    p.add_argument("--seed", type=nonnegative_int, default=0,
+                   help="noise seed (each file's noise depends on it and its name)")
     p.add_argument("--image_size", type=positive_int, default=256,
                    help="labels are resized to this (nearest) before the noise"
                    + ("" if noise.resize else " (not used by this noise)"))

@@ -15,7 +15,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 
 from image_process.common import InputError, default_fill
 from scdm.runtime.cli import HelpFormatter, add_bool_argument
@@ -75,7 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--noise", default=None, choices=NOISES,
                    help="the noise that made the tree; default: guessed from the maps (ds: boundaries moved, few "
                         "holes; edge: holes along class boundaries; random: holes anywhere)")
-    add_bool_argument(p, "--overwrite", default=False, help="replace an existing corruption.json (default: %(default)s)")
+    add_bool_argument(p, "--overwrite", default=False,
+                      help="replace an existing corruption.json (default: %(default)s)")
     return p.parse_args(argv)
 
 

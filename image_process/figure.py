@@ -55,7 +55,8 @@ def draw(items: list, gap: int = 8, caption: int = 22) -> Image.Image:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m image_process.figure", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m image_process.figure",
+                                description=__doc__.splitlines()[0],
                                 formatter_class=HelpFormatter)
     p.add_argument("--out", type=Path, default=Path("corruptions.png"),
                    help="the PNG to write (the README's picture is docs/corruptions.png)")

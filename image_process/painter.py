@@ -14,7 +14,8 @@ from scdm.runtime.cli import nonnegative_int, probability
 
 def _add_args(p):
     p.add_argument("--max_shift", type=nonnegative_int, default=3, help="largest border move in pixels")
-    p.add_argument("--small_area", type=nonnegative_int, default=64, help="regions below this many pixels may be dropped")
+    p.add_argument("--small_area", type=nonnegative_int, default=64,
+                   help="regions below this many pixels may be dropped")
     p.add_argument("--drop_prob", type=probability, default=0.5, help="probability a small region is dropped")
 
 

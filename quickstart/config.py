@@ -51,10 +51,14 @@ def build_parser():
     add_bool_argument(g, "--fresh", help="wipe the quickstart folder first")
     p.add_argument("--steps", type=positive_int, default=argparse.SUPPRESS,
                    help=budget("steps", "training steps per model; more than an existing run's continues its training"))
-    p.add_argument("--num_train", type=positive_int, default=argparse.SUPPRESS, help=budget("num_train", "toy training maps"))
-    p.add_argument("--num_test", type=int_at_least(2), default=argparse.SUPPRESS, help=budget("num_test", "held-out test maps"))
-    p.add_argument("--size", type=int_at_least(16, 1024), default=argparse.SUPPRESS, help=budget("size", "image side in px"))
-    p.add_argument("--batch_size", type=positive_int, default=argparse.SUPPRESS, help=budget("batch_size", "training batch"))
+    p.add_argument("--num_train", type=positive_int, default=argparse.SUPPRESS,
+                   help=budget("num_train", "toy training maps"))
+    p.add_argument("--num_test", type=int_at_least(2), default=argparse.SUPPRESS,
+                   help=budget("num_test", "held-out test maps"))
+    p.add_argument("--size", type=int_at_least(16, 1024), default=argparse.SUPPRESS,
+                   help=budget("size", "image side in px"))
+    p.add_argument("--batch_size", type=positive_int, default=argparse.SUPPRESS,
+                   help=budget("batch_size", "training batch"))
     p.add_argument("--lr", type=positive_float, default=argparse.SUPPRESS, help=budget("lr", "learning rate"))
     p.add_argument("--ema_rate", default="0.99", type=rate_list,
                    help="EMA rate of training (0.9999 is far too slow for a few hundred steps)")
@@ -65,8 +69,10 @@ def build_parser():
                    help="sample the EMA weights (ema_<rate>_*.pt) or the raw model*.pt")
     p.add_argument("--respacing", default=argparse.SUPPRESS, help=budget("respacing", "sampler timestep respacing"))
     p.add_argument("--s", type=nonnegative_float, default=1.5, help="classifier-free guidance scale")
-    p.add_argument("--extrapolation", type=nonnegative_float, default=0.8, help="sampler extrapolation (released 25-step setting)")
-    p.add_argument("--dynamic_threshold", type=probability, default=0.95, help="sampler dynamic-thresholding percentile")
+    p.add_argument("--extrapolation", type=nonnegative_float, default=0.8,
+                   help="sampler extrapolation (released 25-step setting)")
+    p.add_argument("--dynamic_threshold", type=probability, default=0.95,
+                   help="sampler dynamic-thresholding percentile")
     p.add_argument("--sample_batch", type=positive_int, default=argparse.SUPPRESS,
                    help=budget("sample_batch", "maps per sampler batch"))
     add_bool_argument(p, "--sdm_unlabeled_to_zero",
@@ -76,7 +82,8 @@ def build_parser():
     add_bool_argument(p, "--painter", help="add the Painter noise as a fifth row")
     p.add_argument("--grid_maps", type=positive_int, default=2, help="test maps shown in grid.png (the first ones)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="data, noise, training and sampling seed")
-    p.add_argument("--num_channels", type=int_at_least(32), default=PRESETS["toy"].model["num_channels"], help=argparse.SUPPRESS)
+    p.add_argument("--num_channels", type=int_at_least(32), default=PRESETS["toy"].model["num_channels"],
+                   help=argparse.SUPPRESS)
     return p
 
 
@@ -84,7 +91,8 @@ def resolve_config(args):
     """The run's settings: the budget's values unless a flag was given, checked."""
     budget = BUDGETS["quick" if args.quick else "default"]
     cfg = {k: v if getattr(args, k, None) is None else getattr(args, k) for k, v in budget.items()}
-    cfg.update(ema_rate=str(args.ema_rate), ema_warmup=bool(args.ema_warmup), sample_from=args.sample_from, s=args.s, extrapolation=args.extrapolation,
+    cfg.update(ema_rate=str(args.ema_rate), ema_warmup=bool(args.ema_warmup), sample_from=args.sample_from, s=args.s,
+               extrapolation=args.extrapolation,
                dynamic_threshold=args.dynamic_threshold, sdm_unlabeled_to_zero=args.sdm_unlabeled_to_zero,
                edge_radius=args.edge_radius, random_p=args.random_p, painter=args.painter,
                grid_maps=args.grid_maps, seed=args.seed, num_channels=args.num_channels, quick=args.quick,

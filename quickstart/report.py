@@ -95,12 +95,14 @@ def machine_line():
 
 
 def results_markdown(cfg, results, floor, timing, machine):
+    ema = "EMA " + cfg["ema_rate"] + (" with warm-up" if cfg.get("ema_warmup") else "")
+    weights = ema if cfg["sample_from"] == "ema" else "the raw"
     lines = ["# Quickstart: SCDM vs SDM on noisy toy label maps", "",
              f"{cfg['num_test']} held-out toy maps ({cfg['size']}x{cfg['size']}); both models: the same "
              f"{arch_flags(cfg)['num_channels']}-channel SPADE UNet, {cfg['steps']} steps of batch {cfg['batch_size']} "
              f"(lr {cfg['lr']}, dropout of the label map {cfg['drop_rate']} from the first step: SCDM's recipe, "
              f"for the SDM baseline too, which differs only in having no label diffusion), sampled from "
-             f"{'EMA ' + cfg['ema_rate'] + (' with warm-up' if cfg.get('ema_warmup') else '') if cfg['sample_from'] == 'ema' else 'the raw'} weights with "
+             f"{weights} weights with "
              f"{cfg['respacing']}, s={cfg['s']}, extrapolation {cfg['extrapolation']}, dynamic threshold "
              f"{cfg['dynamic_threshold']}.", "",
              "| noise | mIoU SDM | mIoU SCDM | FD SDM | FD SCDM |", "|---|---:|---:|---:|---:|"]
@@ -108,7 +110,8 @@ def results_markdown(cfg, results, floor, timing, machine):
         r = results[noise]
         lines.append(f"| {NOISE_NAMES[noise]} | {100 * r['sdm']['miou']:.1f} | {100 * r['scdm']['miou']:.1f} | "
                      f"{r['sdm']['fd']:.1f} | {r['scdm']['fd']:.1f} |")
-    noise_desc = {"ds": f"labels stored at {cfg['size'] // 4}x{cfg['size'] // 4} (nearest) and brought back with nearest",
+    small = cfg["size"] // 4
+    noise_desc = {"ds": f"labels stored at {small}x{small} (nearest) and brought back with nearest",
                   "edge": f"pixels within L1 distance {cfg['edge_radius']} of a boundary set to unlabeled",
                   "random": f"each pixel set to unlabeled with probability {cfg['random_p']}",
                   "painter": "careless painter: borders moved by up to "

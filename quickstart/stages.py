@@ -190,7 +190,8 @@ def data_stages(out, cfg, runner, markers):
                     "--seed", cfg["seed"], "--image_size", cfg["size"], "--num_workers", 1, *as_argv(params)],
                    f"building the {NOISE_NAMES[noise]} maps")
         stages.append(Stage(f"noisy maps: {NOISE_NAMES[noise]}", {"noise": noise, "params": params, "toy": toy_key},
-                            [tree / "dataset.json", tree / "corruption.json", *files(tree / "test", ["labels"], test_names)],
+                            [tree / "dataset.json", tree / "corruption.json",
+                             *files(tree / "test", ["labels"], test_names)],
                             markers, make_noisy))
         trees[noise] = (tree, stages[-1])
     return stages, toy, schedule, trees

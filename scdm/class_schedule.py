@@ -143,10 +143,12 @@ def main(argv=None):
     p.add_argument("--data_dir", required=True, help="dataset root")
     p.add_argument("--out", required=True, help="output .npy path (written atomically)")
     p.add_argument("--num_classes", type=positive_int, default=None, help="default: from the layout or dataset.json")
-    p.add_argument("--unlabeled_id", type=int_at_least(-1), default=None, help="default: from the layout; -1 also means that")
+    p.add_argument("--unlabeled_id", type=int_at_least(-1), default=None,
+                   help="default: from the layout; -1 also means that")
     p.add_argument("--num_workers", type=nonnegative_int, default=0, help="label-reading processes")
     p.add_argument("--split", choices=("train", "test"), default="train", help="which split's labels to count")
-    p.add_argument("--rarity_exponent", type=nonnegative_float, default=RARITY_EXPONENT, help="exponent of the frequency term")
+    p.add_argument("--rarity_exponent", type=nonnegative_float, default=RARITY_EXPONENT,
+                   help="exponent of the frequency term")
     p.add_argument("--max_lambda", type=float_in(MIN_LAMBDA, None), default=MAX_LAMBDA,
                    help=f"upper clip of lambda (at least the floor {MIN_LAMBDA})")
     args = p.parse_args(argv)

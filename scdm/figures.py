@@ -92,7 +92,8 @@ def write_overview(root, names, max_rows=OVERVIEW_ROWS, colors=None, class_names
             if not path.exists():
                 continue
             with Image.open(path) as im:
-                canvas.paste(im.convert("RGB").resize((tile, tile), resample), (c * (tile + gap), head + r * (tile + gap)))
+                canvas.paste(im.convert("RGB").resize((tile, tile), resample),
+                             (c * (tile + gap), head + r * (tile + gap)))
     if colors is not None and class_names is not None:
         maps = []
         for name in rows:

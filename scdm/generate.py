@@ -28,7 +28,8 @@ from .flags import SAMPLE_FLAGS, add_flags, by_name
 
 
 def create_argparser():
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m scdm.generate", description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m scdm.generate", description=__doc__,
+                                formatter_class=HelpFormatter)
     add_model_flags(p)
     p.add_argument("--labels", required=True, nargs="+", metavar="PATH",
                    help="label map files, or folders whose images are all label maps")

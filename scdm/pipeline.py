@@ -58,7 +58,8 @@ def add_model_flags(parser):
     parser.add_argument("--class_schedule", default="", help="class schedule .npy (default: the run's)")
     add_bool_argument(parser, "--use_ema", default=False,
                       help="with a model*.pt path, use the EMA file of the same step (default: %(default)s)")
-    parser.add_argument("--device", type=device_name, default="", help="torch device, e.g. cpu or cuda:0 (default: cuda when available)")
+    parser.add_argument("--device", type=device_name, default="",
+                        help="torch device, e.g. cpu or cuda:0 (default: cuda when available)")
     parser.add_argument("--precision", default="", choices=["", *PRECISIONS],
                         help="fp32, fp16 or bf16 autocast (default: the run's)")
 

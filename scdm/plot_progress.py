@@ -125,8 +125,8 @@ def main(argv=None):
     p.add_argument("log_dir", help="a training run's --log_dir (it holds progress.csv)")
     p.add_argument("--out", default="", help=f"the PNG to write (default: LOG_DIR/{DEFAULT_OUT})")
     p.add_argument("--smoothing", type=float_in(0.0, 1.0, hi_open=True), default=0.9,
-                   help="weight of TensorBoard-style exponential smoothing, in [0, 1), at most 1 - 10/points so that short "
-                        "runs are not smoothed flat; 0: none (default: %(default)s)")
+                   help="weight of TensorBoard-style exponential smoothing, in [0, 1), at most 1 - 10/points so that "
+                        "short runs are not smoothed flat; 0: none (default: %(default)s)")
     args = p.parse_args(argv)
     log_dir = Path(args.log_dir)
     if not log_dir.is_dir():

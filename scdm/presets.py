@@ -101,7 +101,8 @@ PRESETS = {
                             "trained with the ADE20K recipe"),
     "toy": Preset(dict(TOY_ARCH), {"train": dict(TOY_RUN, lr=2e-4, drop_rate=0.2),
                                    "resume": dict(TOY_RUN, lr=5e-5, drop_rate=0.2),
-                                   "sdm-train": dict(TOY_SDM_TRAIN), "sdm-finetune": dict(TOY_SDM_TRAIN, drop_rate=0.2)},
+                                   "sdm-train": dict(TOY_SDM_TRAIN),
+                                   "sdm-finetune": dict(TOY_SDM_TRAIN, drop_rate=0.2)},
                   sample_batch_size=16, sample_fp16=False, note="built-in toy data at 32x32, CPU"),
 }
 

@@ -202,7 +202,8 @@ def main_settings(manifest):
         ("model flags from", m.get("model_flags_from")),
         ("respacing", s.get("timestep_respacing") or "all steps"),
         ("guidance s", s.get("s")), ("extrapolation", s.get("extrapolation")),
-        ("dynamic threshold", s.get("dynamic_threshold")), ("sampler", s.get("sampler") or ("ddim" if s.get("use_ddim") else "ancestral")), ("seed", s.get("seed")),
+        ("dynamic threshold", s.get("dynamic_threshold")),
+        ("sampler", s.get("sampler") or ("ddim" if s.get("use_ddim") else "ancestral")), ("seed", s.get("seed")),
         ("precision", s.get("precision")), ("unlabeled_to_zero", s.get("unlabeled_to_zero")),
         ("labels", f"{lab.get('data_dir')} ({lab.get('dataset_mode')}, "
                    f"{'train' if lab.get('is_train') else 'test'} split)"),

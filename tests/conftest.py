@@ -32,7 +32,8 @@ def pytest_configure(config):
 # The files that take longest, first: the test command gives each pytest worker a file at a time,
 # and a long file started last would leave the other workers idle at the end (scheduling only).
 LONGEST_FIRST = ("test_quickstart.py", "test_robustness.py", "test_run_faults.py", "test_train_sample.py",
-                 "test_sample_bytes.py", "test_slurm.py", "test_docs.py", "test_ddp_gradients.py", "test_prompt_exit.py")
+                 "test_sample_bytes.py", "test_slurm.py", "test_docs.py", "test_ddp_gradients.py",
+                 "test_prompt_exit.py")
 
 
 def pytest_collection_modifyitems(config, items):

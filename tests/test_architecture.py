@@ -53,7 +53,8 @@ def test_packages_are_layered_without_cycles():
                 top = mod.split(".")[0]
                 if top in PACKAGES and top != pkg:
                     edges[pkg].add(top)
-                    assert top in ALLOWED[pkg], f"{path.relative_to(ROOT)} imports {mod}: {pkg} may import {ALLOWED[pkg]}"
+                    assert top in ALLOWED[pkg], \
+                        f"{path.relative_to(ROOT)} imports {mod}: {pkg} may import {ALLOWED[pkg]}"
     # The allowed graph itself is acyclic (a topological order exists).
     order, remaining = [], dict(edges)
     while remaining:

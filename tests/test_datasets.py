@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from scdm.data import dataset_layouts as L
-from scdm.data import dataset_layouts as L, datasets as D
+from scdm.data import datasets as D
 from scdm.data.conditioning import Conditioning, instance_edges, label_to_model_input
 from scdm.data.dataset_layouts import DatasetError, dataset_info
 from scdm.data.datasets import build_dataset, load_data, transform

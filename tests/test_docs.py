@@ -88,7 +88,8 @@ def test_documented_command_names_real_entry_points_and_flags(doc, command, monk
     kind, target, args = entry_point(words)
     if kind == "module":
         module = {"evaluations.fid": "evaluations.fid.__main__", "evaluations.lpips": "evaluations.lpips.__main__",
-                  "evaluations.miou": "evaluations.miou.__main__", "quickstart": "quickstart.__main__"}.get(target, target)
+                  "evaluations.miou": "evaluations.miou.__main__",
+                  "quickstart": "quickstart.__main__"}.get(target, target)
         known = parser_flags(module, monkeypatch)
         unknown = [f for f in flags_of(args) if f not in known]
         assert not unknown, f"{doc}: `{command}`: {target} has no flag {unknown}"
@@ -122,9 +123,12 @@ BUILT_IN = re.compile(r"\btoy\b|quickstart|scdm\.presets|scdm\.classes|--help|sc
 RUN_BY = {
     "sh scripts/quickstart.sh": "tests/test_quickstart.py::test_pipeline_writes_every_output",
     "sh scripts/test.sh": "the suite itself (.ci/run)",
-    ".venv/bin/python benchmarks/robustness.py --budget tiny": "tests/test_robustness.py::test_writes_every_output_with_every_per_seed_number",
-    "sh scripts/train.sh toy --sample_interval 200": "tests/test_run_faults.py::test_train_sh_with_sample_grids_on_a_fresh_run",
-    "python -m scdm.app --model_path results/quickstart/train/scdm": "tests/test_prompt_exit.py::test_the_painter_serves_a_job_then_ends_on_sigterm_and_ctrl_c_even_mid_job",
+    ".venv/bin/python benchmarks/robustness.py --budget tiny":
+        "tests/test_robustness.py::test_writes_every_output_with_every_per_seed_number",
+    "sh scripts/train.sh toy --sample_interval 200":
+        "tests/test_run_faults.py::test_train_sh_with_sample_grids_on_a_fresh_run",
+    "python -m scdm.app --model_path results/quickstart/train/scdm":
+        "tests/test_prompt_exit.py::test_the_painter_serves_a_job_then_ends_on_sigterm_and_ctrl_c_even_mid_job",
 }
 # Flags appended to make a documented command toy-sized (argparse: the last value wins).
 SMALLER = {

@@ -295,7 +295,8 @@ def test_lpips_size_policy_and_mixed_sizes(tmp_path, capsys):
     assert "2 of 2 samples of sets 1..K-1 resized" in capsys.readouterr().err
     for name, side in (("a", 8), ("b", 12)):
         a = load_rgb(res / "samples_0" / f"{name}.png")[0]
-        b = torch.from_numpy(np.array(Image.open(res / "samples_1" / f"{name}.png").resize((side, side), Image.BICUBIC)))
+        second = Image.open(res / "samples_1" / f"{name}.png").resize((side, side), Image.BICUBIC)
+        b = torch.from_numpy(np.array(second))
         b = b.permute(2, 0, 1).float() / 255
         assert got["per_name"][name] == pytest.approx(float(l1(a[None] * 2 - 1, b[None] * 2 - 1)), rel=1e-6)
 

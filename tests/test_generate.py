@@ -105,7 +105,8 @@ def test_pipeline_given_a_path_gives_generates_images(setup):
     p = generate("--model_path", model, "--labels", maps / "square.png", "--out", out, "--num_samples", 2,
                  "--steps", 2, "--seed", 3)
     assert p.returncode == 0, p.stderr
-    assert "unlabeled pixels (id 3) reach the model as the [MASK] state (--unlabeled_to_zero True, the default" in p.stderr
+    assert ("unlabeled pixels (id 3) reach the model as the [MASK] state (--unlabeled_to_zero True, the default"
+            in p.stderr)
     pipe = SCDMPipeline.from_checkpoint(model)
     images = pipe(str(maps / "square.png"), num_samples=2, steps=2, seed=3)
     for k in range(2):

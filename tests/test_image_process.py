@@ -252,7 +252,8 @@ def test_celeba_tree_needs_fill_and_uses_label_boundaries(tmp_path, capsys):
     assert not out.exists()
     assert run("edge", data, out, "--dataset_mode", "celeba", "--image_size", 16, "--fill", 0, "--radius", 1) == 0
     expected = sorted(["corruption.json", "image_process_files.json"]
-                      + [f"test/{sub}/{i}.{ext}" for i in range(3) for sub, ext in (("images", "jpg"), ("labels", "png"))])
+                      + [f"test/{sub}/{i}.{ext}" for i in range(3)
+                         for sub, ext in (("images", "jpg"), ("labels", "png"))])
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.*")) == expected
     assert json.loads((out / "image_process_files.json").read_text())["files"] == expected  # the record of the run
     for i in range(3):

@@ -11,7 +11,8 @@ from scdm.diffusion.losses import approx_standard_normal_cdf, discretized_gaussi
 def test_normal_kl_is_the_gaussian_kl():
     g = torch.Generator().manual_seed(0)
     m1, m2 = torch.randn(50, generator=g, dtype=torch.float64), torch.randn(50, generator=g, dtype=torch.float64)
-    v1, v2 = torch.rand(50, generator=g, dtype=torch.float64) + 0.1, torch.rand(50, generator=g, dtype=torch.float64) + 0.1
+    v1 = torch.rand(50, generator=g, dtype=torch.float64) + 0.1
+    v2 = torch.rand(50, generator=g, dtype=torch.float64) + 0.1
     got = normal_kl(m1, v1.log(), m2, v2.log())
     # KL(p || q) = log(s2 / s1) + (s1^2 + (m1 - m2)^2) / (2 s2^2) - 1/2, per element
     want = 0.5 * np.log(v2 / v1) + (v1 + (m1 - m2) ** 2) / (2 * v2) - 0.5
@@ -24,8 +25,8 @@ def test_normal_kl_is_the_gaussian_kl():
     kl = normal_kl(torch.tensor(0.3), torch.tensor(2 * np.log(0.7)), torch.tensor(-0.2), 2 * np.log(1.3))
     assert float(kl) == pytest.approx(mc, abs=5e-3)
     # a float logvar is accepted (the released code passes 0.0 for the prior)
-    torch.testing.assert_close(normal_kl(m1, v1.log(), 0.0, 0.0), normal_kl(m1, v1.log(), torch.zeros(50, dtype=torch.float64),
-                                                                      torch.zeros(50, dtype=torch.float64)))
+    zeros = torch.zeros(50, dtype=torch.float64)
+    torch.testing.assert_close(normal_kl(m1, v1.log(), 0.0, 0.0), normal_kl(m1, v1.log(), zeros, zeros))
 
 
 def test_the_cdf_approximation_is_close_to_the_normal_cdf():
@@ -46,7 +47,8 @@ def test_discretized_likelihood_is_a_distribution_over_the_256_levels():
         want = stats.norm.cdf(edges[1].item()) - stats.norm.cdf(edges[0].item())
         assert float(log_p[k].exp()) == pytest.approx(want, abs=4e-4)  # two CDF-approximation errors
         # the edge bins take the tails
-        assert float(log_p[0].exp()) == pytest.approx(stats.norm.cdf((-1 + 1 / 255 - mean) / np.exp(log_scale)), abs=3e-4)
+        expected = stats.norm.cdf((-1 + 1 / 255 - mean) / np.exp(log_scale))
+        assert float(log_p[0].exp()) == pytest.approx(expected, abs=3e-4)
 
 
 def test_mean_flat_averages_all_but_the_batch():

@@ -50,11 +50,13 @@ def same_flag_value(ours, released):
 def test_every_preset_stage_is_the_released_line(compat_dir, name, stage):
     scripts = json.loads((compat_dir / "released_scripts.json").read_text())
     group = "sample" if stage.startswith("sample") else "train"
-    released = {k: v for k, v in scripts[group][RELEASED_LINE_OF[stage].format(name)].items() if k not in NOT_IN_PRESETS}
+    line = scripts[group][RELEASED_LINE_OF[stage].format(name)]
+    released = {k: v for k, v in line.items() if k not in NOT_IN_PRESETS}
     ours = get_preset(name).flags(stage)
     if stage == "sample1000":  # the released 1000-step line passes no respacing: all steps, which ours names
         assert ours.pop("timestep_respacing") == "1000"
-    assert set(ours) == set(released), f"only ours: {set(ours) - set(released)}, only released: {set(released) - set(ours)}"
+    assert set(ours) == set(released), \
+        f"only ours: {set(ours) - set(released)}, only released: {set(released) - set(ours)}"
     wrong = {k: (ours[k], released[k]) for k in ours if not same_flag_value(ours[k], released[k])}
     assert not wrong, f"{name} {stage}: (ours, released) {wrong}"
 

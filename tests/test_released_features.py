@@ -129,7 +129,8 @@ def test_the_released_training_flags_run_end_to_end(tmp_path):
     data = tmp_path / "toy"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([str(a) for a in [sys.executable, "-m", "scdm.toy", "--out_dir", data, "--num_train", 4,
-                                     "--num_test", 1, "--size", 32]], check=True, capture_output=True, env=env, cwd=ROOT)
+                                     "--num_test", 1, "--size", 32]], check=True, capture_output=True, env=env,
+                                     cwd=ROOT)
     arch = as_argv(dict(PRESETS["toy"].model, cond_opt="discrete_zero_uniform"))
     log_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "scdm.image_train", *arch, "--data_dir", data, "--log_dir", log_dir,

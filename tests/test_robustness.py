@@ -7,7 +7,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -42,7 +41,8 @@ def test_writes_every_output_with_every_per_seed_number(study):
     out, report = study
     written = json.loads((out / "robustness.json").read_text())
     assert written["summary"] == json.loads(json.dumps(report["summary"]))
-    assert written["code"]["git_commit"] and written["code"]["git_dirty"] in (True, False) and written["machine"]["cpus_usable"] >= 1
+    assert written["code"]["git_commit"] and written["code"]["git_dirty"] in (True, False)
+    assert written["machine"]["cpus_usable"] >= 1
     ids = [v["id"] for v in written["variants"]]
     assert ids == ["sdm", "scdm_classwise", "scdm_classwise_unlabeled_class"]
     assert {v["id"]: v["unlabeled_to_zero"] for v in written["variants"]} == {
@@ -68,7 +68,8 @@ def test_writes_every_output_with_every_per_seed_number(study):
     key = json.loads((out / "stages" / "sample_scdm_class_wise_seed_0_on_edge.json").read_text())["key"]
     key_class = json.loads((out / "stages" / "sample_scdm_class_wise_holes_as_class_seed_0_on_edge.json")
                            .read_text())["key"]
-    assert key["model"] == key_class["model"] and (key["unlabeled_to_zero"], key_class["unlabeled_to_zero"]) == (True, False)
+    assert key["model"] == key_class["model"] and (key["unlabeled_to_zero"], key_class["unlabeled_to_zero"]) == (True,
+                                                                                                                 False)
     md = (out / "results.md").read_text()
     sdm_clean = written["summary"]["sdm"]["clean"]
     assert f"{100 * sdm_clean['miou_mean']:.1f} ± {100 * sdm_clean['miou_std']:.1f}" in md

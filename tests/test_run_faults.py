@@ -100,7 +100,8 @@ def test_a_bad_file_in_one_ranks_shard_stops_every_rank_in_seconds(toy, tmp_path
     # Shard r of 2 takes files r, r + 2, ...: 00001 and 00003 are rank 1's.
     data = truncated_copy(toy, tmp_path / "data", "train/images/00001.png", "train/images/00003.png")
     start = time.time()
-    p = run([*launch_argv(launcher), *train_args(data, tmp_path / "log", "--max_steps", 50)], check=False, timeout=SAFETY_LIMIT + 60)
+    p = run([*launch_argv(launcher), *train_args(data, tmp_path / "log", "--max_steps", 50)], check=False,
+            timeout=SAFETY_LIMIT + 60)
     assert time.time() - start < SAFETY_LIMIT  # not the 30-minute collective timeout (a safety bound, not speed)
     assert p.returncode != 0
     errors = error_lines(p.stderr)
@@ -209,7 +210,8 @@ def test_a_full_disk_during_a_checkpoint_save_keeps_the_last_complete_set(toy, r
             check=False, preexec_fn=file_size_limit(int(model_bytes * 1.5)))
     assert p.returncode == 2, p.stderr[-3000:]
     errors = error_lines(p.stderr)
-    assert len(errors) == 1 and errors[0].startswith("error: checkpoint set of step 3 not saved (cannot write "), p.stderr
+    assert len(errors) == 1, p.stderr
+    assert errors[0].startswith("error: checkpoint set of step 3 not saved (cannot write "), p.stderr
     assert "File too large" in errors[0], errors  # the OS's own words (here EFBIG; ENOSPC on a full disk)
     assert errors[0].endswith(f"the last complete set is {run_copy / 'model000002.pt'}")
     assert "Traceback" not in p.stderr

@@ -46,7 +46,8 @@ def test_sampling_gives_the_same_bytes_for_any_batch_size_process_count_and_resu
     run(sample_cmd(toy, busy, tmp_path / "two", "--batch_size", 2, *invariant, launcher=[mpiexec, "-n", "2"]))
     run(sample_cmd(toy, busy, tmp_path / "resumed", "--batch_size", 1, "--num_samples", 2, *invariant))
     run(sample_cmd(toy, busy, tmp_path / "resumed", "--batch_size", 1, *invariant))
-    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.png") if p.name != "overview.png")
+    one = tmp_path / "one"
+    files = sorted(p.relative_to(one) for p in one.rglob("*.png") if p.name != "overview.png")
     assert len(files) == 5 * 6  # images, labels, labels_color, samples, samples_0, samples_1
     for rel in files:
         one = (tmp_path / "one" / rel).read_bytes()
@@ -56,7 +57,8 @@ def test_sampling_gives_the_same_bytes_for_any_batch_size_process_count_and_resu
                        (tmp_path / "one" / "samples").iterdir()])
     assert pixels.std() > 20  # real pictures from the perturbed weights
     record = json.loads((tmp_path / "one" / "fast_paths.json").read_text())
-    assert record["choices"] and all(" eval 1x" in k or " eval 2x" in k for k in record["choices"] if "channels_last" in k)
+    assert record["choices"]
+    assert all(" eval 1x" in k or " eval 2x" in k for k in record["choices"] if "channels_last" in k)
     assert (tmp_path / "one" / "overview.png").exists()
     # a rerun skips finished images and leaves them untouched
     before = {f: (tmp_path / "one" / f).stat().st_mtime_ns for f in files}

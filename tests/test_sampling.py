@@ -156,7 +156,8 @@ def test_tiny_sampling_run(tiny_flags, use_ddim):
     assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all() and x.abs().max() <= 1
     # Per-image generators: the second image alone gives the same result as inside the batch.
     alone = sample_loop(model, diff, (1, 3, 16, 16), y[1:], guidance_scale=1.5, extrapolation=0.8,
-                        threshold_percentile=0.95, sampler="ddim" if use_ddim else None, generators=[torch.Generator().manual_seed(1)])
+                        threshold_percentile=0.95, sampler="ddim" if use_ddim else None,
+                        generators=[torch.Generator().manual_seed(1)])
     assert torch.allclose(alone[0], x[1], atol=1e-5)
 
 

@@ -105,7 +105,8 @@ def test_samples_follow_the_data_distribution():
     fine, diffusion = run("dpm++2m", "logsnr15", x_T)
     # Moments against the data's (clamped to [-1, 1], as samples are), within the sampling error of
     # 12288 values (about 0.005).
-    data = (MU + STD * torch.randn(10 ** 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)).clamp(-1, 1)
+    data = (MU + STD * torch.randn(10 ** 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)).clamp(-1,
+                                                                                                                    1)
     assert abs(fine.mean().item() - data.mean().item()) < 0.015 and abs(fine.std().item() - data.std().item()) < 0.015
     # Few steps: further from the exact flow (and its distribution) than more steps.
     exact = exact_ode_endpoint(x_T, diffusion)
@@ -299,7 +300,8 @@ def test_bench_steps_smoke(tmp_path):
     assert (released["respacing"], released["extrapolation"], released["model_evaluations"]) == ("ddim25", 0.8, 25)
     assert result["results"]["dpm++2m 2"]["clean"]["respacing"] == "logsnr2"
     # The noisy set is the clean tree itself here: the same maps and seeds give the same samples.
-    assert result["results"]["dpm++2m 2"]["same"]["miou_per_seed"] == result["results"]["dpm++2m 2"]["clean"]["miou_per_seed"]
+    dpm = result["results"]["dpm++2m 2"]
+    assert dpm["same"]["miou_per_seed"] == dpm["clean"]["miou_per_seed"]
 
 
 def test_image_sample_sampler_flag(tmp_path):
@@ -351,5 +353,6 @@ def test_sde_variant_first_order_is_ddim_eta_1_and_samples_the_data():
     gens = [torch.Generator().manual_seed(100 + i) for i in range(16)]
     out = sample_loop(model, diffusion, (16, 3, 16, 16), torch.zeros(16, 1, 16, 16), clip_denoised=False,
                       sampler="dpm++2m-sde", generators=gens, device="cpu")
-    data = (MU + STD * torch.randn(10 ** 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)).clamp(-1, 1)
+    data = (MU + STD * torch.randn(10 ** 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)).clamp(-1,
+                                                                                                                    1)
     assert abs(out.mean().item() - data.mean().item()) < 0.015 and abs(out.std().item() - data.std().item()) < 0.015

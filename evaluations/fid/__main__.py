@@ -9,7 +9,8 @@ from scdm.runtime.fileio import check_writable_file
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m evaluations.fid", formatter_class=HelpFormatter, description=(
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m evaluations.fid", formatter_class=HelpFormatter,
+                                description=(
         "FID between a folder of samples and the ground truth (pytorch-fid Inception, pool3). "
         "Either path may be an .npz of statistics (mu, sigma)."))
     p.add_argument("--path", nargs=2, required=True, metavar=("SAMPLES", "GT"),

@@ -8,13 +8,15 @@ from scdm.runtime.fileio import check_writable_file, write_json
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m evaluations.lpips", formatter_class=HelpFormatter, description=(
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m evaluations.lpips", formatter_class=HelpFormatter,
+                                description=(
         "Diversity: LPIPS averaged over all pairs of the K samples of each label map, then over "
         "label maps. Sets: RESULTS_DIR/samples_0 .. samples_{K-1} (set 0 may be samples/)."))
     p.add_argument("--results", required=True, metavar="RESULTS_DIR", help="a sampler results folder")
     p.add_argument("--num_sets", "--num-sets", type=int_at_least(2), default=None,
                    help="K; None: every consecutive samples_<k> folder")
-    p.add_argument("-b", "--batch-size", "--batch_size", type=positive_int, default=50, help="image pairs per network call")
+    p.add_argument("-b", "--batch-size", "--batch_size", type=positive_int, default=50,
+                   help="image pairs per network call")
     p.add_argument("--device", type=device_name, default=None, help="cpu, cuda, cuda:1; None: cuda when available")
     p.add_argument("--net", default="alex", choices=NETS, help="LPIPS backbone (the released protocol: alex)")
     p.add_argument("--weights", default=None, help=(

@@ -24,7 +24,8 @@ def _presets() -> str:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m evaluations.miou", formatter_class=HelpFormatter, description=(
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m evaluations.miou", formatter_class=HelpFormatter,
+                                description=(
         "mIoU of segmenter predictions on samples against the ground-truth label maps "
         "(raw dataset ids; --dataset_mode picks the id mapping and the ignored id)."))
     p.add_argument("--pred", default=None, metavar="PRED_DIR", help="predicted class ids 0..N-1, <name>.png")

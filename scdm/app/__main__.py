@@ -11,7 +11,8 @@ from .server import QUEUE_SIZE, make_server
 
 
 def create_argparser():
-    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m scdm.app", description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m scdm.app", description=__doc__,
+                                formatter_class=HelpFormatter)
     add_model_flags(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
     p.add_argument("--port", type=int_at_least(0), default=7860, help="port (0: any free one)")

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .dataset_layouts import (DatasetError, DatasetInfo, check_int, check_label_ids, dataset_info, get_layout,
+from .dataset_layouts import (DatasetError, check_int, check_label_ids, dataset_info, get_layout,
                               list_records, read_ids, read_rgb, remap_labels, require_data_dir, resize_ids)
 from ..runtime.errors import UserError
 from ..runtime.stop_signals import worker_options
@@ -105,7 +105,8 @@ class SemanticDataset(Dataset):
             # stays exact and a 64x64 DS map is upsampled once. Train: fit to the image before cropping.
             return arr if not self.is_train else resize_ids(arr, size)
         raise DatasetError(f"{what} {path} is {arr.shape[1]}x{arr.shape[0]} but its image {record.image} is "
-                           f"{size[0]}x{size[1]} (width x height); they must match (or pass --label_resize True to image_sample "
+                           f"{size[0]}x{size[1]} (width x height); they must match (or pass --label_resize True to "
+                           "image_sample "
                            "for maps stored at another size on purpose, e.g. the DS benchmark)")
 
     def _read_instance(self, record, size):

@@ -115,7 +115,8 @@ def ddim_update(diffusion, x, t, step: StepOutput, noise, eta=0.0):
     c_x0 = np.sqrt(abar_prev) - c_x * np.sqrt(abar)
 
     def per_image(c):
-        return torch.from_numpy(np.ascontiguousarray(c)).to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        per_item = torch.from_numpy(np.ascontiguousarray(c)).to(device=x.device, dtype=x.dtype)
+        return per_item.view(-1, *([1] * (x.dim() - 1)))
 
     return per_image(c_x0) * step.pred_xstart + per_image(c_x) * x + per_image(sigma) * noise
 
@@ -269,7 +270,8 @@ def sample_loop(model, diffusion, shape, y, *, noise=None, guidance_scale=1.0, e
     """Full reverse process from x_T ~ N(0, I) (or `noise`) to x_0, over all of this diffusion's
     steps (respaced when the diffusion is respaced). Returns x_0 clamped to [-1, 1].
     `progress`: a bar of its own over the steps; `on_step`: called after each step, for a caller's
-    bar that spans many batches. `sampler`: one of SAMPLERS (None: "ancestral"). Every sampler evaluates the model once per step at the diffusion's (respaced) steps
+    bar that spans many batches. `sampler`: one of SAMPLERS (None: "ancestral"). Every sampler
+    evaluates the model once per step at the diffusion's (respaced) steps
     ("ddimN", "N" or "logsnrN" respacing: N steps), drawing the same label noise, and they differ only
     in the update ("dpm++2m": `dpm_solver_update`). For "dpm++2m" use "logsnrN": on grids uniform in t
     its last steps before t = 0 are huge log-SNR steps where the second-order correction overshoots

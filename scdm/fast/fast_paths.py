@@ -130,7 +130,8 @@ def summary_line(tuner):
     won = {}
     for (name, *_), choice in tuner.choices.items():
         won.setdefault(name, Counter())[choice] += 1
-    parts = "; ".join(f"{name} " + ", ".join(f"{c} {n}" for c, n in counts.most_common()) for name, counts in won.items())
+    parts = "; ".join(f"{name} " + ", ".join(f"{c} {n}" for c, n in counts.most_common())
+                      for name, counts in won.items())
     reused = f"; {len(tuner.reused)} reused from this machine's tuning cache" if tuner.reused else ""
     return f"fast paths: {len(tuner.choices)} choice(s) timed in {tuner.seconds:.1f} s{reused} ({parts})"
 

@@ -149,7 +149,8 @@ def cond_scale_shift(norm, labels, size):
     if len(names) > 1:
         weight = norm.mlp_gamma.weight
         key = (weight.device, _compute_dtype(weight), "train" if torch.is_grad_enabled() else "eval",
-               f"{_rows_bucket(labels.num_cond)}x{labels.num_labels}x{size[0]}x{size[1]}", f"C={norm.mlp_gamma.out_channels}",
+               f"{_rows_bucket(labels.num_cond)}x{labels.num_labels}x{size[0]}x{size[1]}",
+               f"C={norm.mlp_gamma.out_channels}",
                "fused" if labels.fast_paths.fused_gamma_beta else "split",
                "nhwc" if labels.fast_paths.channels_last else "nchw")
         candidates = {n: timed_call(lambda n=n: cond_scale_shift_by(norm, n, labels, size, fresh=True),

@@ -155,7 +155,8 @@ def reuse_record(folder, tuner, device=None):
         data = json.loads((Path(folder) / RECORD).read_text())
     except (OSError, ValueError):
         return 0
-    if not isinstance(data, dict) or data.get("machine") != machine_key(device) or not isinstance(data.get("choices"), dict):
+    if (not isinstance(data, dict) or data.get("machine") != machine_key(device)
+            or not isinstance(data.get("choices"), dict)):
         return 0
     tuner.reuse(data["choices"])
     return len(data["choices"])

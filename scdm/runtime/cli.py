@@ -12,7 +12,6 @@ import argparse
 import math
 import sys
 
-from .errors import UserError
 
 TRUE_WORDS = ("yes", "true", "t", "y", "1")
 FALSE_WORDS = ("no", "false", "f", "n", "0")

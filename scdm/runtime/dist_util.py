@@ -71,7 +71,8 @@ def select_gpu(index):
     if not torch.cuda.is_available():
         raise LaunchError(f"--gpu {index}: CUDA is not available here; leave --gpu out to run on the CPU")
     if index >= torch.cuda.device_count():
-        raise LaunchError(f"--gpu {index}: only {torch.cuda.device_count()} GPU(s) visible (0..{torch.cuda.device_count() - 1})")
+        count = torch.cuda.device_count()
+        raise LaunchError(f"--gpu {index}: only {count} GPU(s) visible (0..{count - 1})")
     _gpu = _local_rank = index
 
 

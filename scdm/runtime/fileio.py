@@ -123,7 +123,8 @@ def save_torch(obj, path):
                 raise
             f.flush()  # raises the OSError behind it (ENOSPC, EFBIG, ...) when there is one
             _probe_write(f)  # or a write of our own does, in the OS's words
-            raise OSError(errno.EIO, f"the write failed; is the disk or quota full? ({str(e).splitlines()[0][:100]})") from None
+            raise OSError(errno.EIO,
+                          f"the write failed; is the disk or quota full? ({str(e).splitlines()[0][:100]})") from None
 
     atomic_write(path, write, mode="wb", fsync=True)
 
