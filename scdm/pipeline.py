@@ -286,7 +286,7 @@ class SCDMPipeline:
         `eta`, `extrapolation`, `dynamic_threshold` (0: plain clipping), `unlabeled_to_zero`; None: [MASK] for
         a model with label diffusion, the unlabeled class for one without, as generate and the painter).
         `extrapolation=None`: the released 0.8, or 0 for the multistep solver, whose own history
-        extrapolates already (0.8 on top of it ruined toy samples: 22% vs 90% pixel accuracy at 10 steps).
+        extrapolates already (0.8 on top of it ruins toy samples at 10 steps; docs/sampling.md).
         `names` key the per-image seeds (default: a path's file name, as `scdm.generate` and
         `scdm.image_sample` key them, else the position in the batch). `callback(done, total)`
         runs after every model step; an exception raised there stops sampling (the app's cancel).

@@ -1,8 +1,8 @@
 """The training and sampling side of datasets: transforms, the torch Dataset, sharding, loaders.
 
 What a layout is on disk (folders, stored ids, class counts, the id-map reader) lives in
-`scdm.data.dataset_layouts`, shared with `image_process` and `evaluations`; its names are re-exported
-here. Files are matched by name stem, never by sorted position, so one missing file cannot shift
+`scdm.data.dataset_layouts`, shared with `image_process` and `evaluations` (import its names from
+there). Files are matched by name stem, never by sorted position, so one missing file cannot shift
 every pair. Cheap checks (folders, pairing, batch size) run when the dataset is built; per-file
 checks (decoding, sizes, id range, colour label maps) run when a file is loaded, so a bad file
 fails with its own name instead of after hours of training in a deep torch traceback.

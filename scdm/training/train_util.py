@@ -31,7 +31,7 @@ from .train_monitor import memory_stats
 
 def adamw(params, lr, weight_decay, fused=True):
     """AdamW; `fused`: torch's one-kernel update where this torch and device have it (the same update up
-    to rounding; 3.5x faster than the per-tensor loop for a 50M-parameter model on a 2-core CPU)."""
+    to rounding, a fraction of the per-tensor loop's time: docs/performance.md)."""
     params = list(params)
     if fused:
         try:
@@ -59,8 +59,8 @@ def data_parallel(model, device):
     step ("Grad strides do not match bucket view strides"): a 1x1 conv's weight gradient computed
     from channels_last activations comes out channels_last at some batch sizes, which autograd's
     layout contract allows (only size-1 dimensions differ) and DDP's buckets do not.
-    One process gets the model itself: DDP there only adds its hooks and bucket copies (measured:
-    about 5% of a toy training step on 2 CPU threads) and has nothing to synchronise."""
+    One process gets the model itself: DDP there only adds its hooks and bucket copies (a measurable
+    share of a toy step, docs/performance.md) and has nothing to synchronise."""
     if dist_util.get_world_size() == 1:
         return model
     for p in model.parameters():
@@ -256,7 +256,7 @@ class TrainLoop:
     def _grad_norm_if_finite(self):
         """(norm, whether every gradient is finite). A finite norm means finite gradients; only a
         non-finite one (inf/nan, or squares beyond fp32) pays for the per-tensor check, which costs
-        7x the norm (141 vs 20 ms for a 50M-parameter model on 2 cores)."""
+        several norms (docs/performance.md)."""
         norm = self._grad_norm()
         return norm, math.isfinite(norm) or self._grads_finite()
 
