@@ -1,6 +1,6 @@
-"""The one table of flags: every flag of `scdm.image_train` and `scdm.image_sample` is declared here
-once (name, released default, parse-time type with its range, help), in the table of the config it
-belongs to. The command lines are built from these tables (`add_flags`), the parsed values become
+"""The one table of flags: every flag of `scdm.image_train`, `scdm.image_sample`, `scdm.generate` and
+`scdm.app` is declared here once (name, released default, parse-time type with its range, help), in the
+table of the config it belongs to. The command lines are built from these tables (`add_flags`), the parsed values become
 frozen configs (`config_class`), and the run config (args.json), the "given on the command line"
 check and `create_model_and_diffusion`'s defaults all derive from the same rows, so parsing and the
 library cannot disagree about a default or a limit.
@@ -13,17 +13,25 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from .runtime.cli import (add_bool_argument, float_in, int_at_least, int_list, minus_one_or_positive, nonnegative_float,
-                  nonnegative_int, one_of, positive_float, positive_int, probability, rate_list, respacing)
+from .runtime.cli import (add_bool_argument, device_name, float_in, int_at_least, int_list, minus_one_or_positive,
+                          nonnegative_float, nonnegative_int, one_of, positive_float, positive_int, probability,
+                          rate_list, respacing, str2bool)
 from .data.dataset_layouts import LAYOUTS
 from .diffusion.gaussian_diffusion import NOISE_SCHEDULES
 from .diffusion.label_diffusion import COND_OPTS
-from .fast.performance import PRECISIONS
-from .presets import PRESETS
+from .fast.performance import PRECISION_CHOICES
+from .presets import PRESETS, SAMPLING
 from .diffusion.sampling import MAX_EXTRAPOLATION, MAX_GUIDANCE, SAMPLERS
 
 # Formats the default as nothing: help lines that say their default in words get no "(default: ...)".
 NO_DEFAULT_LINE = "%(default).0s"
+_PRECISIONS = ("fp32, fp16 or bf16 (autocast on fp32 weights), or auto: fp16 on a GPU for a --use_fp16 True model "
+               "(the released fp16), bf16 on a CPU with native bf16 (avx512_bf16 or amx_bf16), else fp32")
+PRECISION_HELP = {
+    "train": _PRECISIONS + "; auto keeps training on a CPU in fp32; empty: fp16 with --use_fp16 True, else fp32",
+    "sample": _PRECISIONS + "; the log and manifest.json say what ran; empty: fp16 with --use_fp16 True, else fp32",
+    "auto": _PRECISIONS + "; the log says what ran",
+}
 # The training sample grids: label maps per grid and their few-step respacing.
 DEFAULT_MAPS = 4
 DEFAULT_RESPACING = "ddim10"
@@ -37,9 +45,15 @@ class Flag:
     help: str
     choices: Optional[tuple] = None
     metavar: Optional[str] = None
+    required: bool = False
+    nargs: Optional[str] = None     # argparse `nargs=`, e.g. "+" for a list of paths
 
     def with_help(self, text):
         return dataclasses.replace(self, help=text)
+
+    def required_flag(self):
+        """The same flag where a command line must give it (argparse `required=True`)."""
+        return dataclasses.replace(self, required=True)
 
     def with_default(self, value):
         """The same flag (type, range, help) with another tool's default, e.g. generate's released 25-step
@@ -167,8 +181,7 @@ TRAIN_FLAGS = (
          'data loader processes per rank'),
     Flag('max_steps', 0, nonnegative_int,
          "stop at this step (a resumed run counts from its checkpoint's step); 0: no limit"),
-    Flag('precision', '', one_of("", *PRECISIONS),
-         'fp32, fp16 or bf16 (autocast on fp32 weights); empty: fp16 with --use_fp16 True, else fp32'),
+    Flag('precision', '', one_of("", *PRECISION_CHOICES), PRECISION_HELP["train"]),
     Flag('max_bad_steps', 50, positive_int,
          'stop (exit 1, keeping the last good checkpoint) after this many consecutive steps with a non-finite '
          'loss or gradient'),
@@ -246,8 +259,7 @@ SAMPLE_FLAGS = (
          'the EMA rate whose file --use_ema picks'),
     Flag('num_workers', 0, nonnegative_int,
          'data-loading processes'),
-    Flag('precision', '', one_of("", *PRECISIONS),
-         'fp32, fp16 or bf16 (autocast); empty: fp16 with --use_fp16 True, else fp32'),
+    Flag('precision', 'auto', one_of("", *PRECISION_CHOICES), PRECISION_HELP["sample"]),
     Flag('compile', False, None,
          'torch.compile the model (falls back to eager where it cannot)'),
     Flag('disable_fast_paths', '', None,
@@ -274,6 +286,64 @@ SAMPLE_FLAGS = (
          "draws from its own seeded stream (False is refused)"),
 )
 
+# ----- the Python pipeline and its command lines (scdm.generate, scdm.app) -------------------------
+_SAMPLING_ROW = {f.name: f for f in SAMPLE_FLAGS}
+_RELEASED_25 = SAMPLING["25"]
+
+# Which checkpoint SCDMPipeline.from_checkpoint loads, and how.
+LOAD_FLAGS = (
+    _SAMPLING_ROW["model_path"].with_help(
+        "(required) model*.pt or ema_*.pt, or a run folder (its newest checkpoint, EMA when saved); its args.json "
+        "gives the model (released checkpoints: --preset)").required_flag(),
+    Flag("preset", "", None, f"model flags of a released checkpoint without args.json: {', '.join(PRESETS)}",
+         choices=("", *PRESETS), metavar="NAME"),
+    Flag("class_schedule", "", None, "class schedule .npy (default: the run's)" + NO_DEFAULT_LINE),
+    Flag("use_ema", False, None, "with a model*.pt path, use the EMA file of the same step"),
+    Flag("device", "", device_name, "torch device, e.g. cpu or cuda:0 (default: cuda when available)"
+         + NO_DEFAULT_LINE),
+    Flag("precision", "auto", one_of("", *PRECISION_CHOICES), PRECISION_HELP["auto"]),
+)
+
+# The pipeline's sampling settings: the released 25-step setting (ancestral updates on the ddim25 grid).
+# SCDMPipeline.__call__, scdm.generate and the painter take their defaults from these rows.
+PIPELINE_FLAGS = (
+    Flag("steps", 25, positive_int, "sampling steps"),
+    _SAMPLING_ROW["s"].with_default(_RELEASED_25["s"]),
+    _SAMPLING_ROW["seed"],
+    Flag("sampler", "ancestral", None, "reverse-step update", choices=SAMPLERS),
+    _SAMPLING_ROW["eta"],
+    Flag("extrapolation", None, float_in(0.0, MAX_EXTRAPOLATION),
+         f"x0 extrapolation e (0: off; default: {_RELEASED_25['extrapolation']}, 0 with dpm++2m)" + NO_DEFAULT_LINE),
+    _SAMPLING_ROW["dynamic_threshold"].with_default(_RELEASED_25["dynamic_threshold"]),
+    Flag("unlabeled_to_zero", None, str2bool,
+         "unlabeled pixels become SCDM's [MASK] state (holes the model fills); default: True for a model with label "
+         "diffusion (SCDM), False (the unlabeled class) for one without, as in the Python pipeline and the painter"
+         + NO_DEFAULT_LINE),
+    Flag("batch_size", 4, positive_int,
+         "samples sampled together (with --batch_invariant True the files do not depend on it)"),
+    Flag("batch_invariant", True, None,
+         "one network call per image: the same bytes whatever the batch, as the pipeline and the painter give; "
+         "False batches the calls (faster on a GPU, same images up to rounding)"),
+)
+
+GENERATE_FLAGS = (
+    Flag("labels", None, None, "(required) label map files, or folders whose images are all label maps",
+         metavar="PATH", required=True, nargs="+"),
+    Flag("out", None, None, "(required) output folder (samples/, labels_color/, side_by_side/)", required=True),
+    Flag("num_samples", 1, positive_int, "samples per label map"),
+    Flag("raw_ids", False, None,
+         "maps hold stored dataset ids, remapped by the layout (ADE20K 0 -> unlabeled, k -> k-1; COCO 255 -> "
+         "unlabeled)"),
+)
+
+APP_FLAGS = (
+    Flag("host", "127.0.0.1", None, "address to bind (0.0.0.0: every interface)"),
+    Flag("port", 7860, int_at_least(0, at_most=65535), "port (0: any free one)"),
+    Flag("queue", 4, positive_int, "jobs that may wait behind the running one"),
+    Flag("max_steps", None, positive_int,
+         "most sampling steps a job may ask for (default: the model's diffusion steps)" + NO_DEFAULT_LINE),
+)
+
 # What the command lines (not the library) default differently: the class count comes from the dataset.
 CLI_DEFAULTS = dict(num_classes=-1)
 # How the sampler's help describes the default of a model flag (the run's own value wins).
@@ -281,7 +351,8 @@ SAMPLING_TIME_DEFAULTS = dict(
     timestep_respacing="(default: %(default)r: all steps)",
     class_schedule="(default: the run's, e.g. class_schedule.npy beside --model_path; may point elsewhere)"
                    + NO_DEFAULT_LINE,
-    use_fp16="(default: the run's, else %(default)r; --precision wins)",
+    use_fp16="(default: the run's, else %(default)r; with --precision auto: fp16 on a GPU; an explicit --precision "
+             "wins)",
     use_checkpoint="(not used when sampling; default: %(default)r)",
 )
 
@@ -325,12 +396,13 @@ def add_flags(parser, flags):
         text = f.help
         if "(default:" in text or text.startswith(("(required)", "required:")):
             text += NO_DEFAULT_LINE
-        if isinstance(f.default, bool):
+        if isinstance(f.default, bool) or f.type is str2bool:
             add_bool_argument(parser, f"--{f.name}", default=f.default, help=text)
         else:
             kind = f.type or (str if f.default is None else type(f.default))
-            parser.add_argument(f"--{f.name}", default=f.default, type=kind, choices=f.choices, metavar=f.metavar,
-                                help=text)
+            extra = dict(required=True) if f.required else dict(default=f.default)
+            parser.add_argument(f"--{f.name}", type=kind, choices=f.choices, metavar=f.metavar, nargs=f.nargs,
+                                help=text, **extra)
 
 
 def config_class(name, *tables, doc=""):

@@ -14,48 +14,25 @@ from pathlib import Path
 
 import numpy as np
 
-from .runtime.cli import HelpFormatter, add_bool_argument, float_in, positive_int
+from .runtime.cli import HelpFormatter
 from .data.dataset_layouts import IMAGE_EXTENSIONS
 from .runtime.errors import UserError, run_cli, warnings_as_lines
 from .runtime.fileio import check_writable, save_image
 from .figures import legend_entries, side_by_side
-from .pipeline import (
-    DEFAULT_EXTRAPOLATION, DEFAULT_GUIDANCE, DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_THRESHOLD, SCDMPipeline,
-    add_model_flags,
-)
-from .diffusion.sampling import MAX_EXTRAPOLATION, SAMPLERS
-from .flags import SAMPLE_FLAGS, add_flags, by_name
+from .pipeline import SCDMPipeline
+from .flags import GENERATE_FLAGS, LOAD_FLAGS, PIPELINE_FLAGS, add_flags, config_class
+
+GenerateRun = config_class("GenerateRun", LOAD_FLAGS, PIPELINE_FLAGS, GENERATE_FLAGS,
+                           doc="A parsed `scdm.generate` command line, frozen.")
 
 
 def create_argparser():
     p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m scdm.generate", description=__doc__,
                                 formatter_class=HelpFormatter)
-    add_model_flags(p)
-    p.add_argument("--labels", required=True, nargs="+", metavar="PATH",
-                   help="label map files, or folders whose images are all label maps")
-    p.add_argument("--out", required=True, help="output folder (samples/, labels_color/, side_by_side/)")
-    p.add_argument("--num_samples", type=positive_int, default=1, help="samples per label map")
-    p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, help="sampling steps")
-    sampling = by_name(SAMPLE_FLAGS)
-    add_flags(p, [sampling["s"].with_default(DEFAULT_GUIDANCE), sampling["seed"]])
-    p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER, help="reverse-step update")
-    add_flags(p, [sampling["eta"]])
-    p.add_argument("--extrapolation", type=float_in(0.0, MAX_EXTRAPOLATION), default=None,
-                   help=f"x0 extrapolation e (0: off; default: {DEFAULT_EXTRAPOLATION}, 0 with dpm++2m)")
-    add_flags(p, [sampling["dynamic_threshold"].with_default(DEFAULT_THRESHOLD)])
-    add_bool_argument(p, "--unlabeled_to_zero", default=None,
-                      help="unlabeled pixels become SCDM's [MASK] state (holes the model fills); default: True for a "
-                           "model with label diffusion (SCDM), False (the unlabeled class) for one without, as in the "
-                           "Python pipeline and the painter")
-    add_bool_argument(p, "--raw_ids", default=False,
-                      help="maps hold stored dataset ids, remapped by the layout (ADE20K 0 -> unlabeled, k -> k-1; "
-                           "COCO 255 -> unlabeled) (default: %(default)s)")
-    p.add_argument("--batch_size", type=positive_int, default=4,
-                   help="samples sampled together (with --batch_invariant True the files do not depend on it)")
-    add_bool_argument(p, "--batch_invariant", default=True,
-                      help="one network call per image: the same bytes whatever the batch, as the pipeline and the "
-                           "painter give; False batches the calls (faster on a GPU, same images up to rounding) "
-                           "(default: %(default)s)")
+    add_flags(p, LOAD_FLAGS)
+    add_flags(p, GENERATE_FLAGS[:3])  # --labels, --out, --num_samples
+    add_flags(p, PIPELINE_FLAGS)
+    add_flags(p, GENERATE_FLAGS[3:])
     return p
 
 
@@ -83,14 +60,15 @@ def list_label_maps(paths):
 
 
 def main(argv=None):
-    args = create_argparser().parse_args(argv)
+    args = GenerateRun.from_namespace(create_argparser().parse_args(argv))
     maps = list_label_maps(args.labels)
     out = Path(args.out)
     check_writable(out, "--out")
     with warnings_as_lines():
         pipe = SCDMPipeline.from_checkpoint(args.model_path, device=args.device or None,
-                                            precision=args.precision or None, preset=args.preset,
+                                            precision=args.precision, preset=args.preset,
                                             class_schedule=args.class_schedule or None, use_ema=args.use_ema)
+    print(f"note: {pipe.precision_note}", file=sys.stderr, flush=True)
     unlabeled_to_zero = pipe.is_scdm if args.unlabeled_to_zero is None else args.unlabeled_to_zero
     if pipe.unlabeled_id is not None:
         print(f"unlabeled pixels (id {pipe.unlabeled_id}) reach the model "

@@ -35,7 +35,7 @@ from .flags import (DIFFUSION_FLAGS, LAUNCH_FLAGS, MODEL_FLAGS, SAMPLE_FLAGS, ad
                     config_class, for_command_line)
 from .loading import resolve_checkpoint
 from .data.palettes import colorize, palette, palette_name
-from .fast.performance import maybe_compile, precision_context, resolve_precision
+from .fast.performance import maybe_compile, precision_context, precision_note, resolve_precision
 from .results_folder import (build_manifest, check_results_path, plan_results, prepare_results, read_corruption,
                              sample_dirs, unlabeled_handling)
 from .run_config import given_flags
@@ -105,8 +105,9 @@ def main(argv=None):
     # resizing for a noisy tree (the parsed flags stay as given).
     args = SampleRun(**{**vars(parsed), **spec.flags, "sampler": settings.sampler,
                         "label_resize": parsed.label_resize or resized_by_tree})
-    precision = resolve_precision(args.precision, args.use_fp16 if "use_fp16" in given or not args.precision
-                                  else False)
+    # auto and empty follow the model's --use_fp16 (the run's); an explicit precision only meets a given one.
+    follows_model = args.precision in ("", "auto") or "use_fp16" in given
+    precision = resolve_precision(args.precision, args.use_fp16 if follows_model else False, dist_util.dev())
 
     dist_util.setup_dist()
     try:
@@ -139,6 +140,7 @@ def run(args, spec, settings, root, corruption, resized_by_tree, precision, fast
     warning = spec.ema_warning()
     if warning:
         info_line(rank, warning, "warning")
+    info_line(rank, precision_note(args.precision, precision, dist_util.dev(), use_fp16=args.use_fp16))
     model_path = spec.path
 
     dataset = build_dataset(args.dataset_mode, args.data_dir, args.image_size, is_train=args.is_train,

@@ -26,7 +26,7 @@ from .data.datasets import load_data
 from .fast.fast_paths import from_disable_spec
 from .diffusion.label_diffusion import DISCRETE_CLASSWISE
 from .flags import DIFFUSION_FLAGS, LAUNCH_FLAGS, MODEL_FLAGS, TRAIN_FLAGS, add_flags, config_class, for_command_line
-from .fast.performance import maybe_compile, resolve_precision
+from .fast.performance import maybe_compile, precision_note, resolve_precision
 from .diffusion.resample import create_named_schedule_sampler
 from .run_config import given_flags, read_run_config
 from .runtime.stop_signals import exit_code
@@ -93,7 +93,7 @@ def main(argv=None):
                            unlabeled_id=-1 if info.unlabeled_id is None else info.unlabeled_id))
     if inherited:
         print(f"note: resuming with the run's own {', '.join(inherited)} (from its {RUN_CONFIG})", file=sys.stderr)
-    precision = resolve_precision(args.precision, args.use_fp16)
+    precision = resolve_precision(args.precision, args.use_fp16, dist_util.dev(), training=True)
     fast_paths = from_disable_spec(args.disable_fast_paths)
     note_gpus_per_node(args)
     conditioning = Conditioning(args.num_classes, args.no_instance, info.unlabeled_id, drop_rate=args.drop_rate)
@@ -140,7 +140,8 @@ def train(args, log_dir, precision, fast_paths, info, conditioning, flags, resum
         n_params = sum(p.numel() for p in model.parameters())
         world = dist_util.get_world_size()
         print(f"scdm: {n_params / 1e6:.2f}M parameters, {world} process(es) on "
-              f"{dist_util.dev()}, precision {precision}, log dir {log_dir}", flush=True)
+              f"{dist_util.dev()}, {precision_note(args.precision, precision, dist_util.dev(), args.use_fp16, True)}, "
+              f"log dir {log_dir}", flush=True)
         # --batch_size is per process, as in the released scripts (10 per GPU on 4 GPUs: 40).
         print(f"global batch {args.batch_size * world} (--batch_size {args.batch_size} per process x {world} "
               f"process(es))", flush=True)

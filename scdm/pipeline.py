@@ -24,44 +24,32 @@ import torch
 from PIL import Image
 
 from .runtime.cli import device_name
+from .flags import LOAD_FLAGS, PIPELINE_FLAGS, add_flags, defaults
 from .data.conditioning import Conditioning
 from .data.dataset_layouts import DatasetError, DatasetInfo, check_label_ids, display_names, remap_labels, resize_ids
 from .runtime.errors import UserError
 from .diffusion.label_diffusion import COND_OPTS, GAUSSIAN
 from .loading import LoadedCheckpoint, load_checkpoint
 from .data.palettes import MASK_COLOR, colorize, ids_from_colors, palette, palette_name
-from .fast.performance import precision_context, resolve_precision
+from .fast.performance import precision_context, precision_note, resolve_precision
 from .presets import SAMPLING
 from .diffusion.sampling import SamplerSettings, image_generators, image_seed, sample_batch, to_uint8
 
 MASK_ID = -1
 # The released 25-step schedule is the default of every entry point built on the pipeline.
-DEFAULT_STEPS = 25
-DEFAULT_GUIDANCE = SAMPLING["25"]["s"]
-DEFAULT_EXTRAPOLATION = SAMPLING["25"]["extrapolation"]
-DEFAULT_THRESHOLD = SAMPLING["25"]["dynamic_threshold"]
-DEFAULT_SAMPLER = "ancestral"  # the released 25-step setting: ancestral updates on the ddim25 grid
+_DEFAULTS = defaults(PIPELINE_FLAGS)
+DEFAULT_STEPS = _DEFAULTS["steps"]
+DEFAULT_GUIDANCE = _DEFAULTS["s"]
+DEFAULT_THRESHOLD = _DEFAULTS["dynamic_threshold"]
+DEFAULT_SAMPLER = _DEFAULTS["sampler"]
+DEFAULT_EXTRAPOLATION = SAMPLING["25"]["extrapolation"]  # what extrapolation=None means, except with dpm++2m
 MAX_MAP_SIDE = 4096  # a map larger than this is a mistake (or an attack on the app), not a drawing
 
 
 def add_model_flags(parser):
     """The flags that say which checkpoint to load and how (`SCDMPipeline.from_checkpoint`'s
     arguments), shared by `scdm.generate` and `scdm.app`."""
-    from .runtime.cli import add_bool_argument
-    from .fast.performance import PRECISIONS
-    from .presets import PRESETS
-    parser.add_argument("--model_path", required=True, help="model*.pt or ema_*.pt, or a run folder (its newest "
-                                                            "checkpoint, EMA when saved); its args.json gives the "
-                                                            "model (released checkpoints: --preset)")
-    parser.add_argument("--preset", default="", choices=["", *PRESETS], metavar="NAME",
-                        help=f"model flags of a released checkpoint without args.json: {', '.join(PRESETS)}")
-    parser.add_argument("--class_schedule", default="", help="class schedule .npy (default: the run's)")
-    add_bool_argument(parser, "--use_ema", default=False,
-                      help="with a model*.pt path, use the EMA file of the same step (default: %(default)s)")
-    parser.add_argument("--device", type=device_name, default="",
-                        help="torch device, e.g. cpu or cuda:0 (default: cuda when available)")
-    parser.add_argument("--precision", default="", choices=["", *PRECISIONS],
-                        help="fp32, fp16 or bf16 autocast (default: the run's)")
+    add_flags(parser, LOAD_FLAGS)
 
 
 class LabelMapResized(UserWarning):
@@ -115,7 +103,11 @@ class SCDMPipeline:
     def __init__(self, loaded: LoadedCheckpoint, device=None, precision=None):
         self.loaded = loaded
         self.device = checked_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.precision = resolve_precision(precision or "", bool(loaded.flags["use_fp16"]) and not precision)
+        # auto (the default) and empty follow the model's use_fp16; an explicit precision wins.
+        requested = "auto" if precision is None else precision
+        use_fp16 = bool(loaded.flags["use_fp16"]) and requested in ("", "auto")
+        self.precision = resolve_precision(requested, use_fp16, self.device)
+        self.precision_note = precision_note(requested, self.precision, self.device, use_fp16)
         self.model = loaded.model.to(self.device)
         self.dataset_mode = loaded.dataset_mode
         self.num_classes = loaded.num_classes
@@ -275,10 +267,11 @@ class SCDMPipeline:
         return Image.fromarray(rgb)
 
     # ------------------------------------------------------------------------------ sampling
-    def __call__(self, label_map, num_samples=1, steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE, seed=0, *,
-                 raw_ids=False, instance=None, sampler=DEFAULT_SAMPLER, eta=0.0, extrapolation=None,
-                 dynamic_threshold=DEFAULT_THRESHOLD, clip_denoised=True, unlabeled_to_zero=None, batch_size=4,
-                 names=None, callback=None, batch_invariant=True):
+    def __call__(self, label_map, num_samples=1, steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE,
+                 seed=_DEFAULTS["seed"], *, raw_ids=False, instance=None, sampler=DEFAULT_SAMPLER, eta=_DEFAULTS["eta"],
+                 extrapolation=None, dynamic_threshold=DEFAULT_THRESHOLD, clip_denoised=True, unlabeled_to_zero=None,
+                 batch_size=_DEFAULTS["batch_size"], names=None, callback=None,
+                 batch_invariant=_DEFAULTS["batch_invariant"]):
         """Sample `num_samples` images per label map; returns a list of PIL images, or one such list
         per map when `label_map` is a batch (a list of maps, or an (N, H, W) array).
 

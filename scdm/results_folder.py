@@ -22,7 +22,7 @@ from .data.dataset_layouts import CORRUPTION_FILE, DatasetError
 from .runtime.errors import UserError
 from .runtime.fileio import check_writable, file_sha256, write_json
 from .diffusion.label_diffusion import DISCRETE_CLASSWISE
-from .fast.performance import autocast_dtype
+from .fast.performance import running_precision
 from .run_config import SAMPLING_TIME_FLAGS
 from .script_util import model_and_diffusion_defaults
 from .fast.tuning_cache import RECORD as TUNING_RECORD
@@ -45,6 +45,7 @@ NOT_COMPARED = {
     "sampling.use_ema", "sampling.ema_rate", "sampling.results_path", "sampling.overwrite", "sampling.preset",
     "sampling.use_checkpoint", "sampling.use_fp16", "sampling.class_schedule", "sampling.gpus_per_node",
     "sampling.gpu", "sampling.seed_align", "sampling.verbose", "sampling.batch_invariant", "labels.unlabeled",
+    "sampling.precision_requested",
     "outputs", "code", "environment",
 }
 
@@ -126,8 +127,9 @@ def build_manifest(args, model_path, model_flags, precision, corruption):
     sampler_keys = [k for k in args.values() if k not in model_keys and k not in
                     ("model_path", "data_dir", "dataset_mode", "is_train")]
     sampling = {k: getattr(args, k) for k in sampler_keys}
-    # What runs, not what was asked: fp16 on a device without it runs in fp32.
-    sampling["precision"] = precision if autocast_dtype(dist_util.dev(), precision) is not None else "fp32"
+    # What runs, not what was asked: fp16 on a device without it runs in fp32; auto is resolved.
+    sampling["precision"] = running_precision(dist_util.dev(), precision)
+    sampling["precision_requested"] = args.precision
     sampling["results_path"] = str(Path(args.results_path).resolve())
     schedule = None
     if args.cond_diffuse and args.cond_opt == DISCRETE_CLASSWISE and args.class_schedule:

@@ -184,12 +184,16 @@ def test_queue_full_and_cancel(server, monkeypatch):
     assert status == 202 and wait(server, out["id"])["status"] == "done"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model_path", "/nonexistent/model000001.pt"], "--model_path /nonexistent/model000001.pt does not exist"),
-    (["--model_path", "x.pt", "--port", "70000"], "--port 70000: expected 0..65535"),
+@pytest.mark.parametrize("args, last_line", [
+    (["--model_path", "/nonexistent/model000001.pt"],
+     "error: --model_path /nonexistent/model000001.pt does not exist"),
+    # a range is the flag table's: refused while parsing, before any checkpoint is read
+    (["--model_path", "x.pt", "--port", "70000"],
+     "python -m scdm.app: error: argument --port: an integer in 0..65535 expected, got '70000'"),
 ])
-def test_cli_errors_are_one_line(args, message):
+def test_cli_errors_are_one_line(args, last_line):
     import subprocess
     import sys
     p = subprocess.run([sys.executable, "-m", "scdm.app", *args], capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and p.stderr.strip() == f"error: {message}"
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == last_line
+    assert "Traceback" not in p.stderr

@@ -284,10 +284,33 @@ def test_resolve_precision():
     assert resolve_precision("", True) == "fp16"
     assert resolve_precision("bf16", False) == "bf16"
     assert resolve_precision("fp16", True) == "fp16"
-    with pytest.raises(ValueError, match=r"--precision 'fp8': expected one of \('fp32', 'fp16', 'bf16'\)"):
+    with pytest.raises(ValueError, match=r"--precision 'fp8': expected one of \('auto', 'fp32', 'fp16', 'bf16'\)"):
         resolve_precision("fp8", False)
     with pytest.raises(ValueError, match="--use_fp16 True contradicts --precision bf16"):
         resolve_precision("bf16", True)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_fits_the_device(monkeypatch, native):
+    """auto: fp16 on a GPU for a --use_fp16 True model, bf16 on a CPU with native bf16 (sampling only),
+    fp32 elsewhere; the reason names what decided it."""
+    flags = {"avx2", "avx512f"} | ({"avx512_bf16"} if native else set())
+    monkeypatch.setattr(performance, "cpu_flags", lambda: flags)
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", False, cpu) == ("bf16" if native else "fp32")
+    assert resolve_precision("auto", True, cpu) == ("bf16" if native else "fp32")  # no fp16 on a CPU by itself
+    precision, why = performance.auto_precision(cpu, False)
+    assert why == ("this CPU has avx512_bf16" if native else
+                   f"this CPU ({performance.cpu_model()}) has no avx512_bf16 or amx_bf16: bf16 would be emulated, "
+                   "slower than fp32")
+    assert performance.auto_precision(cpu, False, training=True) == (
+        "fp32", "training on a CPU stays in fp32 unless --precision bf16 asks")
+    cuda = torch.device("cuda")  # only the device type is read: no GPU needed
+    assert performance.auto_precision(cuda, True)[0] == "fp16"
+    assert performance.auto_precision(cuda, False)[0] == "fp32"
+    assert resolve_precision("auto", True, cuda, training=True) == "fp16"  # the released fp16 training
+    # an explicit choice is never rewritten, and the empty value keeps the released meaning
+    assert resolve_precision("fp32", False, cpu) == "fp32" and resolve_precision("", True, cpu) == "fp16"
 
 
 def test_precision_unavailable_warns_and_runs_fp32(monkeypatch):

@@ -47,6 +47,7 @@ def test_folder_without_photos(setup):
     p = generate("--model_path", model, "--labels", maps, "--out", out, "--num_samples", 2, "--steps", 2, "--seed", 5)
     assert p.returncode == 0, p.stderr
     assert "big.png is 24x24; resized to the model's 16x16" in p.stderr
+    assert "note: precision " in p.stderr and "(--precision auto: " in p.stderr  # what ran, and why
     files = digests(out)
     assert sorted(files) == ["labels_color/big.png", "labels_color/square.png", "samples/big_0.png",
                              "samples/big_1.png", "samples/square_0.png", "samples/square_1.png",

@@ -173,3 +173,15 @@ def test_diffusers_habits(tmp_path):
     assert all((np.asarray(a) == np.asarray(b)).all() for a, b in zip(out, same))
     with pytest.raises(UserError, match="is a folder without checkpoints"):
         SCDMPipeline.from_pretrained(tmp_path)
+
+
+def test_precision_defaults_to_auto(pipe, tmp_path):
+    """The pipeline runs what fits the device unless told: bf16 on a CPU with native bf16, else fp32
+    (the tiny run has use_fp16 False); an explicit precision is kept, and the note says what runs."""
+    native_bf16 = bool({"avx512_bf16", "amx_bf16"} & set(open("/proc/cpuinfo").read().split()))
+    assert pipe.device.type == "cpu" and pipe.precision == ("bf16" if native_bf16 else "fp32")
+    assert pipe.precision_note.startswith(f"precision {pipe.precision} (--precision auto: this CPU ")
+    explicit = SCDMPipeline(pipe.loaded, device="cpu", precision="fp32")
+    assert explicit.precision == "fp32" and explicit.precision_note == "precision fp32"
+    with pytest.raises(ValueError, match="--precision 'fp8': expected one of"):
+        SCDMPipeline(pipe.loaded, device="cpu", precision="fp8")

@@ -73,7 +73,11 @@ def test_model_path_is_enough(toy, trained, sampled):
     assert m["model_flags_from"] == f"run config {trained / 'args.json'}"
     assert m["model"]["num_classes"] == 8 and m["model"]["num_channels"] == 32 and m["model"]["unlabeled_id"] == 7
     assert m["sampling"]["timestep_respacing"] == "ddim2" and m["sampling"]["s"] == 1.0 and m["seed"] == 0
-    assert m["sampling"]["precision"] == "fp32"
+    # the default --precision auto: bf16 where this CPU has it natively, else fp32; the manifest and log say so
+    native_bf16 = bool({"avx512_bf16", "amx_bf16"} & set(open("/proc/cpuinfo").read().split()))
+    assert m["sampling"]["precision"] == ("bf16" if native_bf16 else "fp32")
+    assert m["sampling"]["precision_requested"] == "auto"
+    assert f"note: precision {m['sampling']['precision']} (--precision auto: this CPU " in p.stderr
     assert m["labels"] == {"data_dir": str(toy.resolve()), "dataset_mode": "folder", "is_train": False,
                            "corruption": None, "unlabeled": "as the unlabeled class 7"}
     assert m["code"]["scdm"] and "git_commit" in m["code"]

@@ -4,33 +4,30 @@
 import argparse
 import sys
 
-from ..runtime.cli import HelpFormatter, int_at_least, positive_int
+from ..runtime.cli import HelpFormatter
 from ..runtime.errors import UserError, run_cli, warnings_as_lines
-from ..pipeline import add_model_flags
-from .server import QUEUE_SIZE, make_server
+from ..flags import APP_FLAGS, LOAD_FLAGS, add_flags, config_class
+from .server import make_server
+
+AppRun = config_class("AppRun", LOAD_FLAGS, APP_FLAGS, doc="A parsed `scdm.app` command line, frozen.")
 
 
 def create_argparser():
     p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m scdm.app", description=__doc__,
                                 formatter_class=HelpFormatter)
-    add_model_flags(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int_at_least(0), default=7860, help="port (0: any free one)")
-    p.add_argument("--queue", type=positive_int, default=QUEUE_SIZE, help="jobs that may wait behind the running one")
-    p.add_argument("--max_steps", type=positive_int, default=None,
-                   help="most sampling steps a job may ask for (default: the model's diffusion steps)")
+    add_flags(p, LOAD_FLAGS)
+    add_flags(p, APP_FLAGS)
     return p
 
 
 def main(argv=None):
-    args = create_argparser().parse_args(argv)
-    if args.port > 65535:
-        raise UserError(f"--port {args.port}: expected 0..65535")
+    args = AppRun.from_namespace(create_argparser().parse_args(argv))
     from ..pipeline import SCDMPipeline
     with warnings_as_lines():
         pipe = SCDMPipeline.from_checkpoint(args.model_path, device=args.device or None,
-                                            precision=args.precision or None, preset=args.preset,
+                                            precision=args.precision, preset=args.preset,
                                             class_schedule=args.class_schedule or None, use_ema=args.use_ema)
+    print(f"note: {pipe.precision_note}", file=sys.stderr, flush=True)
     try:
         server = make_server(pipe, args.host, args.port, queue_size=args.queue, max_steps=args.max_steps)
     except OSError as e:

@@ -31,6 +31,7 @@ from ..pipeline import (DEFAULT_EXTRAPOLATION, DEFAULT_GUIDANCE, DEFAULT_SAMPLER
                         MASK_ID)
 from ..diffusion.sampling import MAX_GUIDANCE, SAMPLERS
 from ..toy import toy_label_map
+from ..flags import APP_FLAGS, defaults
 
 STATIC = Path(__file__).resolve().parent / "static"
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
@@ -38,7 +39,7 @@ STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; ch
 MAX_BODY = 8 << 20          # bytes of one request (an uploaded PNG or a JSON map)
 MAX_SAMPLES = 8
 MAX_SEED = 2 ** 31 - 1
-QUEUE_SIZE = 4              # jobs waiting behind the running one
+QUEUE_SIZE = defaults(APP_FLAGS)["queue"]  # jobs waiting behind the running one
 KEEP_FINISHED = 16          # finished jobs kept for their results
 NOISES = {"ds": "downsample", "edge": "edge", "random": "random", "painter": "painter"}
 EXAMPLES = 4

@@ -2,7 +2,8 @@
 
 The model's exact fast paths are not here: each model holds its own config (scdm.fast.fast_paths).
 
-- `resolve_precision`: the precision the `--precision` / `--use_fp16` flags ask for.
+- `resolve_precision`: the precision the `--precision` / `--use_fp16` flags ask for; `auto_precision`:
+  what `--precision auto` (sampling's default) picks for a device, and why.
 - `precision_context`: autocast to bf16/fp16 where the device can do it; otherwise one clear warning
   and fp32, so asking for a precision never crashes a job. On a CPU "can do it" means native
   instructions (`cpu_half_support`: AVX512-BF16/AMX-BF16 for bf16, AVX512-FP16/AMX-FP16 for fp16):
@@ -22,6 +23,7 @@ import warnings
 import torch
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISION_CHOICES = ("auto", *PRECISIONS)
 _AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _warned = set()
 
@@ -40,14 +42,47 @@ def reset_warnings():
 
 
 # ----- precision ------------------------------------------------------------------------------
-def resolve_precision(precision, use_fp16):
-    """The `--precision` value, where the released `--use_fp16 True` means fp16 (autocast on fp32 weights)."""
-    resolved = precision or ("fp16" if use_fp16 else "fp32")
-    if resolved not in PRECISIONS:
-        raise ValueError(f"--precision {resolved!r}: expected one of {PRECISIONS}")
-    if use_fp16 and precision and precision != "fp16":
+def resolve_precision(precision, use_fp16, device="cpu", training=False):
+    """The precision to run. `precision` is the `--precision` value: one of PRECISIONS; "auto" (what fits
+    `device`, see `auto_precision`); or empty, the released meaning of `--use_fp16` (fp16 when True, autocast
+    on fp32 weights)."""
+    if precision not in ("", *PRECISION_CHOICES):
+        raise ValueError(f"--precision {precision!r}: expected one of {PRECISION_CHOICES}")
+    if use_fp16 and precision not in ("", "auto", "fp16"):
         raise ValueError(f"--use_fp16 True contradicts --precision {precision}")
-    return resolved
+    if precision == "auto":
+        return auto_precision(device, use_fp16, training)[0]
+    return precision or ("fp16" if use_fp16 else "fp32")
+
+
+def auto_precision(device, use_fp16, training=False):
+    """(precision, why) of `--precision auto`: fp16 on a GPU for a `--use_fp16 True` model (the released
+    sampling), bf16 on a CPU with native bf16 (`cpu_half_support`), fp32 elsewhere. Training on a CPU
+    stays fp32 (a half-precision gradient there is the user's decision, not a default)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if use_fp16:
+            return "fp16", "a GPU and a --use_fp16 True model (the released fp16)"
+        return "fp32", "a GPU and a --use_fp16 False model"
+    if device.type != "cpu":
+        return "fp32", f"no half precision is chosen by itself on {device.type}"
+    if training:
+        return "fp32", "training on a CPU stays in fp32 unless --precision bf16 asks"
+    native, reason = cpu_half_support("bf16")
+    return ("bf16" if native else "fp32"), reason
+
+
+def running_precision(device, precision):
+    """What runs for `precision` on `device`: itself, or fp32 where the device cannot do it (one warning)."""
+    return precision if autocast_dtype(device, precision) is not None else "fp32"
+
+
+def precision_note(requested, precision, device, use_fp16=False, training=False):
+    """The log line that says what precision runs, and why when `--precision auto` chose it."""
+    line = f"precision {running_precision(device, precision)}"
+    if requested == "auto":
+        line += f" (--precision auto: {auto_precision(device, use_fp16, training)[1]})"
+    return line
 
 
 def autocast_dtype(device, precision):
