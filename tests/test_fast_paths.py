@@ -384,13 +384,16 @@ def test_compile_failure_at_first_call_falls_back(tiny_flags, monkeypatch):
         return run
     monkeypatch.setattr(performance, "compile_unavailable_reason", lambda m: "")
     monkeypatch.setattr(torch, "compile", broken_compile)
+    own = model.fast_paths
     model = maybe_compile(model)
+    assert model.fast_paths == own.for_compile()  # what the compiler traces
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")
         out = model(x, t, y=y)
         out2 = model(x, t, y=y)
         cfg = model.forward_with_cfg(x, t, y)
     assert any("torch.compile failed (RuntimeError: backend compiler failed)" in str(w.message) for w in caught)
+    assert model.fast_paths == own  # the eager fallback runs its own fast paths again
     _close(out, expected)
     _close(out2, expected)
     _close(cfg, expected_cfg)
@@ -405,3 +408,31 @@ def test_image_sample_rejects_unknown_fast_path(capsys):
         run_cli(image_sample.main, ["--dataset_mode", "folder", "--num_classes", "4", "--disable_fast_paths", "nope"])
     assert e.value.code == 2
     assert "unknown fast paths ['nope']" in capsys.readouterr().err
+
+
+def test_the_compiled_config_traces_in_one_graph(tiny_flags):
+    """FastPaths.for_compile(): dynamo captures the whole forward, plain and guided, with no graph break
+    (each break would be a Python decision or a timing inside the trace), and computes what the eager
+    default computes."""
+    import torch._dynamo
+    torch.manual_seed(0)
+    model, diffusion = create_model_and_diffusion(**tiny_flags)
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    model.eval()
+    x, t, y = _inputs(tiny_flags, b=2)
+    with torch.no_grad():
+        expected = model(x, t, y=y)
+        model.fast_paths = FastPaths().for_compile()
+        plain = torch._dynamo.explain(model.forward)(x, t, y=y)
+        guided = torch._dynamo.explain(
+            lambda x, t, y: guided_model_output(model, diffusion, x, t, y, guidance_scale=1.5))(x, t, y)
+        _close(model(x, t, y=y), expected)
+    torch._dynamo.reset()
+    assert (plain.graph_count, plain.graph_break_count) == (1, 0), plain.break_reasons
+    assert (guided.graph_count, guided.graph_break_count) == (1, 0), guided.break_reasons
+    off = FastPaths().for_compile()
+    assert not (off.spade_gather or off.spade_unique_patches or off.null_label_cache or off.fused_gamma_beta)
+    assert off.sdpa_attention is True and off.channels_last is False
+    assert FastPaths(sdpa_attention=False, channels_last=True).for_compile().sdpa_attention is False
+    assert FastPaths(channels_last=True).for_compile().channels_last is True

@@ -334,3 +334,28 @@ def test_a_run_config_with_a_wrong_typed_value_is_one_line(tmp_path, change, wor
         p = in_process_if_cli([sys.executable, "-m", module, *args])
         assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
         assert words in p.stderr.strip().splitlines()[-1] and "args.json" in p.stderr, p.stderr
+
+
+def test_compile_samples_what_the_eager_model_samples(toy, trained, sampled, tmp_path):
+    """--compile True end to end: torch.compile (inductor) really runs, in one graph per shape (the model
+    traces FastPaths.for_compile()), and gives the eager model's samples up to rounding."""
+    from scdm.fast.performance import compile_unavailable_reason
+    from scdm.fast.fast_paths import FastPaths
+    import torch
+    reason = compile_unavailable_reason(torch.nn.Linear(1, 1))
+    if reason and os.environ.get("CI", "").lower() not in ("1", "true", "yes"):
+        pytest.skip(f"torch.compile cannot run here: {reason}")
+    assert not reason, reason
+    eager, _ = sampled
+    res = tmp_path / "compiled"
+    # one batch of all 4 maps: one shape, one compilation
+    p = sample(trained / "model000002.pt", toy, res, "--compile", "True", "--batch_size", "4")
+    assert "torch.compile" not in p.stderr, p.stderr  # neither "not available" nor "failed": it compiled
+    m = json.loads((res / "manifest.json").read_text())
+    assert m["sampling"]["compile"] is True
+    diffs = [np.abs(np.asarray(Image.open(f)).astype(int) - np.asarray(Image.open(eager / "samples" / f.name)))
+             for f in sorted((res / "samples").glob("*.png"))]
+    assert len(diffs) == 4
+    tolerance = 2 if m["sampling"]["precision"] == "fp32" else 12  # levels of 255: rounding, not another image
+    assert max(int(d.max()) for d in diffs) <= tolerance and np.mean([d.mean() for d in diffs]) < 0.5
+    assert FastPaths().for_compile().spade_enabled is False  # no label tables to build inside the trace

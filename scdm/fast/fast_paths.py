@@ -65,6 +65,15 @@ class FastPaths:
             raise ValueError(f"unknown fast paths {unknown}; known: {sorted(self.names())}")
         return dataclasses.replace(self, **{k: v if v == AUTO else bool(v) for k, v in names.items()})
 
+    def for_compile(self):
+        """The config torch.compile traces. The switches that decide in Python per label map (table
+        gather, unique patches, the null-label cache; `fused_gamma_beta` prepares the same label object) or
+        by timing (the automatic layouts) would break the graph at every call and time inside the trace, so
+        they are off or fixed; what remains is the same computation for the compiler to fuse."""
+        return self.replace(spade_gather=False, spade_unique_patches=False, fused_gamma_beta=False,
+                            null_label_cache=False, sdpa_attention=bool(self.sdpa_attention),
+                            channels_last=self.channels_last is True)
+
     @property
     def spade_enabled(self):
         """Whether the norms need the label map prepared as `fast_spade.SpadeLabels` (else the dense tensor)."""

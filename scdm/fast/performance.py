@@ -199,7 +199,8 @@ def compile_unavailable_reason(model):
 def maybe_compile(model, enabled=True, **compile_kwargs):
     """torch.compile the model's forward in place when `enabled`, available and working.
 
-    Returns the same module (state-dict keys and attributes unchanged) whose forward is compiled. If
+    Returns the same module (state-dict keys and attributes unchanged) whose forward is compiled; a
+    model with fast paths traces `FastPaths.for_compile()` (the same computation in one graph). If
     torch.compile is unavailable, or compiling fails on the first call, a warning is issued and the
     eager forward is used from then on. Errors that the eager model raises too (bad inputs) propagate.
     """
@@ -210,11 +211,14 @@ def maybe_compile(model, enabled=True, **compile_kwargs):
         _warn_once(("compile", reason), f"torch.compile is not available: {reason}; running the eager model")
         return model
     eager_forward = model.forward
+    eager_paths = getattr(model, "fast_paths", None)
     try:
         compiled_forward = torch.compile(eager_forward, **compile_kwargs)
     except Exception as e:  # noqa: BLE001
         _warn_once(("compile", "setup"), f"torch.compile failed ({type(e).__name__}: {e}); running the eager model")
         return model
+    if eager_paths is not None:
+        model.fast_paths = eager_paths.for_compile()  # one graph: no Python decisions inside the trace
     failed = False
 
     @functools.wraps(eager_forward)
@@ -225,6 +229,8 @@ def maybe_compile(model, enabled=True, **compile_kwargs):
         try:
             return compiled_forward(*args, **kwargs)
         except Exception as e:  # noqa: BLE001
+            if eager_paths is not None:
+                model.fast_paths = eager_paths  # the eager model runs its own fast paths again
             out = eager_forward(*args, **kwargs)  # raises the eager error if the inputs are at fault
             failed = True
             first_line = (str(e).strip().splitlines() or [""])[0][:300]
