@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from .runtime.cli import device_name
-from .flags import LOAD_FLAGS, PIPELINE_FLAGS, add_flags, defaults
+from .flags import PIPELINE_FLAGS, defaults
 from .data.conditioning import Conditioning
 from .data.dataset_layouts import DatasetError, DatasetInfo, check_label_ids, display_names, remap_labels, resize_ids
 from .runtime.errors import UserError
@@ -44,12 +44,6 @@ DEFAULT_THRESHOLD = _DEFAULTS["dynamic_threshold"]
 DEFAULT_SAMPLER = _DEFAULTS["sampler"]
 DEFAULT_EXTRAPOLATION = SAMPLING["25"]["extrapolation"]  # what extrapolation=None means, except with dpm++2m
 MAX_MAP_SIDE = 4096  # a map larger than this is a mistake (or an attack on the app), not a drawing
-
-
-def add_model_flags(parser):
-    """The flags that say which checkpoint to load and how (`SCDMPipeline.from_checkpoint`'s
-    arguments), shared by `scdm.generate` and `scdm.app`."""
-    add_flags(parser, LOAD_FLAGS)
 
 
 class LabelMapResized(UserWarning):
