@@ -169,8 +169,11 @@ def test_training_that_ends_normally_leaves_no_worker(toy, tmp_path):
 
 def start_marked(args, cwd):
     env, marker = marked_env()
+    # A shell without job control starts background jobs with SIGINT ignored, and a child inherits that:
+    # the process under test gets the default disposition, as it has when a user starts it at a prompt.
     proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return proc, marker
 
 
