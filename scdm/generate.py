@@ -29,10 +29,7 @@ GenerateRun = config_class("GenerateRun", LOAD_FLAGS, PIPELINE_FLAGS, GENERATE_F
 def create_argparser():
     p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m scdm.generate", description=__doc__,
                                 formatter_class=HelpFormatter)
-    add_flags(p, LOAD_FLAGS)
-    add_flags(p, GENERATE_FLAGS[:3])  # --labels, --out, --num_samples
-    add_flags(p, PIPELINE_FLAGS)
-    add_flags(p, GENERATE_FLAGS[3:])
+    add_flags(p, LOAD_FLAGS + GENERATE_FLAGS + PIPELINE_FLAGS)
     return p
 
 

@@ -92,10 +92,23 @@ def random_label_map(b, num_classes, h, w, with_edge=True, generator=None):
     return torch.cat([onehot, edge], dim=1)
 
 
+def in_ci():
+    """Whether the suite runs under CI (CI=true), where everything it tests must run, not skip."""
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def auto_precision_here():
+    """What `--precision auto` must pick on this machine's CPU, read from /proc/cpuinfo independently of
+    scdm: bf16 where the CPU has native bf16 instructions, else fp32."""
+    with open("/proc/cpuinfo") as f:
+        words = set(f.read().split())
+    return "bf16" if {"avx512_bf16", "amx_bf16"} & words else "fp32"
+
+
 def require_test_extra(module):
     """Imports a module of the test extras (setup.py): a skip on a partial local install, a failure
     under CI=true, where everything the suite tests must run."""
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+    if in_ci():
         return __import__("importlib").import_module(module)
     return pytest.importorskip(module, reason=f"{module} is not installed (pip install -e .[test])")
 

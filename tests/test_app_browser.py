@@ -22,7 +22,7 @@ from PIL import Image
 
 from scdm.app.server import make_server
 from scdm.pipeline import SCDMPipeline
-from conftest import require_test_extra
+from conftest import in_ci, require_test_extra
 from tiny_run import make_tiny_run
 
 webdriver = require_test_extra("selenium.webdriver")
@@ -40,7 +40,7 @@ SAMPLES = int(os.environ.get("SCDM_APP_SAMPLES", 1))
 def browser():
     if not CHROMIUM or not DRIVER:
         why = "no headless browser: install Chromium and its driver (Debian: apt-get install chromium chromium-driver)"
-        if os.environ.get("CI", "").lower() == "true":  # CI must test the page: .ci/run installs the browser
+        if in_ci():  # CI must test the page: .ci/run installs the browser
             pytest.fail(why)
         pytest.skip(why)
     options = webdriver.ChromeOptions()

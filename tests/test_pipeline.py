@@ -11,6 +11,7 @@ from scdm.runtime.errors import UserError
 from scdm.data.palettes import ids_from_colors, palette
 from scdm.pipeline import MASK_ID, LabelMapResized, SCDMPipeline
 from scdm.diffusion.sampling import SAMPLERS
+from conftest import auto_precision_here
 from tiny_run import make_tiny_run
 
 STEPS = 3
@@ -178,8 +179,7 @@ def test_diffusers_habits(tmp_path):
 def test_precision_defaults_to_auto(pipe, tmp_path):
     """The pipeline runs what fits the device unless told: bf16 on a CPU with native bf16, else fp32
     (the tiny run has use_fp16 False); an explicit precision is kept, and the note says what runs."""
-    native_bf16 = bool({"avx512_bf16", "amx_bf16"} & set(open("/proc/cpuinfo").read().split()))
-    assert pipe.device.type == "cpu" and pipe.precision == ("bf16" if native_bf16 else "fp32")
+    assert pipe.device.type == "cpu" and pipe.precision == auto_precision_here()
     assert pipe.precision_note.startswith(f"precision {pipe.precision} (--precision auto: this CPU ")
     explicit = SCDMPipeline(pipe.loaded, device="cpu", precision="fp32")
     assert explicit.precision == "fp32" and explicit.precision_note == "precision fp32"

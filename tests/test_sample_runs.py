@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import (TINY_FLAGS, TOY_ARCH, in_process_if_cli, random_label_map, run_command, toy_train_argv,
-                      write_toy)
+from conftest import (TINY_FLAGS, TOY_ARCH, auto_precision_here, in_ci, in_process_if_cli, random_label_map,
+                      run_command, toy_train_argv, write_toy)
 from scdm import figures, image_sample, results_folder, run_config
 from scdm.data.palettes import palette, palette_name, spread_colors
 from scdm.diffusion.sampling import sample_loop
@@ -74,8 +74,7 @@ def test_model_path_is_enough(toy, trained, sampled):
     assert m["model"]["num_classes"] == 8 and m["model"]["num_channels"] == 32 and m["model"]["unlabeled_id"] == 7
     assert m["sampling"]["timestep_respacing"] == "ddim2" and m["sampling"]["s"] == 1.0 and m["seed"] == 0
     # the default --precision auto: bf16 where this CPU has it natively, else fp32; the manifest and log say so
-    native_bf16 = bool({"avx512_bf16", "amx_bf16"} & set(open("/proc/cpuinfo").read().split()))
-    assert m["sampling"]["precision"] == ("bf16" if native_bf16 else "fp32")
+    assert m["sampling"]["precision"] == auto_precision_here()
     assert m["sampling"]["precision_requested"] == "auto"
     assert f"note: precision {m['sampling']['precision']} (--precision auto: this CPU " in p.stderr
     assert m["labels"] == {"data_dir": str(toy.resolve()), "dataset_mode": "folder", "is_train": False,
@@ -343,7 +342,7 @@ def test_compile_samples_what_the_eager_model_samples(toy, trained, sampled, tmp
     from scdm.fast.fast_paths import FastPaths
     import torch
     reason = compile_unavailable_reason(torch.nn.Linear(1, 1))
-    if reason and os.environ.get("CI", "").lower() not in ("1", "true", "yes"):
+    if reason and not in_ci():
         pytest.skip(f"torch.compile cannot run here: {reason}")
     assert not reason, reason
     eager, _ = sampled
