@@ -1,4 +1,4 @@
-"""The pipeline: each stage runs one of the project's entry points in a subprocess, and is skipped
+"""The pipeline: each stage runs one of the project's entry points in its own process, and is skipped
 when an earlier run already made its outputs from the same inputs.
 
 1. `scdm.toy` writes the toy dataset; 2. `scdm.class_schedule` the per-class lambda file;
@@ -21,6 +21,7 @@ from scdm.checkpoint import checkpoint_steps, ema_name, model_name, prune_checkp
 from scdm.runtime.fileio import write_json
 from scdm.presets import as_argv
 
+from . import warm_start
 from .config import (MODEL_NAMES, NOISE_CLI, NOISE_NAMES, QuickstartError, model_flags, noise_params, training_key,
                      unlabeled_to_zero)
 from .folder import check_disk, count_parameters, log, prepare_out, write_state
@@ -88,11 +89,16 @@ class Runner:
     """Runs entry points as `python -m module args` in their own session, so that Ctrl-C reaches the
     quickstart only; it then sends the children SIGTERM (training saves a checkpoint) and waits.
 
-    threads: OMP/MKL threads of each child (None: torch's default). Calls may come from several
-    threads at once (the robustness study runs stages side by side); `stop_all` stops every live child."""
+    Each one is a fork of a server that has already imported torch (`warm_start`), which saves a new
+    interpreter's torch import per stage; `warm=False`, another `python`, or a platform without a fork
+    server starts a new interpreter instead. threads: OMP/MKL threads of each child (None: torch's
+    default). Calls may come from several threads at once (the robustness study runs stages side by
+    side); `stop_all` stops every live child."""
 
-    def __init__(self, python=None, threads=None):
+    def __init__(self, python=None, threads=None, warm=True):
         self.python = python or sys.executable
+        self.threads = threads
+        self.warm = warm and self.python == sys.executable and warm_start.available()
         self.env = dict(os.environ)
         self.env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
         self.env.setdefault("PYTHONUNBUFFERED", "1")
@@ -103,7 +109,10 @@ class Runner:
     def __call__(self, module, argv, what):
         cmd = [self.python, "-m", module, *map(str, argv)]
         print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
-        proc = subprocess.Popen(cmd, env=self.env, start_new_session=True)
+        if self.warm:
+            proc = warm_start.start(module, argv, self.env, self.threads)
+        else:
+            proc = subprocess.Popen(cmd, env=self.env, start_new_session=True)
         self.live.add(proc)
         try:
             code = proc.wait()

@@ -12,11 +12,17 @@ from PIL import Image
 from scdm.pipeline import SCDMPipeline
 from tiny_run import make_tiny_run
 
+from conftest import run_in_process
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
-def generate(*args):
+def generate(*args, process=False):
+    """`python -m scdm.generate args`: in this process unless `process` (a real interpreter, once, so that the
+    command itself is run as users run it)."""
+    if not process:
+        return run_in_process("scdm.generate", args, cwd=ROOT)
     return subprocess.run([sys.executable, "-m", "scdm.generate", *map(str, args)], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=240)
 
@@ -44,7 +50,8 @@ def setup(tmp_path_factory):
 def test_folder_without_photos(setup):
     base, model, maps, a = setup
     out = base / "out"
-    p = generate("--model_path", model, "--labels", maps, "--out", out, "--num_samples", 2, "--steps", 2, "--seed", 5)
+    p = generate("--model_path", model, "--labels", maps, "--out", out, "--num_samples", 2, "--steps", 2, "--seed", 5,
+                 process=True)
     assert p.returncode == 0, p.stderr
     assert "big.png is 24x24; resized to the model's 16x16" in p.stderr
     assert "note: precision " in p.stderr and "(--precision auto: " in p.stderr  # what ran, and why
