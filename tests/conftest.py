@@ -147,7 +147,9 @@ def run_in_process(module, argv, cwd=None):
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), contextlib.chdir(cwd or os.getcwd()):
             try:
-                with warnings.catch_warnings():  # an imported entry module is run afresh, as -m does
+                with warnings.catch_warnings():
+                    as_a_new_process_warns()
+                    # an imported entry module is run afresh, as -m does
                     warnings.filterwarnings("ignore", "'.*' found in sys.modules", RuntimeWarning)
                     runpy.run_module(module, run_name="__main__", alter_sys=True)
             except SystemExit as e:
@@ -157,6 +159,22 @@ def run_in_process(module, argv, cwd=None):
     finally:
         sys.argv = saved_argv
     return subprocess.CompletedProcess(["python", "-m", module, *argv], code, out.getvalue(), err.getvalue())
+
+
+def as_a_new_process_warns():
+    """Inside `warnings.catch_warnings()`: Python's default warning filters, warnings printed on (the
+    redirected) sys.stderr instead of collected by pytest, and the once-per-process warnings armed again."""
+    import warnings
+
+    from scdm.fast import performance
+
+    warnings.resetwarnings()
+    warnings.simplefilter("default")
+    for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: sys.stderr.write(
+        warnings.formatwarning(message, category, filename, lineno, line))
+    performance.reset_warnings()
 
 
 IN_PROCESS_MODULES = ("scdm.image_train", "scdm.image_sample", "scdm.toy", "scdm.class_schedule",

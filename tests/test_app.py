@@ -192,8 +192,7 @@ def test_queue_full_and_cancel(server, monkeypatch):
      "python -m scdm.app: error: argument --port: an integer in 0..65535 expected, got '70000'"),
 ])
 def test_cli_errors_are_one_line(args, last_line):
-    import subprocess
-    import sys
-    p = subprocess.run([sys.executable, "-m", "scdm.app", *args], capture_output=True, text=True, timeout=120)
+    from conftest import run_in_process
+    p = run_in_process("scdm.app", args)
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == last_line
     assert "Traceback" not in p.stderr

@@ -105,7 +105,7 @@ def test_tiny_model_overfits_one_batch(tiny_flags):
         return diff.training_losses(model, x0, t, {"y": y}, noise=noise, label_noise=u)["loss"].mean()
 
     first = loss().item()
-    for _ in range(60):
+    for _ in range(20):  # it is far below first / 5 by then (about first / 100)
         opt.zero_grad()
         loss().backward()
         opt.step()

@@ -1,7 +1,5 @@
 """scdm.loading (a checkpoint from Python values) and SamplerSettings (sampling settings checked once),
 with the entry points that share them."""
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,6 +9,8 @@ from scdm.checkpoint import CheckpointError
 from scdm.loading import checkpoint_path, load_checkpoint, resolve_checkpoint
 from scdm.diffusion.sampling import MAX_GUIDANCE, SamplerSettings, sample_batch, sample_loop
 from tiny_run import TINY_RUN, make_tiny_run
+
+from conftest import run_in_process
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +73,7 @@ def test_sampler_settings_refuse_what_no_entry_point_accepts(kwargs, message):
 ])
 def test_entry_points_parse_the_same_guidance_limit(module, extra):
     """Parsing refuses what SamplerSettings refuses, in one line naming the flag (no traceback)."""
-    r = subprocess.run([sys.executable, "-m", module, *extra, "--s", str(MAX_GUIDANCE + 1)], capture_output=True,
-                       text=True)
+    r = run_in_process(module, [*extra, "--s", MAX_GUIDANCE + 1])
     assert r.returncode == 2 and "--s" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 

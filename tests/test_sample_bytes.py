@@ -84,7 +84,7 @@ def test_half_precision_sampling_and_training_run_and_say_what_ran(toy, busy, tm
     native = cpu_half_support(precision)[0]
     common = ("--batch_size", 2, "--num_samples", 2, "--timestep_respacing", "ddim4")
     here(sample_cmd(toy, busy, tmp_path / "fp32", "--precision", "fp32", *common))
-    half = run(sample_cmd(toy, busy, tmp_path / precision, "--precision", precision, *common))
+    half = here(sample_cmd(toy, busy, tmp_path / precision, "--precision", precision, *common))
     ran = json.loads((tmp_path / precision / "manifest.json").read_text())["sampling"]["precision"]
     assert ran == (precision if native else "fp32")
     if not native:
@@ -97,7 +97,7 @@ def test_half_precision_sampling_and_training_run_and_say_what_ran(toy, busy, tm
     assert max(diffs) < 12  # the same pictures up to half-precision rounding (levels of 255)
     assert (max(diffs) > 0) == native  # the half type really ran, or fp32 did
     log_dir = tmp_path / f"train-{precision}"
-    out = run(train_cmd(toy, log_dir, "--max_steps", 1, "--save_interval", 1, "--precision", precision))
+    out = here(train_cmd(toy, log_dir, "--max_steps", 1, "--save_interval", 1, "--precision", precision))
     assert (log_dir / "model000001.pt").exists()
     rows = (log_dir / "progress.csv").read_text().splitlines()
     assert len(rows) == 2 and "nan" not in rows[1].lower(), out.stderr[-1000:]
