@@ -154,12 +154,16 @@ def rel_diff(a, b):
     return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
 
 
-def ratio(times, key="best_s"):
-    return round(times["plain"][key] / times["fast"][key], 2)
+def ratio(times, key="best_s", num="fast", den="plain"):
+    """How many times faster `num` ran than `den`."""
+    return round(times[den][key] / times[num][key], 2)
 
 
 # ----- CPU: guided reverse step ---------------------------------------------------------------
-def cpu_guided_step(flags, batch, steps, warmup, repeats):
+def cpu_guided_step(flags, batch, steps, warmup, repeats, half=()):
+    """plain (the released computation) and fast in fp32; with `half` (e.g. ["bf16"]) the fast path in
+    that precision too, as sampling runs it (the torso holding half weights: `precision_context` with the
+    model) and under plain autocast, for comparison."""
     model, diffusion = build(flags, respacing="ddim25")
     model.eval()
     size, num_classes = flags["image_size"], flags["num_classes"]
@@ -172,23 +176,40 @@ def cpu_guided_step(flags, batch, steps, warmup, repeats):
         t = torch.full((batch,), step, dtype=torch.long)
         u = torch.rand(batch, 1, size, size, generator=g)
 
-        def run(fast):
-            with override(model, fast), torch.no_grad():
+        def run(fast, precision="fp32", held=True):
+            with override(model, fast), torch.no_grad(), \
+                    precision_context("cpu", precision, model=model if held else None):
                 return reverse_step(model, diffusion, x, t, y, label_noise=u, prev_xstart=prev,
                                     batched_guidance=fast, **GUIDANCE)
 
         plain, fast = run(False), run(True)
+        fns = {"plain": lambda: run(False), "fast": lambda: run(True)}
+        for p in half:
+            fns[f"fast_{p}"] = lambda p=p: run(True, p)
+            fns[f"fast_{p}_autocast"] = lambda p=p: run(True, p, held=False)
         y_t = diffusion.diffuse_cond(y, t, noise=u)
-        times = interleaved({"plain": lambda: run(False), "fast": lambda: run(True)}, "cpu", warmup, repeats)
-        results.append({
+        times = interleaved(fns, "cpu", warmup, repeats)
+        row = {
             "step": step, "of": diffusion.num_timesteps, "model_timestep": int(diffusion.model_timesteps(t)[0]),
             "labelled_pixel_fraction": round(float(y_t.sum() / y.sum()), 3),
             **times, "speedup_best": ratio(times), "speedup_median": ratio(times, "median_s"),
             "max_rel_diff": {"mean": rel_diff(fast.mean, plain.mean),
                              "pred_xstart": rel_diff(fast.pred_xstart, plain.pred_xstart)},
-        })
-    total = {k: sum(r[k]["best_s"] for r in results) for k in ("plain", "fast")}
-    return {"per_step": results, "speedup_over_steps_best": round(total["plain"] / total["fast"], 2),
+        }
+        for p in half:
+            out = run(True, p)
+            row[f"{p}_over_fp32_fast_best"] = ratio(times, num=f"fast_{p}", den="fast")
+            row[f"{p}_autocast_over_fp32_fast_best"] = ratio(times, num=f"fast_{p}_autocast", den="fast")
+            row[f"{p}_max_abs_diff_pred_xstart"] = round(float((out.pred_xstart - fast.pred_xstart).abs().max()), 4)
+        results.append(row)
+    keys = ["plain", "fast", *[f"fast_{p}{v}" for p in half for v in ("", "_autocast")]]
+    total = {k: sum(r[k]["best_s"] for r in results) for k in keys}
+    summary = {f"{k}_over_steps_best_s": round(v, 3) for k, v in total.items()}
+    summary["speedup_over_steps_best"] = round(total["plain"] / total["fast"], 2)
+    for p in half:
+        summary[f"{p}_over_fp32_fast_over_steps"] = round(total["fast"] / total[f"fast_{p}"], 2)
+        summary[f"{p}_over_plain_over_steps"] = round(total["plain"] / total[f"fast_{p}"], 2)
+    return {"per_step": results, **summary,
             "max_rel_diff": max(max(r["max_rel_diff"].values()) for r in results),
             "auto_choices": auto_choices(model)}
 
@@ -202,7 +223,7 @@ def auto_choices(model):
 
 
 # ----- CPU: training step ---------------------------------------------------------------------
-def cpu_train_step(flags, batch, warmup, repeats, dropped=1):
+def cpu_train_step(flags, batch, warmup, repeats, dropped=1, half=()):
     model, diffusion = build(flags)
     size, num_classes = flags["image_size"], flags["num_classes"]
     y = region_label_maps(batch, num_classes, size, seed=2)
@@ -216,10 +237,12 @@ def cpu_train_step(flags, batch, warmup, repeats, dropped=1):
     models["plain"].fast_paths = FastPaths.all_off()
     opts = {k: adamw(m.parameters(), 1e-4, 0.01, fused=m.fast_paths.fused_adamw) for k, m in models.items()}
 
-    def run(key, maps=y):
+    def run(key, maps=y, precision="fp32"):
         m, opt = models[key], opts[key]
         opt.zero_grad(set_to_none=True)
-        loss = diffusion.training_losses(m, x0, t, model_kwargs={"y": maps}, noise=noise, label_noise=u)["loss"].mean()
+        with precision_context("cpu", precision):  # training autocasts: fp32 weights, fp32 optimizer
+            loss = diffusion.training_losses(m, x0, t, model_kwargs={"y": maps}, noise=noise,
+                                             label_noise=u)["loss"].mean()
         loss.backward()
         opt.step()
         return loss.detach()
@@ -235,8 +258,13 @@ def cpu_train_step(flags, batch, warmup, repeats, dropped=1):
     # form; no SPADE fast path can go below it, so plain / floor bounds their speedup.
     no_labels = torch.zeros_like(y)
     fns = {**{k: (lambda k=k: run(k)) for k in models}, "fast_without_labels": lambda: run("fast", no_labels)}
+    for p in half:
+        fns[f"fast_{p}"] = lambda p=p: run("fast", precision=p)
     times = interleaved(fns, "cpu", warmup, repeats)
     floor = times.pop("fast_without_labels")
+    for p in half:
+        times[f"{p}_over_plain_best"] = ratio(times, num=f"fast_{p}")
+        times[f"{p}_over_fp32_fast_best"] = ratio(times, num=f"fast_{p}", den="fast")
     return {**times, "speedup_best": ratio(times), "speedup_median": ratio(times, "median_s"),
             "fast_without_labels": floor, "speedup_bound_best": round(times["plain"]["best_s"] / floor["best_s"], 2),
             "dropped_maps": dropped, "timesteps": t.tolist(),
@@ -245,18 +273,53 @@ def cpu_train_step(flags, batch, warmup, repeats, dropped=1):
             "auto_choices": auto_choices(models["fast"])}
 
 
+def cpu_peaks(size=2048, repeats=3):
+    """GFLOP/s of a dense matmul and of a 3x3 convolution (128 channels, 32x32, batch 8) per precision
+    this CPU runs natively: the ceiling a compute-bound step can reach."""
+    from scdm.fast.performance import cpu_half_support
+    dtypes = {"fp32": torch.float32, **({"bf16": torch.bfloat16} if cpu_half_support("bf16")[0] else {})}
+    out = {}
+    for name, dtype in dtypes.items():
+        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        x, w = torch.randn(8, 128, 32, 32, dtype=dtype), torch.randn(128, 128, 3, 3, dtype=dtype)
+        x = x.contiguous(memory_format=torch.channels_last)
+        jobs = {"matmul": (lambda: a @ b, 2 * size ** 3),
+                "conv3x3": (lambda: F.conv2d(x, w, padding=1), 2 * 8 * 128 * 128 * 9 * 32 * 32)}
+        for op, (fn, flop) in jobs.items():
+            fn()
+            best = min(_timed(fn) for _ in range(repeats))
+            out[f"{op}_{name}_gflops"] = round(flop / best / 1e9, 1)
+    return out
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def half_precisions(args):
+    """The half precisions to time besides fp32: those of --half this CPU runs natively."""
+    from scdm.fast.performance import cpu_half_support
+    asked = [p for p in args.half.split(",") if p]
+    return [p for p in asked if cpu_half_support(p)[0]]
+
+
 def run_cpu(args):
     flags = cpu_flags(args.smoke)
     steps = [int(s) for s in args.steps.split(",")]
-    out = {"config": {**recorded(flags), "batch": args.batch, "precision": "fp32", "guidance": GUIDANCE,
+    half = half_precisions(args)
+    out = {"config": {**recorded(flags), "batch": args.batch, "precisions": ["fp32", *half], "guidance": GUIDANCE,
                       "clock": args.clock,
                       "timestep_respacing": "ddim25", "label_maps": "10 smooth regions per map",
                       "fast_paths": sorted(FastPaths.names()), "warmup": args.warmup, "repeats": args.repeats}}
+    out["config"]["half_precisions_timed"] = half
     out["load_average_before"] = os.getloadavg()
+    out["peaks"] = cpu_peaks(512 if args.smoke else 2048)
     if "guided" in args.cpu_parts:
-        out["guided_reverse_step"] = cpu_guided_step(flags, args.batch, steps, args.warmup, args.repeats)
+        out["guided_reverse_step"] = cpu_guided_step(flags, args.batch, steps, args.warmup, args.repeats, half)
     if "train" in args.cpu_parts:
-        out["training_step"] = cpu_train_step(flags, args.batch, args.warmup, args.repeats)
+        out["training_step"] = cpu_train_step(flags, args.batch, args.warmup, args.repeats, half=half)
     out["load_average_after"] = os.getloadavg()
     return out
 
@@ -454,6 +517,8 @@ def main(argv=None):
                              "--threads 1 it counts this job's work only")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (the reference figures: 2)")
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--half", default="bf16", help="half precisions to time besides fp32 where this CPU "
+                                                      "runs them natively (comma-separated bf16, fp16; empty: none)")
     parser.add_argument("--steps", default="22,16,12,8,2", help="respaced steps (of 25) to time the guided step at")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)

@@ -180,7 +180,7 @@ def run(args, spec, settings, root, corruption, resized_by_tree, precision, fast
         y = conditioning.model_input(cond)[todo]
         for k in range(args.num_sets):
             gens = image_generators(args.seed, [batch_names[i] for i in todo], k)
-            with precision_context(device, precision):
+            with torch.no_grad(), precision_context(device, precision, model=model):
                 x = sample_batch(model, diffusion, y, settings, generators=gens, device=device,
                                  on_step=lambda: bar.update(len(todo)))
             if not torch.isfinite(x).all():

@@ -324,7 +324,7 @@ class SCDMPipeline:
                 if callback is not None:
                     callback(done, total)
 
-            with precision_context(self.device, self.precision):
+            with torch.no_grad(), precision_context(self.device, self.precision, model=self.model):
                 x = sample_batch(self.model, diffusion, y[[i for i, _ in chunk]], settings, generators=gens,
                                  device=self.device, on_step=on_step)
             for j, (i, k) in enumerate(chunk):

@@ -325,6 +325,74 @@ def test_precision_unavailable_warns_and_runs_fp32(monkeypatch):
         precision_context("cpu", "fp8")
 
 
+def test_sampling_holds_the_torso_in_half_precision_and_gives_the_fp32_weights_back(tiny_flags, monkeypatch):
+    """Sampling in bf16 on a CPU: the torso's convolutions hold bf16 copies (kept while the weights do not
+    change) instead of autocasting every call; norms, embeddings and the output layer stay fp32; the fp32
+    weights come back bit for bit after the block, also after an error. Training (gradients) and compiled
+    models keep autocast."""
+    monkeypatch.setattr(performance, "cpu_half_support", lambda p: (True, "has them"))
+    model, _ = _model(tiny_flags)
+    x, t, y = _inputs(tiny_flags, b=2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    conv = model.input_blocks[1][0].in_layers[2]
+    with torch.no_grad():
+        reference = model(x, t, y)
+        with precision_context("cpu", "bf16", model=model):
+            assert not torch.is_autocast_enabled("cpu")
+            assert model.dtype == torch.bfloat16 and conv.weight.dtype == torch.bfloat16
+            assert model.time_embed[0].weight.dtype == torch.float32 and model.out[2].weight.dtype == torch.float32
+            held = conv.weight.data_ptr()
+            out = model(x, t, y)
+        with precision_context("cpu", "bf16", model=model):
+            assert conv.weight.data_ptr() == held  # the copy is kept
+        conv.weight.add_(1.0)  # a changed weight (a training step, EMA loading) is copied again
+        with precision_context("cpu", "bf16", model=model):
+            assert conv.weight.data_ptr() != held
+            assert torch.equal(conv.weight.float(), (before[_key(model, conv)] + 1).bfloat16().float())
+        conv.weight.sub_(1.0)
+        with pytest.raises(ZeroDivisionError):
+            with precision_context("cpu", "bf16", model=model):
+                1 / 0
+    assert out.dtype == torch.float32 and not torch.equal(out, reference)  # bf16 really ran ...
+    _close(out, reference, rtol=0.05)  # ... and changed the output by rounding only
+    assert model.dtype == torch.float32
+    after = model.state_dict()
+    untouched = [k for k in before if "input_blocks.1.0.in" not in k]
+    assert all(after[k].dtype == before[k].dtype and torch.equal(after[k], before[k]) for k in untouched)
+    with precision_context("cpu", "bf16", model=model):  # gradients on: autocast, the weights untouched
+        assert torch.is_autocast_enabled("cpu") and conv.weight.dtype == torch.float32
+    model.compiled_forward = True
+    with torch.no_grad(), precision_context("cpu", "bf16", model=model):
+        assert torch.is_autocast_enabled("cpu") and conv.weight.dtype == torch.float32
+
+
+def _key(model, module):
+    return next(f"{name}.weight" for name, m in model.named_modules() if m is module)
+
+
+def test_bf16_norms_and_softmax_skip_the_upcast_with_the_same_values():
+    """bf16 goes to the group norm and softmax kernels directly (they compute in fp32 and round once):
+    within one bf16 rounding step of the released upcast-and-cast-back."""
+    from scdm.models.nn import GroupNorm32
+    from scdm.models.unet import qkv_attention
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 64, 8, 8, generator=g) * 3 + 1).bfloat16()
+    norm = GroupNorm32(32, 64)
+    ulp = 2.0 ** -7  # bf16 keeps 8 significant bits: one step is at most 2^-7 relative
+    released = torch.nn.GroupNorm.forward(norm, x.float()).bfloat16()
+    got = norm(x)
+    assert got.dtype == torch.bfloat16
+    assert ((got.float() - released.float()).abs() <= ulp * released.float().abs() + 1e-30).all()
+    qkv = (torch.randn(2, 3 * 2 * 16, 40, generator=g) * 2).bfloat16()
+    got = qkv_attention(qkv, num_heads=2, use_sdpa=False)
+    q, k, v = qkv.reshape(4, 48, 40).split(16, dim=1)
+    scale = 16 ** -0.25
+    w = torch.softmax(torch.einsum("bct,bcs->bts", q * scale, k * scale).float(), dim=-1).bfloat16()
+    released = torch.einsum("bts,bcs->bct", w, v).reshape(2, -1, 40)
+    assert got.dtype == torch.bfloat16
+    _close(got.float(), released.float(), rtol=2 * ulp)
+
+
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
 def test_half_precision_on_cpu_only_where_native(monkeypatch, precision, dtype):
     """A CPU with the instructions autocasts; one without says why in one warning and runs fp32."""

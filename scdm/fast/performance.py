@@ -166,14 +166,33 @@ def _cuda_bf16_supported(device):
         return torch.cuda.get_device_capability(device)[0] >= 8
 
 
-def precision_context(device, precision):
+def precision_context(device, precision, model=None):
     """Context manager running the enclosed forward passes in `precision` ("fp32", "fp16", "bf16")
     through torch.autocast; fp32 (a no-op) when the device cannot do it, with one warning.
-    fp16 training also needs a gradient scaler; that is the training loop's job."""
+    fp16 training also needs a gradient scaler; that is the training loop's job.
+
+    `model` (sampling, under no_grad): on a CPU an fp32 model's torso holds half copies of its weights
+    instead (`UNetModel.torso_held_in`), since autocast there casts every weight at every call (a tenth of
+    the bf16 guided step at the reference configuration); elsewhere, and for a compiled model, autocast."""
     dtype = autocast_dtype(device, precision)
     if dtype is None:
         return contextlib.nullcontext()
+    holder = _torso_holder(model, device)
+    if holder is not None:
+        return holder.torso_held_in(dtype)
     return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def _torso_holder(model, device):
+    """The UNet whose torso can hold half weights for sampling on `device`, or None (autocast then)."""
+    if model is None or torch.device(device).type != "cpu" or torch.is_grad_enabled():
+        return None
+    inner = getattr(model, "module", model)  # DDP
+    if getattr(inner, "_orig_mod", None) is not None or getattr(inner, "compiled_forward", False):
+        return None
+    if not hasattr(inner, "torso_held_in") or inner.dtype != torch.float32:
+        return None
+    return inner
 
 
 # ----- torch.compile --------------------------------------------------------------------------
@@ -239,6 +258,7 @@ def maybe_compile(model, enabled=True, **compile_kwargs):
             return out
 
     model.forward = forward
+    model.compiled_forward = True  # precision_context autocasts it: swapping its weights would retrace
     return model
 
 

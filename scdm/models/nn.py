@@ -6,11 +6,26 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint as _torch_checkpoint
 
 
+def norm_in_fp32(norm, x):
+    """`norm(x)` with fp32 statistics, in x's dtype: fp16 statistics over large maps are unstable.
+    bf16 goes to the kernel as it is: its bf16 kernels compute in fp32 and round once, so the result is
+    the upcast one's without two copies of the activation (the released code has no bf16)."""
+    if x.dtype == torch.bfloat16:
+        return norm(x).type(x.dtype)
+    return norm(x.float()).type(x.dtype)
+
+
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in fp32 and cast back: fp16 statistics over large maps are unstable."""
+    """GroupNorm computed in fp32 and cast back (`norm_in_fp32`)."""
 
     def forward(self, x):
-        return super().forward(x.float()).type(x.dtype)
+        return norm_in_fp32(super().forward, x)
+
+
+def conv_parameters(modules):
+    """The weights and biases of the convolutions in `modules`: what the released `use_fp16` holds in fp16."""
+    return [p for part in modules for m in part.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+            for p in m.parameters(recurse=False)]
 
 
 def normalization(channels):

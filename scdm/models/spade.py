@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .nn import norm_in_fp32
+
 
 class SPADEGroupNorm(nn.Module):
     """Parameter-free GroupNorm on x, modulated by gamma/beta computed from the label map."""
@@ -32,7 +34,7 @@ class SPADEGroupNorm(nn.Module):
         return self.mlp_gamma(actv), self.mlp_beta(actv)
 
     def forward(self, x, segmap):
-        normed = self.norm(x.float()).type(x.dtype)
+        normed = norm_in_fp32(self.norm, x)
         if not isinstance(segmap, torch.Tensor):  # SpadeLabels: the same, by an exact fast path
             return segmap.modulate(self, normed)
         gamma, beta = self.modulation(segmap.type(self.mlp_gamma.weight.dtype), x.shape[2:])

@@ -6,6 +6,7 @@ keys of the released checkpoints. How the network runs (the model's own `fast_pa
 NHWC, the label map prepared once for the SPADE fast paths) is in fast_unet.py; the blocks call it
 where noted, and every fast path computes what the code here says.
 """
+import contextlib
 import functools
 from abc import abstractmethod
 
@@ -19,6 +20,7 @@ from .nn import (
     avg_pool_nd,
     checkpoint,
     conv_nd,
+    conv_parameters,
     convert_module_to_f16,
     convert_module_to_f32,
     normalization,
@@ -255,7 +257,10 @@ def qkv_attention(qkv, num_heads, legacy_order=True, use_sdpa=True):
         return sdpa(q, k, v, bs)
     scale = ch ** -0.25
     weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)
-    weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
+    if weight.dtype == torch.bfloat16:  # its kernel computes in fp32 and rounds once: the same, without copies
+        weight = torch.softmax(weight, dim=-1).type(weight.dtype)
+    else:
+        weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
     return torch.einsum("bts,bcs->bct", weight, v).reshape(bs, -1, length)
 
 
@@ -350,6 +355,31 @@ class UNetModel(FastPathOwner, nn.Module):
         for part in (self.input_blocks, self.middle_block, self.output_blocks):
             part.apply(convert_module_to_f32)
         self.dtype = torch.float32
+
+    @contextlib.contextmanager
+    def torso_held_in(self, dtype):
+        """Within the block the torso's convolutions hold `dtype` copies of their fp32 weights: the released
+        `use_fp16` layout (norms, embeddings and the output layer stay fp32) for sampling, where autocast
+        would cast every weight again at every call. The copies are kept on the model and remade when a
+        weight changes (training, EMA loading); the fp32 weights come back after the block, also on an error."""
+        if self.dtype != torch.float32 or torch.is_grad_enabled():
+            raise RuntimeError("torso_held_in is for sampling an fp32 model: call it under torch.no_grad()")
+        params = conv_parameters((self.input_blocks, self.middle_block, self.output_blocks))
+        held = self.__dict__.setdefault("_held_torso", {})
+        originals = [p.data for p in params]
+        for p, full in zip(params, originals):
+            key = (id(p), dtype)
+            stamp = (p._version, full.data_ptr())
+            if key not in held or held[key][0] != stamp:
+                held[key] = (stamp, full.to(dtype))
+            p.data = held[key][1]
+        self.dtype = dtype
+        try:
+            yield self
+        finally:
+            for p, full in zip(params, originals):
+                p.data = full
+            self.dtype = torch.float32
 
     def check_inputs(self, x, y):
         if y is None:

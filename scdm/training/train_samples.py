@@ -186,7 +186,7 @@ class TrainSamples:
         y = torch.cat([self.maps.y[n] for n in NOISES])
         k = len(self.maps.names)
         gens = [torch.Generator().manual_seed(self.seed * 100003 + i % k) for i in range(y.shape[0])]
-        with precision_context(device, self.precision):
+        with torch.no_grad(), precision_context(device, self.precision, model=net):
             x = sample_batch(net, self.diffusion, y, self.settings, generators=gens, device=device)
         x = ((x.float() + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).cpu().numpy()
         return {n: x[i * k:(i + 1) * k] for i, n in enumerate(NOISES)}
