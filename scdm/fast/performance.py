@@ -172,8 +172,8 @@ def precision_context(device, precision, model=None):
     fp16 training also needs a gradient scaler; that is the training loop's job.
 
     `model` (sampling, under no_grad): on a CPU an fp32 model's torso holds half copies of its weights
-    instead (`UNetModel.torso_held_in`), since autocast there casts every weight at every call (a tenth of
-    the bf16 guided step at the reference configuration); elsewhere, and for a compiled model, autocast."""
+    instead (`UNetModel.torso_held_in`), since autocast there casts every weight again at every call (the
+    copies cost half the torso's fp32 weight memory); elsewhere, and for a compiled model, autocast."""
     dtype = autocast_dtype(device, precision)
     if dtype is None:
         return contextlib.nullcontext()
