@@ -58,9 +58,49 @@ ABLATIONS = [("dpm++2m 10, extrapolation 0.8", "dpm++2m", "logsnr10", GUIDANCE, 
              ("ancestral 25, no extrapolation", "ancestral", "ddim25", GUIDANCE, 0.0, THRESHOLD, 25)]
 
 
-def settings(steps, uniform_steps, reference=True, ablations=False, sde_steps=(), released=True):
-    """(name, sampler, respacing, s, extrapolation, threshold, steps) of every setting, cheap ones first."""
+
+
+def candidate(name, sampler, steps, extrapolation=0.0, grid="logsnr", **extra):
+    """A few-step candidate for noisy maps (docs/sampling.md, "Few steps on noisy maps"): its setting
+    tuple, with the SamplerSettings it adds (eta, label_noise, restart) as an eighth element."""
+    restart = extra.get("restart", ())
+    evaluations = steps + (restart[2] * (restart[1] - restart[0]) if restart else 0)
+    return (name, sampler, f"{grid}{steps}", GUIDANCE, extrapolation, THRESHOLD, evaluations, extra)
+
+
+# Few-step candidates for the Edge maps, by key (--candidates KEY ...; "all": every one).
+CANDIDATES = {
+    "anc-ddim10": candidate("ancestral 10 ddim10, e 0.8", "ancestral", 10, 0.8, grid="ddim"),
+    "anc-logsnr10": candidate("ancestral 10 logsnr10, e 0.8", "ancestral", 10, 0.8),
+    "anc-logsnr10-e0": candidate("ancestral 10 logsnr10", "ancestral", 10),
+    "anc-logsnr8": candidate("ancestral 8 logsnr8, e 0.8", "ancestral", 8, 0.8),
+    "ddim1-logsnr10": candidate("ddim eta 1 logsnr10", "ddim", 10, eta=1.0),
+    "ddim1-logsnr10-e0.8": candidate("ddim eta 1 logsnr10, e 0.8", "ddim", 10, 0.8, eta=1.0),
+    "dpm-eta0.5": candidate("dpm++2m eta 0.5 logsnr10", "dpm++2m", 10, eta=0.5),
+    "dpm-eta0.8": candidate("dpm++2m eta 0.8 logsnr10", "dpm++2m", 10, eta=0.8),
+    "sde-e0.4": candidate("dpm++2m-sde 10, e 0.4", "dpm++2m-sde", 10, 0.4),
+    "sde-fixed": candidate("dpm++2m-sde 10, fixed label noise", "dpm++2m-sde", 10, label_noise="fixed"),
+    "dpm-fixed": candidate("dpm++2m 10, fixed label noise", "dpm++2m", 10, label_noise="fixed"),
+    "dpm-restart": candidate("dpm++2m 7 + restart 2-5", "dpm++2m", 7, restart=(2, 5, 1)),
+    "sde-restart": candidate("dpm++2m-sde 7 + restart 2-5", "dpm++2m-sde", 7, restart=(2, 5, 1)),
+    "anc-restart": candidate("ancestral 7 logsnr7 + restart 2-5, e 0.8", "ancestral", 7, 0.8,
+                             restart=(2, 5, 1)),
+    "anc-logsnr10-e0.4": candidate("ancestral 10 logsnr10, e 0.4", "ancestral", 10, 0.4),
+    "anc-ddim10-e0.4": candidate("ancestral 10 ddim10, e 0.4", "ancestral", 10, 0.4, grid="ddim"),
+    "ddim1-logsnr10-e0.4": candidate("ddim eta 1 logsnr10, e 0.4", "ddim", 10, 0.4, eta=1.0),
+    "dpm-eta0.8-e0.4": candidate("dpm++2m eta 0.8 logsnr10, e 0.4", "dpm++2m", 10, 0.4, eta=0.8),
+    "sde-fixed-e0.4": candidate("dpm++2m-sde 10, e 0.4, fixed label noise", "dpm++2m-sde", 10, 0.4,
+                                label_noise="fixed"),
+    **{f"sde-e{e}": candidate(f"dpm++2m-sde 10, e {e}", "dpm++2m-sde", 10, e) for e in (0.2, 0.3, 0.5, 0.6)},
+    **{f"sde{n}-e0.4": candidate(f"dpm++2m-sde {n}, e 0.4", "dpm++2m-sde", n, 0.4) for n in (5, 6, 8)},
+}
+
+
+def settings(steps, uniform_steps, reference=True, ablations=False, sde_steps=(), released=True, candidates=()):
+    """(name, sampler, respacing, s, extrapolation, threshold, steps[, SamplerSettings extras]) of every
+    setting, cheap ones first."""
     out = list(ABLATIONS) if ablations else []
+    out += [CANDIDATES[k] for k in (CANDIDATES if "all" in candidates else candidates)]
     for n in steps:
         out.append((f"dpm++2m {n}", "dpm++2m", f"logsnr{n}", GUIDANCE, 0.0, THRESHOLD, n))
         out.append((f"ddim {n}", "ddim", f"ddim{n}", GUIDANCE, 0.0, THRESHOLD, n))
@@ -108,10 +148,10 @@ def image_seed(seed, name):
 
 
 def sample(model, flags, setting, y, names, seed, batch_size):
-    _, sampler, respacing, s, extrapolation, threshold, _ = setting
+    _, sampler, respacing, s, extrapolation, threshold, _, *extra = setting
     diffusion = create_diffusion(**dict(flags, timestep_respacing=respacing))
     settings = SamplerSettings(sampler=sampler, respacing=respacing, guidance_scale=s, extrapolation=extrapolation,
-                               dynamic_threshold=threshold or 0.0)
+                               dynamic_threshold=threshold or 0.0, **(extra[0] if extra else {}))
     outs, seconds = [], 0.0
     for i in range(0, len(names), batch_size):
         gens = [torch.Generator().manual_seed(image_seed(seed, n)) for n in names[i:i + batch_size]]
@@ -152,7 +192,7 @@ def run(args):
               "machine": describe_machine(), "torch_threads": torch.get_num_threads(), "results": {}}
     todo = settings(args.steps, args.uniform_steps, reference=args.reference_seeds > 0,
                     ablations=getattr(args, "ablations", False), sde_steps=getattr(args, "sde_steps", ()),
-                    released=not getattr(args, "no_released", False))
+                    released=not getattr(args, "no_released", False), candidates=getattr(args, "candidates", ()))
     start = time.perf_counter()
     for setting in todo:
         name = setting[0]
@@ -166,7 +206,8 @@ def run(args):
                 fds.append(distribution_distance(image_statistics(imgs), real))
                 seconds.append(sec)
             entry = {"sampler": setting[1], "respacing": setting[2], "s": setting[3], "extrapolation": setting[4],
-                     "dynamic_threshold": setting[5], "model_evaluations": setting[6], "seeds": seeds,
+                     "dynamic_threshold": setting[5], "model_evaluations": setting[6],
+                     **(setting[7] if len(setting) > 7 else {}), "seeds": seeds,
                      "miou_per_seed": per_seed, "miou_mean": float(np.mean(per_seed)),
                      "miou_std": float(np.std(per_seed)), "fd_per_seed": fds, "fd": float(np.mean(fds)),
                      "fd_std": float(np.std(fds)), "seconds_per_image": float(np.mean(seconds))}
@@ -271,6 +312,8 @@ def main(argv=None):
     p.add_argument("--sde_steps", type=positive_int, nargs="*", default=[5, 10, 25],
                    help="steps of dpm++2m-sde (logsnrN grid)")
     p.add_argument("--no_released", action="store_true", help="leave out the released 25-step setting")
+    p.add_argument("--candidates", nargs="*", default=[], choices=["all", *CANDIDATES], metavar="KEY",
+                   help="few-step candidates for noisy maps (CANDIDATES in this file; all: every one)")
     p.add_argument("--ablations", action="store_true", help="also: dpm++2m 10 with the released extrapolation "
                    "0.8, and the released ancestral 25 without it")
     p.add_argument("--reference_seeds", type=int, default=1, choices=range(0, 11), metavar="K",

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from scdm.diffusion.sampling import (SAMPLERS, SolverState, StepOutput, ddim_update, dpm_solver_update, resolve_sampler,
-                           reverse_step, sample_loop)
+from scdm.diffusion.sampling import (SAMPLERS, SamplerSettings, SolverState, StepOutput, ddim_update, dpm_solver_update,
+                                    resolve_sampler, restart_jump, restart_schedule, reverse_step, sample_loop)
 from scdm.script_util import create_gaussian_diffusion, create_model_and_diffusion
 
 from conftest import random_label_map
@@ -356,3 +356,185 @@ def test_sde_variant_first_order_is_ddim_eta_1_and_samples_the_data():
     data = (MU + STD * torch.randn(10 ** 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)).clamp(-1,
                                                                                                                     1)
     assert abs(out.mean().item() - data.mean().item()) < 0.015 and abs(out.std().item() - data.std().item()) < 0.015
+
+
+def lam_grid(diffusion):
+    """alpha, sigma and lambda = log(alpha / sigma) of a respaced Gaussian diffusion's grid points, from
+    the first sampled step down to alpha-bar 1, in float64 (the independent computations below)."""
+    base = create_gaussian_diffusion(steps=1000)
+    abar = np.array([base.alphas_cumprod[t] for t in sorted(diffusion.timestep_map.tolist(), reverse=True)] + [1.0])
+    alpha, sigma = np.sqrt(abar), np.sqrt(1 - abar)
+    return alpha, sigma, np.log(alpha / np.where(sigma > 0, sigma, np.nan))
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.3, 0.7, 1.0])
+def test_stochastic_solver_step_is_ddim_eta_in_log_snr_form(eta):
+    """dpm++2m with eta, one step against DDIM's eta family written from scratch in float64: with
+    c = eta sigma_t sqrt(1 - e^-2h), x_t = alpha_t D + sqrt(sigma_t^2 - c^2) (x_s - alpha_s D) / sigma_s + c z
+    (D the 2M data prediction); eta = 0 is the ODE update, eta = 1 the dpm++2m-sde update, and with no
+    history it is ddim_update(eta) at every step."""
+    _, diffusion = gaussian_setup("logsnr10")
+    alpha, sigma, lam = lam_grid(diffusion)
+    g = torch.Generator().manual_seed(9)
+    n = diffusion.num_timesteps
+    for i in range(n - 1, -1, -1):
+        k = n - 1 - i                                    # position in alpha/sigma/lam: k = step, k + 1 = next
+        t = torch.full((2,), i, dtype=torch.long)
+        x, x0, old, z = (torch.randn(2, 3, 4, 4, generator=g) for _ in range(4))
+        step = StepOutput(None, None, None, x0, x0)
+        lam_prev = torch.full((2,), lam[k] - 0.7, dtype=torch.float64)
+        got, _ = dpm_solver_update(diffusion, x, t, step, SolverState(lam_prev, old), noise=z, eta=eta)
+        h = lam[k + 1] - lam[k]
+        xd, x0d, zd = x.double(), x0.double(), z.double()
+        d = x0d if i == 0 else x0d + (x0d - old.double()) * h / (2 * 0.7)
+        c = eta * sigma[k + 1] * np.sqrt(1 - np.exp(-2 * h)) if i else 0.0
+        carried = np.sqrt(max(sigma[k + 1] ** 2 - c ** 2, 0.0))
+        want = alpha[k + 1] * d + carried * (xd - alpha[k] * d) / sigma[k] + c * zd
+        assert torch.allclose(got.double(), want, atol=2e-5), (i, (got.double() - want).abs().max())
+        if eta == 0.0:
+            ode, _ = dpm_solver_update(diffusion, x, t, step, SolverState(lam_prev, old))
+            assert torch.allclose(got, ode, atol=1e-6)
+        first, _ = dpm_solver_update(diffusion, x, t, step, None, noise=z, eta=eta)
+        assert torch.allclose(first, ddim_update(diffusion, x, t, step, z, eta=eta), atol=1e-3)  # DDIM's float32
+    if eta == 1.0:  # and the SDE update of "dpm++2m-sde" is the eta = 1 case, to float64 rounding
+        x, x0, old, z = (torch.randn(2, 3, 4, 4, generator=g) for _ in range(4))
+        t, step = torch.full((2,), 4, dtype=torch.long), StepOutput(None, None, None, x0, x0)
+        state = SolverState(torch.full((2,), lam[5] - 0.7, dtype=torch.float64), old)
+        h = lam[6] - lam[5]
+        d = x0.double() + (x0.double() - old.double()) * h / 1.4
+        sde = (sigma[6] / sigma[5] * np.exp(-h) * x.double() + alpha[6] * -np.expm1(-2 * h) * d
+               + sigma[6] * np.sqrt(-np.expm1(-2 * h)) * z.double())
+        assert torch.allclose(dpm_solver_update(diffusion, x, t, step, state, noise=z)[0].double(), sde, atol=2e-5)
+
+
+def draws(seeds, shape, count):
+    """What sample_loop draws from per-image generators on an unlabeled Gaussian model: x_T, then one z
+    per step (and per restart jump, before its step's z)."""
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    return [torch.stack([torch.randn(*shape, generator=g) for g in gens]).double().numpy() for _ in range(count)]
+
+
+def gaussian_x0(x, a, s):
+    return MU + a * STD ** 2 / (a ** 2 * STD ** 2 + s ** 2) * (x - a * MU)
+
+
+def test_stochastic_solver_loop_matches_a_float64_recomputation():
+    """sample_loop(dpm++2m, eta=0.6) against the multistep update with eta done in numpy float64 from the
+    same per-image draws, the data prediction dynamically thresholded."""
+    eta, p, seeds = 0.6, 0.9, [21, 22]
+    model, diffusion = gaussian_setup("logsnr6", learn_sigma=True, var_seed=1)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    out = sample_loop(model, diffusion, (2, 3, 8, 8), torch.zeros(2, 1, 8, 8), threshold_percentile=p,
+                      sampler="dpm++2m", eta=eta, generators=gens, device="cpu")
+    alpha, sigma, lam = lam_grid(diffusion)
+    n = diffusion.num_timesteps
+    z = draws(seeds, (3, 8, 8), n + 1)
+    for b in range(2):
+        x, prev = z[0][b].astype(np.float32).astype(np.float64), None
+        for k in range(n):
+            x0 = dynamic_threshold_np(gaussian_x0(x, alpha[k], sigma[k]), p)
+            if k == n - 1:
+                x = x0
+                break
+            h = lam[k + 1] - lam[k]
+            d = x0 if prev is None else x0 + (x0 - prev) * h / (2 * (lam[k] - lam[k - 1]))
+            c = eta * sigma[k + 1] * np.sqrt(-np.expm1(-2 * h))
+            x = (alpha[k + 1] * d + np.sqrt(sigma[k + 1] ** 2 - c ** 2) * (x - alpha[k] * d) / sigma[k]
+                 + c * z[k + 1][b])
+            prev = x0
+        assert np.allclose(out[b].double().numpy(), np.clip(x, -1, 1), atol=5e-5)
+
+
+@pytest.mark.parametrize("sampler,eta", [("dpm++2m", 0.5), ("dpm++2m", 0.0)])
+def test_restart_keeps_the_data_distribution(sampler, eta):
+    """Restart on Gaussian data with the optimal denoiser: the forward jump from lo to hi followed by the
+    reverse steps back to lo keeps x on the exact marginals, so the samples have the data's moments, with
+    the ODE (eta 0) as well as with the stochastic solver; and the jump is the forward process's."""
+    model, diffusion = gaussian_setup("logsnr20")
+    gens = [torch.Generator().manual_seed(200 + i) for i in range(16)]
+    out = sample_loop(model, diffusion, (16, 3, 16, 16), torch.zeros(16, 1, 16, 16), clip_denoised=False,
+                      sampler=sampler, eta=eta, restart=(4, 12, 2), generators=gens, device="cpu")
+    assert len(model.seen) == 20 + 2 * 8
+    data = (MU + STD * torch.randn(10 ** 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)).clamp(-1,
+                                                                                                                    1)
+    assert abs(out.mean().item() - data.mean().item()) < 0.015 and abs(out.std().item() - data.std().item()) < 0.015
+
+
+def test_restart_schedule_and_jump():
+    """restart (lo, hi, times): after the step that reaches grid point lo, x jumps to hi and steps hi..lo+1
+    run again, `times` times; the model evaluations and the jump are exact."""
+    assert [i for i, _ in restart_schedule(6, (1, 3, 2))] == [5, 4, 3, 2, 3, 2, 3, 2, 1, 0]
+    assert [j for _, j in restart_schedule(6, (1, 3, 2)) if j] == [(1, 3), (1, 3)]
+    assert restart_schedule(4) == restart_schedule(4, (0, 2, 0)) == [(3, None), (2, None), (1, None), (0, None)]
+    for bad in ((1, 6, 1), (3, 3, 1)):
+        with pytest.raises(ValueError, match="restart"):
+            restart_schedule(6, bad)
+    _, diffusion = gaussian_setup("logsnr6")
+    x, z = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    r = float(diffusion.alphas_cumprod[4] / diffusion.alphas_cumprod[1])
+    assert torch.allclose(restart_jump(diffusion, x, 1, 4, z).double(),
+                          np.sqrt(r) * x.double() + np.sqrt(1 - r) * z.double(), atol=1e-6)
+
+
+def test_restart_loop_matches_a_float64_recomputation():
+    """sample_loop(ddim, restart) against DDIM (eta 0) with the jump, in numpy float64 from the same draws:
+    x_T, a z per step, and the jump's z before the z of its step; the extrapolation state restarts too."""
+    seeds, e = [31, 32], 0.5
+    model, diffusion = gaussian_setup("logsnr6")
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    out = sample_loop(model, diffusion, (2, 3, 8, 8), torch.zeros(2, 1, 8, 8), clip_denoised=False,
+                      extrapolation=e, sampler="ddim", restart=(1, 3, 1), generators=gens, device="cpu")
+    alpha, sigma, _ = lam_grid(diffusion)
+    order = restart_schedule(6, (1, 3, 1))
+    z = draws(seeds, (3, 8, 8), 1 + len(order) + 1)
+    for b in range(2):
+        x, prev, used = z[0][b], None, 1
+        for i, jump in order:
+            k = 5 - i
+            if jump:
+                lo, hi = jump
+                r = alpha[5 - hi] ** 2 / alpha[5 - lo] ** 2
+                x, prev, used = np.sqrt(r) * x + np.sqrt(1 - r) * z[used][b], None, used + 1
+            x0 = gaussian_x0(x, alpha[k], sigma[k])
+            x0 = x0 if prev is None else x0 + e * (x0 - prev)
+            prev = x0
+            x = alpha[k + 1] * x0 + sigma[k + 1] * (x - alpha[k] * x0) / sigma[k]
+            used += 1
+        assert np.allclose(out[b].double().numpy(), np.clip(x, -1, 1), atol=5e-5)
+
+
+def test_fixed_label_noise_is_one_forward_path(tiny_flags):
+    """label_noise="fixed": one u per image, drawn from its generator after x_T, so every y_t the model sees
+    is diffuse_cond(y, t, u) with that u, and a pixel masked at a step stays masked at every higher step;
+    "fresh" (the default) draws anew at each evaluation."""
+    y = random_label_map(2, 4, 16, 16, generator=torch.Generator().manual_seed(12))
+    flags = dict(tiny_flags, timestep_respacing="5", cond_diffuse=True, cond_opt="discrete_zero_uniform")
+    torch.manual_seed(0)
+    model, diffusion = create_model_and_diffusion(**flags)
+    model.eval()
+    calls = []
+    inner = model.forward
+    model.forward = lambda x, t, y=None: (calls.append((t.clone(), y.clone())), inner(x, t, y=y))[1]
+    gens = [torch.Generator().manual_seed(s) for s in (40, 41)]
+    sample_loop(model, diffusion, (2, 3, 16, 16), y, generators=gens, label_noise="fixed")
+    fresh = [torch.Generator().manual_seed(s) for s in (40, 41)]
+    u = torch.stack([(torch.randn(3, 16, 16, generator=g), torch.rand(1, 16, 16, generator=g))[1] for g in fresh])
+    assert len(calls) == 5
+    masks = []
+    for i, (_, y_t) in zip(range(4, -1, -1), calls):
+        assert torch.equal(y_t, diffusion.diffuse_cond(y, torch.full((2,), i), noise=u))
+        masks.append(y_t[:, :4].sum(1) == 0)
+    assert all(bool((low & ~high).sum() == 0) for high, low in zip(masks, masks[1:]))  # masked sets shrink with t
+    assert masks[0].sum() > masks[-1].sum()
+    with pytest.raises(ValueError, match="label_noise"):
+        sample_loop(model, diffusion, (2, 3, 16, 16), y, label_noise="once")
+
+
+def test_sampler_settings_check_the_new_options():
+    assert SamplerSettings(sampler="dpm++2m", eta=0.5).loop_options()["eta"] == 0.5
+    assert SamplerSettings(restart=[1, 3, 2]).loop_options()["restart"] == (1, 3, 2)
+    for bad, match in ((dict(eta=0.5), "eta is for ddim and dpm"), (dict(sampler="dpm++2m-sde", eta=0.5), "eta"),
+                       (dict(restart=(3, 1, 1)), "restart"), (dict(restart=(1, 3)), "restart"),
+                       (dict(restart=(1.0, 3, 1)), "restart"), (dict(label_noise="once"), "label_noise")):
+        with pytest.raises(ValueError, match=match):
+            SamplerSettings(**bad)

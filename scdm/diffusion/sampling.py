@@ -133,7 +133,8 @@ class SolverState:
     pred_xstart: torch.Tensor
 
 
-def dpm_solver_update(diffusion, x, t, step: StepOutput, state: Optional[SolverState] = None, order=2, noise=None):
+def dpm_solver_update(diffusion, x, t, step: StepOutput, state: Optional[SolverState] = None, order=2, noise=None,
+                      eta=1.0):
     """x at the next grid point by DPM-Solver++(2M) (Lu et al. 2022, multistep, data prediction).
 
     The grid is this diffusion's steps: from step t (alpha_s, sigma_s) to the step before it (alpha_t,
@@ -149,6 +150,11 @@ def dpm_solver_update(diffusion, x, t, step: StepOutput, state: Optional[SolverS
     With `noise` (z ~ N(0, I)): the SDE variant ("dpm++2m-sde", the same D), which re-injects noise as the
     ancestral sampler does: x_t = sigma_t / sigma_s e^-h x_s + alpha_t (1 - e^-2h) D + sigma_t sqrt(1 - e^-2h) z;
     its first-order case is DDIM with eta = 1 (the posterior of fixed small variance).
+    `eta` in [0, 1] (with `noise`) moves between the two as DDIM's eta does: of the variance sigma_t^2 at
+    the next point, the fraction eta^2 (1 - e^-2h) is fresh noise and the rest is carried by x_s,
+        x_t = sigma_t / sigma_s k x_s + alpha_t (1 - k e^-h) D + eta sigma_t sqrt(1 - e^-2h) z,
+        k = sqrt(1 - eta^2 (1 - e^-2h)),
+    so eta = 0 is the ODE update above, eta = 1 the SDE one, and the first-order case is DDIM(eta).
     Returns (x_t, state for the next step)."""
     abar_s = torch.from_numpy(diffusion.alphas_cumprod).to(x.device)[t]
     abar_t = torch.from_numpy(diffusion.alphas_cumprod_prev).to(x.device)[t]
@@ -166,9 +172,14 @@ def dpm_solver_update(diffusion, x, t, step: StepOutput, state: Optional[SolverS
         coef_x = torch.sqrt((1 - abar_t) / (1 - abar_s))
         coef_d = -torch.sqrt(abar_t) * torch.expm1(-h)
         return coef_x.to(x.dtype).view(view) * x + coef_d.to(x.dtype).view(view) * d, SolverState(lam_s, x0)
-    coef_x = torch.sqrt((1 - abar_t) / (1 - abar_s)) * torch.exp(-h)
-    coef_d = -torch.sqrt(abar_t) * torch.expm1(-2 * h)
-    coef_z = torch.sqrt((1 - abar_t) * -torch.expm1(-2 * h))
+    if eta == 1.0:  # k = e^-h: the SDE update as written above
+        fresh = -torch.expm1(-2 * h)
+        coef_x, coef_d = torch.sqrt((1 - abar_t) / (1 - abar_s)) * torch.exp(-h), torch.sqrt(abar_t) * fresh
+    else:
+        fresh = -eta ** 2 * torch.expm1(-2 * h)                   # eta^2 (1 - e^-2h), in [0, 1]
+        k = torch.sqrt(1 - fresh)
+        coef_x, coef_d = torch.sqrt((1 - abar_t) / (1 - abar_s)) * k, torch.sqrt(abar_t) * (1 - k * torch.exp(-h))
+    coef_z = torch.sqrt((1 - abar_t) * fresh)
     out = coef_x.to(x.dtype).view(view) * x + coef_d.to(x.dtype).view(view) * d
     return out + coef_z.to(x.dtype).view(view) * noise, SolverState(lam_s, x0)
 
@@ -177,6 +188,8 @@ _DRAW = {"gaussian": torch.randn, "uniform": torch.rand}
 
 # Names accepted by `sample_loop(sampler=...)` and the `--sampler` flags.
 SAMPLERS = ("ancestral", "ddim", "dpm++2m", "dpm++2m-sde")
+# How the label noise of y_t is drawn along a sample's steps (`sample_loop`'s label_noise).
+LABEL_NOISE = ("fresh", "fixed")
 
 
 # The limits of the guidance scale and the x0 extrapolation, shared by every entry point.
@@ -200,7 +213,9 @@ class SamplerSettings:
 
     `respacing` names the step grid the caller's diffusion is respaced to (`ddim25`, `logsnr10`,
     ...; recorded, not applied here); `unlabeled_to_zero` says how the caller built `y` (the
-    unlabeled class as the all-zero [MASK] vector)."""
+    unlabeled class as the all-zero [MASK] vector). `eta` is the fresh-noise amount of "ddim" and
+    "dpm++2m" (0: deterministic, 1: "dpm++2m-sde"); the others have theirs fixed and refuse one.
+    `label_noise` and `restart`: see `sample_loop` (defaults: the released loop)."""
     sampler: str = "ancestral"
     respacing: str = ""
     guidance_scale: float = 1.0
@@ -211,10 +226,20 @@ class SamplerSettings:
     unlabeled_to_zero: bool = False
     batch_invariant: bool = False
     batched_guidance: bool = True
+    label_noise: str = "fresh"
+    restart: tuple = ()              # (lo, hi, times): see restart_schedule
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler={self.sampler!r}: expected one of {', '.join(SAMPLERS)}")
+        if self.label_noise not in LABEL_NOISE:
+            raise ValueError(f"label_noise={self.label_noise!r}: expected one of {', '.join(LABEL_NOISE)}")
+        restart = tuple(self.restart)
+        if restart and (len(restart) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                      for v in restart) or not restart[0] < restart[1]):
+            raise ValueError(f"restart={self.restart!r}: expected (lo, hi, times), integers with 0 <= lo < hi, "
+                             "times >= 0")
+        object.__setattr__(self, "restart", restart)
         for name, lo, hi, hi_open in (("guidance_scale", 0.0, MAX_GUIDANCE, False),
                                       ("extrapolation", 0.0, MAX_EXTRAPOLATION, False),
                                       ("dynamic_threshold", 0.0, 1.0, True), ("eta", 0.0, 1.0, False)):
@@ -228,12 +253,16 @@ class SamplerSettings:
                 raise ValueError(f"{name}={value!r}: expected a number in [{lo:g}, {hi:g}{')' if hi_open else ']'}"
                                  + (" (0: plain clipping)" if name == "dynamic_threshold" else ""))
             object.__setattr__(self, name, float(value))
+        if self.eta and self.sampler not in ("ddim", "dpm++2m"):
+            raise ValueError(f"eta={self.eta:g} with sampler={self.sampler!r}: eta is for ddim and dpm++2m "
+                             "(ancestral and dpm++2m-sde have their noise fixed)")
 
     def loop_options(self):
         """The keyword arguments of `sample_loop` these settings stand for."""
         return dict(sampler=self.sampler, guidance_scale=self.guidance_scale, extrapolation=self.extrapolation,
                     threshold_percentile=self.dynamic_threshold or None, clip_denoised=self.clip_denoised,
-                    eta=self.eta, batch_invariant=self.batch_invariant, batched_guidance=self.batched_guidance)
+                    eta=self.eta, batch_invariant=self.batch_invariant, batched_guidance=self.batched_guidance,
+                    label_noise=self.label_noise, restart=self.restart)
 
 
 def image_seed(seed, name, k=0):
@@ -262,36 +291,76 @@ def _draw(shape_per_item, batch, device, generators, kind="gaussian"):
     return torch.stack([fn(*shape_per_item, generator=g, device=g.device) for g in generators]).to(device)
 
 
+def restart_schedule(num_steps, restart=()):
+    """The order of a loop's steps: (step index, jump) pairs from num_steps - 1 down to 0, where jump is
+    None or (lo, hi): before this step, x is taken back up from grid point lo to grid point hi by the
+    forward process. `restart` = (lo, hi, times) repeats steps hi..lo+1 `times` more times once x has
+    reached grid point lo (Restart sampling, Xu et al. 2023): the fresh noise of the jump corrects the
+    errors of the steps below hi, at hi - lo model evaluations per repeat. () or times 0: no restart."""
+    order = [(i, None) for i in range(num_steps - 1, -1, -1)]
+    if not restart or not restart[2]:
+        return order
+    lo, hi, times = restart
+    if not 0 <= lo < hi <= num_steps - 1:
+        raise ValueError(f"restart={restart!r}: expected 0 <= lo < hi <= {num_steps - 1} (grid points of this "
+                         f"{num_steps}-step diffusion)")
+    cut = num_steps - 1 - lo          # the steps hi..lo+1 are done: x is at grid point lo
+    again = [(i, (lo, hi) if i == hi else None) for i in range(hi, lo, -1)]
+    return order[:cut] + again * times + order[cut:]
+
+
+def restart_jump(diffusion, x, lo, hi, z):
+    """x at grid point lo taken to grid point hi (lo < hi) by the forward process:
+    x_hi = sqrt(abar_hi / abar_lo) x_lo + sqrt(1 - abar_hi / abar_lo) z, coefficients in float64."""
+    ratio = float(diffusion.alphas_cumprod[hi]) / float(diffusion.alphas_cumprod[lo])
+    return np.sqrt(ratio) * x + np.sqrt(1 - ratio) * z
+
+
+
 def sample_loop(model, diffusion, shape, y, *, noise=None, guidance_scale=1.0, extrapolation=0.0,
                 threshold_percentile=None, clip_denoised=True, eta=0.0,
                 generators: Optional[Sequence[torch.Generator]] = None, device=None, progress=False,
                 batched_guidance=True, on_step: Optional[Callable[[], None]] = None, sampler=None,
-                batch_invariant=False):
+                batch_invariant=False, label_noise="fresh", restart=()):
     """Full reverse process from x_T ~ N(0, I) (or `noise`) to x_0, over all of this diffusion's
     steps (respaced when the diffusion is respaced). Returns x_0 clamped to [-1, 1].
     `progress`: a bar of its own over the steps; `on_step`: called after each step, for a caller's
     bar that spans many batches. `sampler`: one of SAMPLERS (None: "ancestral"). Every sampler
     evaluates the model once per step at the diffusion's (respaced) steps
     ("ddimN", "N" or "logsnrN" respacing: N steps), drawing the same label noise, and they differ only
-    in the update ("dpm++2m": `dpm_solver_update`). For "dpm++2m" use "logsnrN": on grids uniform in t
-    its last steps before t = 0 are huge log-SNR steps where the second-order correction overshoots
-    (tests/test_solver.py measures both on Gaussian data).
+    in the update ("dpm++2m": `dpm_solver_update`, stochastic with `eta` > 0). For "dpm++2m" use
+    "logsnrN": on grids uniform in t its last steps before t = 0 are huge log-SNR steps where the
+    second-order correction overshoots (tests/test_solver.py measures both on Gaussian data).
+    `label_noise`: "fresh" draws the label noise u of y_t anew at every evaluation (the released
+    sampler); "fixed" draws one u per image and keeps it, so the y_t the model sees are one path of
+    the forward label process (a pixel masked at t stays masked above t) rather than independent draws.
+    `restart`: (lo, hi, times) of `restart_schedule`, extra evaluations after the grid's.
     `batch_invariant`: the network sees one image per call. Kernels pick their algorithm by batch
     size (oneDNN convs at batch 1, GEMM blocking, the unique-patch count of a batch), which moves the
     last bits; with per-image calls and `generators`, an image's result is the same bits in any batch."""
     sampler = resolve_sampler(sampler)
+    if label_noise not in LABEL_NOISE:
+        raise ValueError(f"label_noise={label_noise!r}: expected one of {', '.join(LABEL_NOISE)}")
     device = device or next(model.parameters()).device
     b = shape[0]
     if y.shape[0] != b:
         raise ValueError(f"label map batch {y.shape[0]} != sample batch {b}")
     y = y.to(device)
     x = noise.to(device) if noise is not None else _draw(shape[1:], b, device, generators)
-    label_noise = diffusion.label_noise_spec(y.shape)
+    label_spec = diffusion.label_noise_spec(y.shape)
+    fixed_u = None
+    if label_spec is not None and label_noise == "fixed":
+        fixed_u = _draw(label_spec.shape, b, device, generators, label_spec.kind)
     prev = solver_state = None
-    steps = range(diffusion.num_timesteps - 1, -1, -1)
-    for i in tqdm(steps, desc="sampling", disable=not progress, leave=False):
+    steps = restart_schedule(diffusion.num_timesteps, restart)
+    for i, jump in tqdm(steps, desc="sampling", disable=not progress, leave=False):
+        if jump is not None:
+            x = restart_jump(diffusion, x, *jump, _draw(shape[1:], b, device, generators))
+            prev = solver_state = None    # the multistep history and the extrapolation start again
         t = torch.full((b,), i, device=device, dtype=torch.long)
-        u = None if label_noise is None else _draw(label_noise.shape, b, device, generators, label_noise.kind)
+        u = fixed_u
+        if label_spec is not None and fixed_u is None:
+            u = _draw(label_spec.shape, b, device, generators, label_spec.kind)
         with torch.no_grad():
             step = reverse_step(model, diffusion, x, t, y, label_noise=u, guidance_scale=guidance_scale,
                                 extrapolation=extrapolation, prev_xstart=prev,
@@ -299,8 +368,9 @@ def sample_loop(model, diffusion, shape, y, *, noise=None, guidance_scale=1.0, e
                                 batched_guidance=batched_guidance, per_image=batch_invariant)
             z = _draw(shape[1:], b, device, generators)  # drawn by every sampler: the same label noise
             if sampler in ("dpm++2m", "dpm++2m-sde"):
+                sde_eta = 1.0 if sampler == "dpm++2m-sde" else eta
                 x, solver_state = dpm_solver_update(diffusion, x, t, step, solver_state,
-                                                    noise=z if sampler == "dpm++2m-sde" else None)
+                                                    noise=z if sde_eta > 0 else None, eta=sde_eta)
             elif sampler == "ddim":
                 x = ddim_update(diffusion, x, t, step, z, eta)
             else:
