@@ -91,8 +91,17 @@ CANDIDATES = {
     "dpm-eta0.8-e0.4": candidate("dpm++2m eta 0.8 logsnr10, e 0.4", "dpm++2m", 10, 0.4, eta=0.8),
     "sde-fixed-e0.4": candidate("dpm++2m-sde 10, e 0.4, fixed label noise", "dpm++2m-sde", 10, 0.4,
                                 label_noise="fixed"),
-    **{f"sde-e{e}": candidate(f"dpm++2m-sde 10, e {e}", "dpm++2m-sde", 10, e) for e in (0.2, 0.3, 0.5, 0.6)},
+    **{f"sde-e{e}": candidate(f"dpm++2m-sde 10, e {e}", "dpm++2m-sde", 10, e) for e in (0.1, 0.2, 0.3, 0.5, 0.6)},
     **{f"sde{n}-e0.4": candidate(f"dpm++2m-sde {n}, e 0.4", "dpm++2m-sde", n, 0.4) for n in (5, 6, 8)},
+    **{f"sde{n}-e{e}": candidate(f"dpm++2m-sde {n}, e {e}", "dpm++2m-sde", n, e)
+       for n, e in ((8, 0.0), (8, 0.1), (8, 0.2), (6, 0.1), (9, 0.2), (9, 0.3))},
+    "sde8-fixed-e0.2": candidate("dpm++2m-sde 8, e 0.2, fixed label noise", "dpm++2m-sde", 8, 0.2,
+                                 label_noise="fixed"),
+    **{f"dpm-eta{eta}-e0.3": candidate(f"dpm++2m eta {eta} logsnr10, e 0.3", "dpm++2m", 10, 0.3, eta=eta)
+       for eta in (0.6, 0.8)},
+    "sde-fixed-e0.3": candidate("dpm++2m-sde 10, e 0.3, fixed label noise", "dpm++2m-sde", 10, 0.3,
+                                label_noise="fixed"),
+    "sde-restart-e0.3": candidate("dpm++2m-sde 7 + restart 2-5, e 0.3", "dpm++2m-sde", 7, 0.3, restart=(2, 5, 1)),
 }
 
 
