@@ -102,6 +102,11 @@ CANDIDATES = {
     "sde-fixed-e0.3": candidate("dpm++2m-sde 10, e 0.3, fixed label noise", "dpm++2m-sde", 10, 0.3,
                                 label_noise="fixed"),
     "sde-restart-e0.3": candidate("dpm++2m-sde 7 + restart 2-5, e 0.3", "dpm++2m-sde", 7, 0.3, restart=(2, 5, 1)),
+    **{f"sde{n}-e{e}": candidate(f"dpm++2m-sde {n}, e {e}", "dpm++2m-sde", n, e)
+       for n, e in ((8, 0.3), (7, 0.2), (7, 0.1), (6, 0.2))},
+    **{f"sde{n}-fixed-e{e}": candidate(f"dpm++2m-sde {n}, e {e}, fixed label noise", "dpm++2m-sde", n, e,
+                                       label_noise="fixed") for n, e in ((8, 0.3), (8, 0.1), (7, 0.2))},
+    "dpm8-eta0.8-e0.4": candidate("dpm++2m eta 0.8 logsnr8, e 0.4", "dpm++2m", 8, 0.4, eta=0.8),
 }
 
 

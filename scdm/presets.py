@@ -11,7 +11,7 @@ quickstart, the benchmarks and the tests import it, so a preset is written down 
 
 Stages are SCDM's released recipe: `train` (from scratch, label dropout 0.2 from the start),
 `resume` (the second stage: continue from the scratch checkpoint at a lower lr), `sample25`,
-`sample1000`. SDM's recipe stays as a named baseline: `sdm-train` (no dropout) and
+`sample1000`; `sample8` is ours (not in the released scripts). SDM's recipe stays as a named baseline: `sdm-train` (no dropout) and
 `sdm-finetune` (classifier-free fine-tuning with dropout 0.2); `finetune` is its older name.
 Batch sizes are per process, as in the released scripts (4 GPUs per node there).
 
@@ -49,14 +49,17 @@ TOY_ARCH = dict(
 TOY_RUN = dict(batch_size=8, log_interval=20, save_interval=500, max_steps=1000, num_workers=0, ema_warmup=True)
 TOY_SDM_TRAIN = dict(TOY_RUN, lr=2e-4)
 
-# Sampling schedules of the released scripts, by number of steps.
+# Sampling schedules by number of steps: the released scripts' 25 and 1000, and ours at 8 steps (the
+# stochastic multistep solver with a small extrapolation: the released 25-step quality on clean and Edge
+# toy maps at a third of the model calls, docs/sampling.md "Few steps on noisy maps").
 SAMPLING = {
     "25": dict(timestep_respacing="ddim25", s=1.5, extrapolation=0.8, dynamic_threshold=0.95),
     "1000": dict(timestep_respacing="1000", s=1.5),
+    "8": dict(sampler="dpm++2m-sde", timestep_respacing="logsnr8", s=1.5, extrapolation=0.2, dynamic_threshold=0.95),
 }
 TRAIN_STAGES = ("train", "resume", "sdm-train", "sdm-finetune")
 ALIASES = {"finetune": "sdm-finetune", "scratch": "train"}  # older names of SDM's and SCDM's stages
-STAGES = ("model", *TRAIN_STAGES, "sample25", "sample1000", *ALIASES)
+STAGES = ("model", *TRAIN_STAGES, *(f"sample{n}" for n in SAMPLING), *ALIASES)
 # Stages that continue from a checkpoint (train.sh's RESUME).
 CONTINUES = ("resume", "sdm-finetune")
 RECIPES = {"train": "SCDM", "resume": "SCDM", "sdm-train": "SDM", "sdm-finetune": "SDM"}
@@ -73,7 +76,7 @@ class Preset:
 
     def flags(self, stage):
         """Flags of one stage: `model`; a training stage (model + run flags); or `sample25` /
-        `sample1000` (model flags + the released sampling schedule and batch size, as the released
+        `sample1000` / `sample8` (model flags + the released sampling schedule and batch size, as the released
         sample.sh passes them; the sampler checks them against a run's args.json)."""
         stage = ALIASES.get(stage, stage)
         if stage == "model":

@@ -1,8 +1,9 @@
 #!/bin/sh
-# Sample with a preset:  sh scripts/sample.sh PRESET [25|1000] [extra flags...]
+# Sample with a preset:  sh scripts/sample.sh PRESET [25|1000|8] [extra flags...]
 #   PRESET: ade20k | coco | celeba | cityscapes | toy (flags from scdm/presets.py);
-#   25: ddim25 respacing, s=1.5, extrapolation 0.8, dynamic threshold 0.95 (default);
-#   1000: all steps, s=1.5, plain clipping.
+#   25: ddim25 respacing, s=1.5, extrapolation 0.8, dynamic threshold 0.95 (default, released);
+#   1000: all steps, s=1.5, plain clipping (released);
+#   8: ours, dpm++2m-sde on logsnr8, extrapolation 0.2 (a third of the model calls; see docs/sampling.md).
 # Environment: MODEL (required: model*.pt or ema_*.pt), CLASS_SCHEDULE (required for released models:
 #   the *_psiphi.npy file released with them; your own runs carry theirs),
 #   DATA_DIR (default data/PRESET; point it at an image_process/ tree for noisy labels),
@@ -25,7 +26,7 @@ if [ -z "$preset" ]; then
     echo "error: unknown preset '${1:-}'; choose one of: $PRESET_NAMES" >&2; usage >&2; exit 2
 fi
 steps=25
-case "${1:-}" in 25|1000) steps=$1; shift ;; esac
+case "${1:-}" in 25|1000|8) steps=$1; shift ;; esac
 
 if [ -z "${MODEL:-}" ]; then echo "error: set MODEL=path/to/ema_0.9999_NNNNNN.pt" >&2; exit 2; fi
 # Without CLASS_SCHEDULE the sampler uses the run's own (args.json, or class_schedule.npy beside MODEL).

@@ -5,6 +5,7 @@ import stat
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,7 +106,8 @@ def test_temp_names_carry_host_and_pid(tmp_path):
 
 
 def test_recorded_paths_are_relative_to_the_repository(tmp_path):
-    root = fileio.REPO_ROOT
+    root = Path(__file__).resolve().parents[1]  # the repository, found independently of fileio
+    assert fileio.REPO_ROOT == root
     assert fileio.recorded_path(root / "docs" / "robustness.png") == "docs/robustness.png"
     assert fileio.recorded_path(root.parent / "shared" / "compat" / "x.npy") == "../shared/compat/x.npy"
     assert fileio.recorded_path("/") == "/"  # far outside: kept absolute

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import torch
 
-from scdm.presets import PRESETS, SAMPLING, as_argv, get_preset, main
+from scdm.presets import PRESETS, SAMPLING, STAGES, as_argv, get_preset, main
 from scdm.script_util import create_model_and_diffusion
 
 
@@ -121,3 +121,15 @@ def test_a_closed_pipe_ends_the_cli_quietly():
     p = subprocess.run(["sh", "-c", f"'{sys.executable}' -m scdm.presets ade20k train --json | head -c 0"],
                        capture_output=True, text=True)
     assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
+
+
+def test_our_8_step_schedule_is_a_stage_the_sampler_takes():
+    """sample8 (not in the released scripts) parses through image_sample and names a valid sampler setting."""
+    from scdm.diffusion.sampling import SamplerSettings
+    from scdm.image_sample import create_argparser as sample_parser
+    flags = get_preset("toy").flags("sample8")
+    args = sample_parser().parse_args(as_argv(flags))
+    assert (args.sampler, args.timestep_respacing, args.extrapolation) == ("dpm++2m-sde", "logsnr8", 0.2)
+    SamplerSettings(sampler=args.sampler, respacing=args.timestep_respacing, guidance_scale=args.s,
+                    extrapolation=args.extrapolation, dynamic_threshold=args.dynamic_threshold)
+    assert "sample8" in STAGES

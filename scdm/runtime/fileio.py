@@ -243,7 +243,7 @@ def note_removed_temp_files(folder):
     return removed
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]  # scdm/runtime/fileio.py -> the repository
 
 
 def recorded_path(path):
