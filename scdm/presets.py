@@ -11,7 +11,8 @@ quickstart, the benchmarks and the tests import it, so a preset is written down 
 
 Stages are SCDM's released recipe: `train` (from scratch, label dropout 0.2 from the start),
 `resume` (the second stage: continue from the scratch checkpoint at a lower lr), `sample25`,
-`sample1000`; `sample8` is ours (not in the released scripts). SDM's recipe stays as a named baseline: `sdm-train` (no dropout) and
+`sample1000`; `sample8` is ours (not in the released scripts). SDM's recipe stays as a named
+baseline: `sdm-train` (no dropout) and
 `sdm-finetune` (classifier-free fine-tuning with dropout 0.2); `finetune` is its older name.
 Batch sizes are per process, as in the released scripts (4 GPUs per node there).
 
