@@ -46,3 +46,24 @@ def test_bf16_is_timed_holding_half_weights_and_under_autocast(monkeypatch):
     assert guided["bf16_over_fp32_fast_over_steps"] > 0 and guided["bf16_over_plain_over_steps"] > 0
     train = bench.cpu_train_step(flags, batch=2, warmup=0, repeats=1, half=["bf16"])
     assert train["fast_bf16"]["best_s"] > 0 and train["bf16_over_plain_best"] > 0
+
+
+def _bench_sample():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_sample.py"
+    spec = importlib.util.spec_from_file_location("bench_sample", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_sample_names_a_wrong_setting_and_a_wrong_released_checkout(tmp_path, monkeypatch):
+    """bench_sample.py refuses an unknown --settings key and a REF_DIR without the released package, by name."""
+    import pytest
+    from scdm.runtime.errors import UserError
+    bench = _bench_sample()
+    with pytest.raises(UserError, match="--settings: unknown nope; expected some of released, ours25"):
+        bench.main(["--smoke", "--threads", "1", "--settings", "released,nope"])
+    monkeypatch.setenv("REF_DIR", str(tmp_path))
+    with pytest.raises(UserError, match=f"REF_DIR={tmp_path}: expected a released SCDM checkout with "
+                                        "guided_diffusion/script_util.py"):
+        bench.main(["--smoke", "--threads", "1", "--settings", "released"])
