@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import inspect
+import json
 import os
 import sys
 from pathlib import Path
@@ -181,9 +182,9 @@ def main(argv=None):
     if args.smoke:
         args.repeats = 1
     result = {"benchmark": "bench_sample", "machine": describe_machine(), **measure(args)}
+    print(json.dumps(result, indent=1))
     if args.out:
-        write_json(args.out, result)
-    print(__import__("json").dumps(result, indent=1))
+        write_json(result, args.out)
 
 
 if __name__ == "__main__":
