@@ -67,6 +67,9 @@ SETTINGS = {
     "dpm10_half": ("ours, dpm++2m logsnr10, {half}", ours("dpm++2m", "logsnr10"), "half", True),
     "sde10_half": ("ours, dpm++2m-sde logsnr10, {half}", ours("dpm++2m-sde", "logsnr10"), "half", True),
     "sde8_half": ("ours, dpm++2m-sde logsnr8, {half}", ours("dpm++2m-sde", "logsnr8"), "half", True),
+    "sample8_half": ("ours, sample.sh PRESET 8 (dpm++2m-sde logsnr8, e 0.2), {half}",
+                     ours(SAMPLING["8"]["sampler"], SAMPLING["8"]["timestep_respacing"],
+                          SAMPLING["8"]["extrapolation"]), "half", True),
 }
 
 
