@@ -83,7 +83,7 @@ def parser_flags(module, monkeypatch):
 
 @pytest.mark.parametrize("doc,command", COMMANDS, ids=[f"{d}:{c[:60]}" for d, c in COMMANDS])
 def test_documented_command_names_real_entry_points_and_flags(doc, command, monkeypatch):
-    from scdm.presets import ALIASES, PRESETS, TRAIN_STAGES
+    from scdm.presets import ALIASES, PRESETS, SAMPLING, TRAIN_STAGES
     words = shlex.split(command)
     kind, target, args = entry_point(words)
     if kind == "module":
@@ -99,7 +99,7 @@ def test_documented_command_names_real_entry_points_and_flags(doc, command, monk
         if name in ("train.sh", "sample.sh") and args and args[0] not in ("--help", "-h"):
             assert args[0] in PRESETS, f"{doc}: `{command}`: unknown preset {args[0]}"
             rest = args[1:]
-            stages = (*TRAIN_STAGES, *ALIASES) if name == "train.sh" else ("25", "1000")
+            stages = (*TRAIN_STAGES, *ALIASES) if name == "train.sh" else tuple(SAMPLING)
             if rest and not rest[0].startswith("--"):
                 assert rest[0] in stages, f"{doc}: `{command}`: unknown stage {rest[0]}"
                 rest = rest[1:]

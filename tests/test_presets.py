@@ -1,7 +1,9 @@
 """The one table of presets: the released presets build the released layouts; the CLI prints them."""
 import json
+import re
 import shlex
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,3 +135,16 @@ def test_our_8_step_schedule_is_a_stage_the_sampler_takes():
     SamplerSettings(sampler=args.sampler, respacing=args.timestep_respacing, guidance_scale=args.s,
                     extrapolation=args.extrapolation, dynamic_threshold=args.dynamic_threshold)
     assert "sample8" in STAGES
+
+
+def test_the_shell_scripts_lists_are_the_tables():
+    """common.sh names the presets and sample.sh the step counts without starting Python (so --help and
+    a wrong name answer at once); both lists must be presets.py's."""
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    names = re.search(r'^PRESET_NAMES="([^"]*)"', (scripts / "common.sh").read_text(), re.M).group(1).split()
+    assert names == list(PRESETS)
+    sample = (scripts / "sample.sh").read_text()
+    steps = re.search(r'^case "\$\{1:-\}" in ([0-9|]+)\) steps=', sample, re.M).group(1).split("|")
+    assert sorted(steps) == sorted(SAMPLING)
+    usage = re.search(r"^# Sample with a preset: .*\[([0-9|]+)\]", sample, re.M).group(1).split("|")
+    assert sorted(usage) == sorted(SAMPLING)

@@ -6,6 +6,7 @@ Launchers are recognised in this order: torchrun, MPI, Slurm (see `scdm.slurm` f
 srun task), one process; rank 0 says on stderr which one it found.
 """
 import datetime
+import gc
 import importlib.util
 import os
 import socket
@@ -189,5 +190,9 @@ def all_reduce_flag(flag: bool, op="any"):
 
 
 def cleanup():
+    """Destroy the process group once nothing holds it: a DDP wrapper left in a reference cycle keeps
+    the group alive past destroy_process_group, and gloo then aborts the process at interpreter exit
+    ("terminate called without an active exception", SIGABRT) after a run that succeeded."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
