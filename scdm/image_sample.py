@@ -96,7 +96,7 @@ def main(argv=None):
     spec = resolve_checkpoint(parsed.model_path, preset=parsed.preset, use_ema=parsed.use_ema,
                               ema_rate=parsed.ema_rate, flags={k: getattr(parsed, k) for k in model_keys},
                               given=given & model_keys, data_dir=parsed.data_dir)
-    root = check_results_path(parsed.results_path)
+    root = check_results_path(parsed.results_path, parsed.data_dir)
     for folder in [root, *(d for d in root.iterdir() if d.is_dir())] if root.is_dir() else []:
         note_removed_temp_files(folder)  # left by a killed earlier run into this folder
     corruption = read_corruption(parsed.data_dir)

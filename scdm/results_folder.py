@@ -8,7 +8,6 @@ the settings that differ; `--overwrite` removes only what an earlier sampler run
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from .runtime import dist_util
 from .checkpoint import CHECKPOINT_FILE, parse_step
 from .data.dataset_layouts import CORRUPTION_FILE, DatasetError
 from .runtime.errors import UserError
-from .runtime.fileio import check_writable, file_sha256, write_json
+from .runtime.fileio import TEMP_NAME, check_writable, file_sha256, write_json
 from .diffusion.label_diffusion import DISCRETE_CLASSWISE
 from .fast.performance import running_precision
 from .run_config import SAMPLING_TIME_FLAGS
@@ -53,11 +52,27 @@ def sample_dirs(num_sets):
     return ["samples"] if num_sets == 1 else ["samples"] + [f"samples_{k}" for k in range(num_sets)]
 
 
-def check_results_path(results_path):
-    """Refuse an unusable --results_path before any work, without creating anything."""
+def check_results_path(results_path, data_dir=""):
+    """Refuse an unusable --results_path before any work, without creating anything: one that is a
+    file or read-only, one that overlaps the label maps it reads (--data_dir), and one whose sampler
+    folders hold things the sampler never writes (an --overwrite would delete them)."""
     if not results_path:
         raise ValueError("--results_path is required")
     root = Path(results_path)
+    if data_dir:
+        data, where = Path(data_dir).resolve(), root.resolve()
+        if where == data or data in where.parents or any(data == where / d or where / d in data.parents
+                                                         for d in OUTPUT_DIRS):
+            raise UserError(f"--results_path {root} overlaps --data_dir {data_dir} (the label maps it reads, "
+                            "which an --overwrite or a rerun could replace); choose a folder outside it")
+    if root.is_dir():
+        foreign = foreign_entries(root)
+        if foreign:
+            shown = ", ".join(str(f) for f in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5
+                                                            else "")
+            raise UserError(f"--results_path {root} holds {shown}, which image_sample never writes (its folders "
+                            f"{', '.join(OUTPUT_DIRS)} and samples_N hold only its PNG files); nothing was changed: "
+                            "move them, or choose another --results_path")
     if root.exists() and not root.is_dir():
         raise PermissionError(f"--results_path {root} is not writable: it is a file, not a folder")
     base = root
@@ -236,6 +251,29 @@ def sampler_outputs(root, manifest=None):
     return found
 
 
+def foreign_entries(root):
+    """What lies in the sampler's folders of `root` that it never writes (anything but its PNG files
+    and the temporary files of an interrupted write), relative to `root`."""
+    old = None
+    try:
+        old = read_manifest(root / MANIFEST) if (root / MANIFEST).is_file() else None
+    except UserError:
+        pass
+    found = []
+    for path in sampler_outputs(root, old):
+        if path.name in OUTPUT_FILES:
+            if path.is_dir() and not path.is_symlink():
+                found.append(path.relative_to(root))
+        elif path.is_dir() and not path.is_symlink():
+            found += [p.relative_to(root) for p in sorted(path.iterdir())
+                      if p.is_symlink() or not p.is_file() or not (p.suffix == ".png" or TEMP_NAME.match(p.name))]
+    return found
+
+
+def holds_samples(root, old):
+    return any(d.is_dir() and any(d.glob("*.png")) for d in sampler_outputs(root, old) if d.name not in OUTPUT_FILES)
+
+
 def plan_results(root, manifest, overwrite):
     """'new', 'resume' or 'overwrite' for `root`; refuses a folder of other settings before anything
     is written (every rank runs this before rank 0 changes the folder)."""
@@ -253,6 +291,10 @@ def plan_results(root, manifest, overwrite):
         if overwrite:
             return "overwrite", old
         diffs = manifest_differences(old, manifest)
+        if diffs and not holds_samples(root, old):  # an earlier run that failed before its first sample
+            print(f"note: --results_path {root}: the earlier run there ({', '.join(diffs)}) wrote no sample; "
+                  "starting over", file=sys.stderr, flush=True)
+            return "overwrite", old
         if diffs:
             raise UserError(f"--results_path {root} holds samples made with other settings ({', '.join(diffs)}); "
                             "pass --overwrite to replace them, or choose another --results_path")
@@ -272,7 +314,11 @@ def prepare_results(root, plan, old, manifest, num_sets):
     if plan == "overwrite" and root.is_dir():
         for p in sampler_outputs(root, old):
             if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
+                # Only PNG and temporary files: check_results_path refused a folder holding anything else.
+                for f in p.iterdir():
+                    if f.is_file() and (f.suffix == ".png" or TEMP_NAME.match(f.name)):
+                        f.unlink()
+                p.rmdir()
             else:
                 p.unlink()
         kept = sorted(p.name for p in root.iterdir())

@@ -16,6 +16,7 @@ something to do. Instance ids are the connected components of each class.
 import argparse
 import json
 import os
+import re
 import shutil
 from typing import NamedTuple
 
@@ -24,7 +25,7 @@ from scipy import ndimage
 
 from .runtime.cli import HelpFormatter, add_deprecated_alias, int_at_least, nonnegative_int, positive_int
 from .runtime.errors import UserError, run_cli
-from .runtime.fileio import check_writable, save_image, write_json
+from .runtime.fileio import TEMP_NAME, check_writable, save_image, write_json
 
 
 class ToyClass(NamedTuple):
@@ -161,6 +162,27 @@ def segment_toy_image(image):
     return dist.argmin(1).reshape(image.shape[:2]).astype(np.int64)
 
 
+_TOY_FILE = re.compile(r"^\d{5}\.png$")
+
+
+def _not_written_by_toy(out_dir):
+    """Entries of the split folders that a rerun would delete but the generator never wrote."""
+    found = []
+    for split in _SPLIT_CODE:
+        top = os.path.join(out_dir, split)
+        if not os.path.isdir(top):
+            continue
+        for sub in sorted(os.listdir(top)):
+            path = os.path.join(top, sub)
+            if sub not in ("images", "labels", "instances") or not os.path.isdir(path) or os.path.islink(path):
+                found.append(f"{split}/{sub}")
+                continue
+            found += [f"{split}/{sub}/{name}" for name in sorted(os.listdir(path))
+                      if not (_TOY_FILE.match(name) or TEMP_NAME.match(name))
+                      or not os.path.isfile(os.path.join(path, name))]
+    return found
+
+
 def _prepare_out_dir(out_dir):
     """Create `out_dir`; replace a previous toy dataset there, refuse anything else."""
     if os.path.isdir(out_dir) and os.listdir(out_dir):
@@ -173,6 +195,11 @@ def _prepare_out_dir(out_dir):
         if not is_toy:
             raise UserError(f"--out_dir {out_dir} exists and is not a toy dataset made by {GENERATOR}; "
                             "choose an empty or new folder (nothing was changed)")
+        foreign = _not_written_by_toy(out_dir)
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise UserError(f"--out_dir {out_dir} is a toy dataset, but it also holds {shown}, which {GENERATOR} "
+                            "never writes; move them or choose another folder (nothing was changed)")
         for split in _SPLIT_CODE:
             shutil.rmtree(os.path.join(out_dir, split), ignore_errors=True)
     for split in _SPLIT_CODE:

@@ -157,6 +157,43 @@ def test_folder_without_manifest_is_refused_unless_overwrite(toy, trained, tmp_p
     assert (res / "manifest.json").is_file() and sorted(f.name for f in (res / "samples").iterdir()) == ["00000.png"]
 
 
+def test_a_folder_holding_what_the_sampler_never_writes_is_refused_even_with_overwrite(toy, trained, tmp_path):
+    """A dataset root (images/training/...) or a user's notes in samples/ are not the sampler's to delete:
+    the run stops before anything changes, naming them."""
+    res = tmp_path / "ade"
+    (res / "images" / "training").mkdir(parents=True)
+    (res / "images" / "training" / "ADE_0001.jpg").write_bytes(b"photo")
+    (res / "samples").mkdir()
+    (res / "samples" / "notes.txt").write_text("mine")
+    before = snapshot(res)
+    for extra in ([], ["--overwrite"]):
+        p = sample(trained / "model000002.pt", toy, res, *extra, check=False)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+        assert "images/training, samples/notes.txt, which image_sample never writes" in p.stderr, p.stderr
+        assert snapshot(res) == before and sorted(os.listdir(res)) == ["images", "samples"]
+
+
+def test_a_results_path_inside_the_label_maps_is_refused(toy, trained):
+    before = snapshot(toy)
+    for inside in (toy, toy / "test", toy / "test" / "out"):
+        p = sample(trained / "model000002.pt", toy, inside, check=False)
+        assert p.returncode == 2 and f"overlaps --data_dir {toy}" in p.stderr, p.stderr
+    assert snapshot(toy) == before
+
+
+def test_an_earlier_run_that_wrote_no_sample_does_not_block_other_settings(toy, trained, sampled, tmp_path):
+    """A run that failed on its first map leaves its manifest and empty folders; a corrected rerun with
+    other settings starts over (with a note) instead of being refused for samples that do not exist."""
+    res = tmp_path / "failed"
+    for d in results_folder.OUTPUT_DIRS:
+        (res / d).mkdir(parents=True)
+    shutil.copy(sampled[0] / "manifest.json", res)
+    p = sample(trained / "model000002.pt", toy, res, "--s", 3.0, "--num_samples", 1)
+    assert "wrote no sample; starting over" in p.stderr and "s: 1.0 -> 3.0" in p.stderr
+    assert json.loads((res / "manifest.json").read_text())["sampling"]["s"] == 3.0
+    assert len(list((res / "samples").glob("*.png"))) == 1
+
+
 def test_architecture_flags_that_contradict_the_run_are_refused(toy, trained, tmp_path):
     model = trained / "model000002.pt"
     p = sample(model, toy, tmp_path / "r", "--num_classes", 12, check=False)

@@ -114,3 +114,19 @@ def test_cli_and_refusing_foreign_folders(tmp_path, capsys):
         run_cli(toy.main, ["--out_dir", str(foreign), "--num_train", "1"])
     assert e.value.code == 2 and "error: --out_dir" in capsys.readouterr().err
     assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_a_rerun_keeps_what_the_generator_did_not_write(tmp_path):
+    """Replacing an earlier toy dataset must not take a user's own files in its split folders with it."""
+    out = tmp_path / "toy"
+    toy.make_toy_dataset(str(out), num_train=2, num_test=1, size=16)
+    (out / "train" / "images" / "notes.txt").write_text("mine")
+    (out / "test" / "extra").mkdir()
+    with pytest.raises(UserError, match=r"also holds train/images/notes.txt, test/extra, which .* never writes"):
+        toy.make_toy_dataset(str(out), num_train=1, num_test=1, size=16)
+    assert (out / "train" / "images" / "notes.txt").read_text() == "mine"
+    assert len(os.listdir(out / "train" / "images")) == 3  # the two images, untouched
+    (out / "train" / "images" / "notes.txt").unlink()
+    (out / "test" / "extra").rmdir()
+    toy.make_toy_dataset(str(out), num_train=1, num_test=1, size=16)
+    assert os.listdir(out / "train" / "images") == ["00000.png"]
