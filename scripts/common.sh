@@ -31,12 +31,30 @@ run_env() {  # sets PYTHON and NUM_GPUS as above and puts the repository on PYTH
         NUM_GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
         [ "${NUM_GPUS:-0}" -ge 1 ] 2>/dev/null || NUM_GPUS=1
     fi
+    case "$NUM_GPUS" in
+        ''|*[!0-9]*|0) echo "error: NUM_GPUS=$NUM_GPUS: expected a whole number of processes >= 1" >&2; exit 2 ;;
+    esac
     # The package is importable from any folder, also without an install.
     export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 }
 
 preset_flags() {  # preset_flags PRESET STAGE [--get FLAG]: flags from scdm/presets.py (the one table)
     "$PYTHON" -m scdm.presets "$@"
+}
+
+flag_value() {  # flag_value NAME DEFAULT ARGS...: the last --NAME V or --NAME=V in ARGS (as argparse takes it), else DEFAULT
+    name=$1; value=$2; shift 2
+    prev=""
+    for word in "$@"; do
+        [ "$prev" = "--$name" ] && value=$word
+        case "$word" in --"$name"=*) value=${word#*=} ;; esac
+        prev=$word
+    done
+    printf '%s\n' "$value"
+}
+
+unknown_word() {  # unknown_word WHAT WORD CHOICES: the error for a word that is neither a choice nor a --flag
+    echo "error: unknown $1 '$2'; choose one of: $3 (or give no $1 and only --flags)" >&2; usage >&2; exit 2
 }
 
 launch() {  # launch MODULE ARGS...: one process, NUM_GPUS under mpiexec / torchrun, or the job's srun tasks

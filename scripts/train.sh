@@ -10,6 +10,7 @@
 #   OUTPUT/PRESET-SDM[-FINETUNE]), CLASS_SCHEDULE (per-class lambda .npy; computed from the data into
 #   LOG_DIR when unset), MAX_STEPS, RESUME (the checkpoint resume and sdm-finetune continue from, e.g.
 #   OUTPUT/ade20k-SCDM/model300000.pt), PYTHON, LAUNCHER=torchrun.
+#   --data_dir, --log_dir and --class_schedule given as flags take the place of these variables.
 #   A rerun continues from the latest complete checkpoint in LOG_DIR. Relative paths are taken from the
 #   folder you run the script in.
 set -eu
@@ -30,13 +31,19 @@ fi
 stage=train
 case "${1:-}" in
     train|scratch|resume|sdm-train|sdm-finetune|finetune) stage=$1; shift ;;
+    -*|'') ;;
+    *) unknown_word stage "$1" "train resume sdm-train sdm-finetune" ;;
 esac
 case "$stage" in
     scratch) stage=train ;;
     finetune) stage=sdm-finetune ;;
 esac
 
-DATA_DIR=${DATA_DIR:-data/$preset}
+# --data_dir, --log_dir, --class_schedule and --dataset_mode given as flags steer this script too (the
+# toy data, the class schedule, RESUME's check), exactly as the environment variables do.
+DATA_DIR=$(flag_value data_dir "${DATA_DIR:-data/$preset}" "$@")
+LOG_DIR=$(flag_value log_dir "${LOG_DIR:-}" "$@")
+CLASS_SCHEDULE=$(flag_value class_schedule "${CLASS_SCHEDULE:-}" "$@")
 case "$stage" in
     train) default_log=OUTPUT/$preset-SCDM ;;
     resume) default_log=OUTPUT/$preset-SCDM-RESUME ;;
@@ -44,7 +51,7 @@ case "$stage" in
     sdm-finetune) default_log=OUTPUT/$preset-SDM-FINETUNE ;;
 esac
 LOG_DIR=${LOG_DIR:-$default_log}
-mode=$(preset_flags "$preset" model --get dataset_mode)
+mode=$(flag_value dataset_mode "$(preset_flags "$preset" model --get dataset_mode)" "$@")
 # A run continues from the latest complete checkpoint set in LOG_DIR (`--resume_checkpoint auto`, a
 # fresh start when there is none); resume and sdm-finetune start from RESUME until they have their own.
 resume=auto

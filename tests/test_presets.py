@@ -1,5 +1,6 @@
 """The one table of presets: the released presets build the released layouts; the CLI prints them."""
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scdm.presets import PRESETS, SAMPLING, STAGES, as_argv, get_preset, main
+from scdm.presets import ALIASES, PRESETS, SAMPLING, STAGES, TRAIN_STAGES, as_argv, get_preset, main
 from scdm.script_util import create_model_and_diffusion
 
 
@@ -144,7 +145,34 @@ def test_the_shell_scripts_lists_are_the_tables():
     names = re.search(r'^PRESET_NAMES="([^"]*)"', (scripts / "common.sh").read_text(), re.M).group(1).split()
     assert names == list(PRESETS)
     sample = (scripts / "sample.sh").read_text()
-    steps = re.search(r'^case "\$\{1:-\}" in ([0-9|]+)\) steps=', sample, re.M).group(1).split("|")
+    steps = re.search(r'^ +([0-9|]+)\) steps=\$1', sample, re.M).group(1).split("|")
     assert sorted(steps) == sorted(SAMPLING)
+    choices = re.search(r'unknown_word "number of steps" "\$1" "([^"]*)"', sample).group(1).split()
+    assert sorted(choices) == sorted(SAMPLING)
+    train = (scripts / "train.sh").read_text()
+    assert re.search(r'unknown_word stage "\$1" "([^"]*)"', train).group(1).split() == list(TRAIN_STAGES)
+    words = re.search(r"^ +([a-z|-]+)\) stage=\$1; shift", train, re.M).group(1).split("|")
+    assert sorted(words) == sorted([*TRAIN_STAGES, *ALIASES])
     usage = re.search(r"^# Sample with a preset: .*\[([0-9|]+)\]", sample, re.M).group(1).split("|")
     assert sorted(usage) == sorted(SAMPLING)
+
+
+@pytest.mark.parametrize("script,words,says", [
+    ("train.sh", ["toy", "trian"], "unknown stage 'trian'; choose one of: train resume sdm-train sdm-finetune"),
+    ("sample.sh", ["toy", "50"], "unknown number of steps '50'; choose one of: 25 1000 8"),
+])
+def test_a_mistyped_stage_or_step_count_stops_before_anything_is_made(script, words, says, tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run(["sh", str(root / "scripts" / script), *words], cwd=tmp_path, capture_output=True, text=True,
+                       env=dict(os.environ, MODEL="m.pt"))
+    assert p.returncode == 2 and says in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert os.listdir(tmp_path) == []  # no toy data, no log folder
+
+
+def test_num_gpus_must_be_a_count(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    for value in ("abc", "0", "-2"):
+        p = subprocess.run(["sh", str(root / "scripts" / "train.sh"), "toy"], cwd=tmp_path, capture_output=True,
+                           text=True, env=dict(os.environ, NUM_GPUS=value))
+        assert p.returncode == 2 and f"NUM_GPUS={value}: expected a whole number" in p.stderr, p.stderr
+    assert os.listdir(tmp_path) == []

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -286,19 +287,31 @@ def test_train_sh_checks_everything_before_any_work(toy, tmp_path, args, env, ex
     assert not list(tmp_path.rglob("*.pt"))
 
 
-@pytest.mark.parametrize("with_schedule", [False, True])
-def test_train_sh_with_sample_grids_on_a_fresh_run(toy, tmp_path, with_schedule):
+@pytest.mark.parametrize("given", ["environment", "environment and schedule", "flags"])
+def test_train_sh_with_sample_grids_on_a_fresh_run(toy, tmp_path, given):
     """The documented `sh scripts/train.sh toy --sample_interval N`: the pre-check needs no class
-    schedule yet (train.sh computes it after), and takes CLASS_SCHEDULE when it is given."""
-    env = dict(ENV, DATA_DIR=str(toy), LOG_DIR=str(tmp_path / "log"), MAX_STEPS="1")
-    if with_schedule:
+    schedule yet (train.sh computes it after), and takes CLASS_SCHEDULE when it is given. --data_dir
+    and --log_dir given as flags count as DATA_DIR and LOG_DIR: no toy data is made in the working
+    folder, and the schedule is computed from the given data into the given log folder."""
+    env = dict(ENV, MAX_STEPS="1")
+    flags = []
+    if given == "flags":
+        flags = ["--data_dir", toy, f"--log_dir={tmp_path / 'log'}"]
+    else:
+        env.update(DATA_DIR=str(toy), LOG_DIR=str(tmp_path / "log"))
+    if given == "environment and schedule":
         run([sys.executable, "-m", "scdm.class_schedule", "--dataset_mode", "folder", "--data_dir", toy,
              "--out", tmp_path / "lambda.npy"])
         env["CLASS_SCHEDULE"] = str(tmp_path / "lambda.npy")
     p = run(["sh", ROOT / "scripts" / "train.sh", "toy", "--sample_interval", 1, "--sample_respacing", "ddim2",
-             "--sample_maps", 2, "--batch_size", 2], check=False, cwd=tmp_path, env=env)
+             "--sample_maps", 2, "--batch_size", 2, *flags], check=False, cwd=tmp_path, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     assert (tmp_path / "log" / "model000001.pt").is_file() and list((tmp_path / "log" / "samples").glob("*.png"))
+    assert sorted(os.listdir(tmp_path)) == sorted(["log", *(["lambda.npy"] if "schedule" in given else [])])
+    if given == "flags":
+        from scdm.class_schedule import compute_class_schedule
+        written = np.load(tmp_path / "log" / "class_schedule.npy")
+        np.testing.assert_allclose(written, compute_class_schedule("folder", str(toy)))
 
 
 @pytest.mark.parametrize("content, reason", [
