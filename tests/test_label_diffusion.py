@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from scdm.diffusion.label_diffusion import LabelNoise
+from scdm.diffusion.label_diffusion import LabelNoise, load_class_schedule
 from scdm.script_util import create_gaussian_diffusion, create_model_and_diffusion
 
 from conftest import random_label_map
@@ -143,6 +143,30 @@ def test_bad_label_diffusion_settings(tmp_path, schedule_file):
     diff = create_gaussian_diffusion(steps=25, num_classes=3, cond_diffuse=True, cond_opt="discrete_zero_uniform")
     with pytest.raises(ValueError, match=r"label noise u has shape \(1, 1, 3, 3\); expected \(1, 1, 4, 4\)"):
         diff.q_sample_label(torch.zeros(1, 3, 4, 4), torch.tensor([1]), noise=torch.rand(1, 1, 3, 3))
+
+
+@pytest.mark.parametrize("write, says", [
+    (lambda f: np.savetxt(f, np.ones(5)), "text, not a .npy file"),
+    (lambda f: np.savez(f, np.ones(5)), r"a zip archive \(.npz\?\), not a single .npy array"),
+    (lambda f: None, "an empty file"),
+    (lambda f: f.write(bytes(range(256))), r"not a .npy file \(no .npy header\)"),
+    (lambda f: np.save(f, np.array(list("abcde"))), "holds <U1 values; expected numbers"),
+    (lambda f: np.save(f, np.ones((5, 2))), r"an array of shape \(5, 2\); expected one value per class, shape \(5,\)"),
+    (lambda f: f.write(np.lib.format.magic(1, 0) + b"{'descr': '<f8'"), "not a readable .npy array"),
+])
+def test_a_class_schedule_that_is_not_one_array_of_numbers_says_what_it_is(tmp_path, write, says):
+    path = tmp_path / "lambdas.npy"
+    with open(path, "wb") as f:  # a file object: numpy keeps the name as it is
+        write(f)
+    with pytest.raises(ValueError, match=f"^--class_schedule {path}: {says}") as e:
+        load_class_schedule(str(path), 5)
+    assert "allow_pickle" not in str(e.value)  # no hint towards unpickling a file
+
+
+def test_a_one_row_class_schedule_loads_as_its_values(tmp_path):
+    path = tmp_path / "row.npy"
+    np.save(path, np.arange(5.0)[None] + 1)
+    assert load_class_schedule(str(path), 5).tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
 
 
 def test_released_schedule_files_load_with_unlabeled_rule(compat_dir):

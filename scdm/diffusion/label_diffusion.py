@@ -30,11 +30,26 @@ def load_class_schedule(path, num_classes, unlabeled_id=None):
             "(the file released with the model, or one made by `python -m scdm.class_schedule`)"
         )
     try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+        if head != b"\x93NUMPY":
+            raise ValueError(f"--class_schedule {path}: {_not_npy(path, head)}; expected one array of per-class "
+                             "lambdas saved with numpy.save (or made by `python -m scdm.class_schedule`)")
         lambdas = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise ValueError(f"--class_schedule {path}: file not found") from None
-    except Exception as e:  # corrupt or not an .npy file
+    except ValueError as e:
+        if str(e).startswith("--class_schedule"):
+            raise
         raise ValueError(f"--class_schedule {path}: not a readable .npy array ({e})") from None
+    except Exception as e:  # a folder, unreadable, truncated
+        raise ValueError(f"--class_schedule {path}: not a readable .npy array ({e})") from None
+    if not (np.issubdtype(lambdas.dtype, np.integer) or np.issubdtype(lambdas.dtype, np.floating)):
+        raise ValueError(f"--class_schedule {path}: holds {lambdas.dtype} values; expected numbers (one lambda "
+                         "per class)")
+    if sum(n > 1 for n in lambdas.shape) > 1:
+        raise ValueError(f"--class_schedule {path}: an array of shape {lambdas.shape}; expected one value per "
+                         f"class, shape ({num_classes},)")
     lambdas = np.asarray(lambdas, dtype=np.float64).reshape(-1)
     if lambdas.shape[0] != num_classes:
         raise ValueError(
@@ -49,6 +64,20 @@ def load_class_schedule(path, num_classes, unlabeled_id=None):
             raise ValueError(f"unlabeled_id={unlabeled_id} is outside 0..{num_classes - 1}")
         lambdas[unlabeled_id] = UNLABELED_LAMBDA
     return lambdas
+
+
+def _not_npy(path, head):
+    """What a file that lacks the .npy magic is, for the error."""
+    if head.startswith(b"PK"):
+        return "a zip archive (.npz?), not a single .npy array"
+    if not head:
+        return "an empty file"
+    try:
+        with open(path, "rb") as f:
+            f.read(4096).decode("utf-8")
+        return "text, not a .npy file"
+    except UnicodeDecodeError:
+        return "not a .npy file (no .npy header)"
 
 
 def classwise_keep_prob(lambdas, tau):
