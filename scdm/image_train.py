@@ -5,6 +5,7 @@ A log dir holds one run: starting again in it needs `--resume_checkpoint auto` (
 The run's config is LOG_DIR/args.json (every flag, resolved), with its class schedule copied beside it.
 """
 import argparse
+import inspect
 import os
 import random
 import signal
@@ -24,13 +25,14 @@ from .runtime.errors import run_cli
 from .runtime.fileio import check_writable, copy_file, write_json
 from .data.datasets import load_data
 from .fast.fast_paths import from_disable_spec
-from .diffusion.label_diffusion import DISCRETE_CLASSWISE
+from .diffusion.label_diffusion import DISCRETE_CLASSWISE, load_class_schedule
 from .flags import DIFFUSION_FLAGS, LAUNCH_FLAGS, MODEL_FLAGS, TRAIN_FLAGS, add_flags, config_class, for_command_line
 from .fast.performance import maybe_compile, precision_note, resolve_precision
 from .diffusion.resample import create_named_schedule_sampler
 from .run_config import given_flags, read_run_config
 from .runtime.stop_signals import exit_code
-from .script_util import architecture_conflicts, create_model_and_diffusion, model_and_diffusion_defaults
+from .script_util import (architecture_conflicts, attention_note, create_model, create_model_and_diffusion,
+                          model_and_diffusion_defaults)
 from .training.train_monitor import TrainMonitor
 from .training.train_samples import TrainSamples, check_sample_respacing
 from .training.train_util import TrainingDiverged, TrainLoop
@@ -100,20 +102,30 @@ def main(argv=None):
     flags = {k: getattr(args, k) for k in model_and_diffusion_defaults()}
     # Decided before anything is written, so that a refused run leaves the log dir as it was.
     warnings = []
+    check_training_setup(args, flags, info)
+    if attention_note(flags):
+        warnings.append(attention_note(flags))
     resume = resolve_resume(log_dir, args.resume_checkpoint, parse_ema_rates(args.ema_rate), warn=warnings.append)
     if resume:
         if not Path(resume).is_file():
             what = "is a folder" if Path(resume).is_dir() else "does not exist"
             raise CheckpointError(f"--resume_checkpoint {resume} {what} (expected a model*.pt file, or auto: the "
                                   "newest complete set in --log_dir)")
+        if Path(resume).name.startswith("opt"):
+            raise CheckpointError(f"--resume_checkpoint {resume} is an optimizer state (opt*.pt); pass the run's "
+                                  "model*.pt (its opt and ema files beside it are found by step)")
         check_same_architecture(resume, flags)
         warnings += check_resume_members(resume, parse_ema_rates(args.ema_rate), args.allow_partial_resume)
     check_writable(log_dir, "--log_dir")
     if args.sample_interval:
         check_sample_respacing(flags, args.sample_respacing)
     if args.dry_run:
-        print(f"dry run: flags, data ({info.num_classes} classes in {args.data_dir}), resume "
-              f"({resume or 'fresh run'}) and --log_dir {log_dir} are usable; nothing trained", flush=True)
+        schedule = ""
+        if args.cond_diffuse and args.cond_opt == DISCRETE_CLASSWISE and not args.class_schedule:
+            schedule = "; the class schedule is still to come (--class_schedule, or train.sh computes one)"
+        print(f"dry run: flags, network, data layout ({info.num_classes} classes in {args.data_dir}, at least one "
+              f"batch), resume ({resume or 'fresh run'}) and --log_dir {log_dir} are usable{schedule}; nothing "
+              "trained (the label maps are read when training starts)", flush=True)
         return 0
 
     dist_util.setup_dist()
@@ -122,6 +134,20 @@ def main(argv=None):
             return train(args, log_dir, precision, fast_paths, info, conditioning, flags, resume, warnings)
     finally:
         dist_util.cleanup()
+
+
+def check_training_setup(args, flags, info):
+    """What would otherwise fail only once training starts, checked before anything is written and by
+    --dry_run (which train.sh runs before it spends minutes on a class schedule): the network builds
+    (on the meta device, so without memory), a given class schedule fits the classes, and the data has
+    its layout and at least one batch. The label maps themselves are read when training starts."""
+    model_flags = {k: v for k, v in flags.items() if k in inspect.signature(create_model).parameters}
+    with torch.device("meta"):
+        create_model(**model_flags)
+    if args.cond_diffuse and args.cond_opt == DISCRETE_CLASSWISE and args.class_schedule:
+        load_class_schedule(args.class_schedule, args.num_classes, None if args.unlabeled_id < 0 else args.unlabeled_id)
+    load_data(dataset_mode=args.dataset_mode, data_dir=args.data_dir, batch_size=args.batch_size,
+              image_size=args.image_size, class_cond=args.class_cond, is_train=args.is_train, info=info, num_workers=0)
 
 
 def train(args, log_dir, precision, fast_paths, info, conditioning, flags, resume, warnings):

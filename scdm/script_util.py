@@ -101,6 +101,29 @@ def parse_attention_resolutions(attention_resolutions, image_size):
     return tuple(image_size // r for r in res)
 
 
+def check_image_size(image_size, mult):
+    """The UNet halves --image_size once per --channel_mult level after the first."""
+    factor = 2 ** (len(mult) - 1)
+    if image_size < 1 or image_size % factor:
+        raise ValueError(f"--image_size {image_size} must be a multiple of {factor}: the UNet halves it "
+                         f"{len(mult) - 1} time(s) (--channel_mult {','.join(map(str, mult))})")
+
+
+def attention_note(flags):
+    """A warning when --attention_resolutions names resolutions the UNet does not have, which then get
+    no attention (allowed, so that runs trained that way still load), or None."""
+    size = flags["image_size"]
+    levels = [size // 2 ** i for i in range(len(parse_channel_mult(flags["channel_mult"], size)))]
+    wanted = [int(r) for r in str(flags["attention_resolutions"]).split(",") if r.strip()]
+    missing = [r for r in wanted if r not in levels]
+    if not missing:
+        return None
+    where = "nowhere" if len(missing) == len(wanted) else "only at the others"
+    return (f"--attention_resolutions {flags['attention_resolutions']}: the UNet has no "
+            f"{'/'.join(map(str, missing))} px level at --image_size {size} (its levels: "
+            f"{','.join(map(str, levels))}), so it attends {where}")
+
+
 def create_model(image_size, num_classes, num_channels, num_res_blocks, channel_mult="", learn_sigma=False,
                  class_cond=True, use_checkpoint=False, attention_resolutions="16", num_heads=1,
                  num_head_channels=-1, num_heads_upsample=-1, use_scale_shift_norm=False, dropout=0,
@@ -109,6 +132,8 @@ def create_model(image_size, num_classes, num_channels, num_res_blocks, channel_
         raise ValueError("class_cond=False is not supported: SCDM models are conditioned on a label map")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    mult = parse_channel_mult(channel_mult, image_size)
+    check_image_size(image_size, mult)
     return UNetModel(
         image_size=image_size,
         in_channels=3,
@@ -117,7 +142,7 @@ def create_model(image_size, num_classes, num_channels, num_res_blocks, channel_
         num_res_blocks=num_res_blocks,
         attention_resolutions=parse_attention_resolutions(attention_resolutions, image_size),
         dropout=dropout,
-        channel_mult=parse_channel_mult(channel_mult, image_size),
+        channel_mult=mult,
         num_classes=num_classes if no_instance else num_classes + 1,
         use_checkpoint=use_checkpoint,
         use_fp16=use_fp16,

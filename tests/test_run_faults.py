@@ -287,6 +287,36 @@ def test_train_sh_checks_everything_before_any_work(toy, tmp_path, args, env, ex
     assert not list(tmp_path.rglob("*.pt"))
 
 
+@pytest.mark.parametrize("extra, expected", [
+    (["--num_channels", 16], "num_channels (16) must be divisible by num_groups (32)"),
+    (["--image_size", 15], "--image_size 15 must be a multiple of 2"),
+    (["--batch_size", 64], "--batch_size 64 is larger than the 8 image(s)"),
+    (["--dataset_mode", "ade20k"], "ade20k"),
+    (["--cond_opt", "discrete_zero_classwise", "--class_schedule", "short.npy"], "has 3 values; expected one"),
+    (["--resume_checkpoint", "opt000002.pt"], "is an optimizer state (opt*.pt); pass the run's model*.pt"),
+])
+def test_a_dry_run_finds_what_the_real_run_would_fail_on(toy, tmp_path, extra, expected):
+    """--dry_run (train.sh's pre-check) builds the network, reads a given class schedule and lists the
+    data, so that what it calls usable does start training; nothing is written."""
+    np.save(tmp_path / "short.npy", np.ones(3))
+    torch.save({"state": {}, "param_groups": []}, tmp_path / "opt000002.pt")
+    extra = [str(tmp_path / e) if str(e).endswith((".npy", ".pt")) else e for e in extra]
+    p = run([sys.executable, *train_args(toy, tmp_path / "log", "--dry_run", "True", *extra)], check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    [error] = error_lines(p.stderr)
+    assert expected in error, error
+    assert not (tmp_path / "log").exists()
+
+
+def test_a_dry_run_that_passes_says_what_it_checked_and_warns_of_unused_attention(toy, tmp_path):
+    p = run([sys.executable, *train_args(toy, tmp_path / "log", "--dry_run", "True", "--attention_resolutions", "3")])
+    assert "dry run: flags, network, data layout" in p.stdout and "nothing trained" in p.stdout
+    assert "warning" not in p.stderr  # warnings are printed when training starts, with the run's other notes
+    p = run([sys.executable, *train_args(toy, tmp_path / "log", "--attention_resolutions", "3", "--max_steps", 1)])
+    assert "warning: --attention_resolutions 3: the UNet has no 3 px level" in p.stderr, p.stderr[-2000:]
+    assert "so it attends nowhere" in p.stderr
+
+
 @pytest.mark.parametrize("given", ["environment", "environment and schedule", "flags"])
 def test_train_sh_with_sample_grids_on_a_fresh_run(toy, tmp_path, given):
     """The documented `sh scripts/train.sh toy --sample_interval N`: the pre-check needs no class
