@@ -90,6 +90,9 @@ def main(argv=None):
     if not parsed.seed_align:
         raise UserError("--seed_align False is not available: every image's noise comes from its own seeded stream, "
                         "so clean and noisy runs of the same maps always share their draws")
+    if not parsed.data_dir:
+        raise UserError("--data_dir is required: the folder of label maps to sample (a dataset, or a noisy tree "
+                        "made by image_process)")
     fast_paths = from_disable_spec(parsed.disable_fast_paths)
     settings = sampler_settings(parsed)
     model_keys = set(model_and_diffusion_defaults())
@@ -159,6 +162,9 @@ def run(args, spec, settings, root, corruption, resized_by_tree, precision, fast
     if args.compile:
         model = maybe_compile(model, True)
     total = len(dataset) if args.num_samples < 0 else min(args.num_samples, len(dataset))
+    if 0 <= len(dataset) < args.num_samples:
+        info_line(rank, f"--num_samples {args.num_samples}: --data_dir {args.data_dir} has {len(dataset)} label "
+                        f"map(s); sampling all {len(dataset)}")
     mine = list(range(rank, total, world))  # fixed order; shards never overlap, uneven counts are fine
     loader = DataLoader(Subset(dataset, mine), batch_size=args.batch_size, shuffle=False,
                         **worker_options(args.num_workers))

@@ -194,6 +194,16 @@ def test_an_earlier_run_that_wrote_no_sample_does_not_block_other_settings(toy, 
     assert len(list((res / "samples").glob("*.png"))) == 1
 
 
+def test_sampling_without_label_maps_is_refused_up_front_and_too_many_samples_is_said(toy, trained, tmp_path):
+    p = run([sys.executable, "-m", "scdm.image_sample", "--model_path", trained / "model000002.pt",
+             "--results_path", tmp_path / "res"], check=False)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: --data_dir is required")
+    assert not (tmp_path / "res").exists()
+    p = sample(trained / "model000002.pt", toy, tmp_path / "res", "--num_samples", 100)
+    assert "--num_samples 100: --data_dir" in p.stderr and "has 4 label map(s); sampling all 4" in p.stderr
+    assert len(list((tmp_path / "res" / "samples").glob("*.png"))) == 4
+
+
 def test_architecture_flags_that_contradict_the_run_are_refused(toy, trained, tmp_path):
     model = trained / "model000002.pt"
     p = sample(model, toy, tmp_path / "r", "--num_classes", 12, check=False)

@@ -102,6 +102,13 @@ def test_auto_resumes_at_the_last_step_and_continues_the_logs(toy, copy_of_base)
     assert config["num_classes"] == 8 and config["unlabeled_id"] == 7 and config["ema_warmup"] is False
 
 
+def test_a_resume_past_its_step_limit_says_there_is_nothing_to_train(toy, copy_of_base):
+    before = {k: v for k, v in snapshot(copy_of_base).items() if k.endswith(".pt")}
+    p = train(toy, copy_of_base, "--max_steps", 2, "--resume_checkpoint", "auto")
+    assert "note: nothing to train: the run is at step 3 and --max_steps is 2" in p.stderr, p.stderr[-2000:]
+    assert {k: v for k, v in snapshot(copy_of_base).items() if k.endswith(".pt")} == before
+
+
 def test_auto_alone_continues_the_run_as_it_was(toy, copy_of_base, tmp_path):
     """`--log_dir X --resume_checkpoint auto` with no other flag, from another folder: data, architecture,
     EMA rates and batch size come from the run's args.json (one note names them)."""

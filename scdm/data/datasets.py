@@ -104,10 +104,10 @@ class SemanticDataset(Dataset):
             # Test transform: each map goes straight to SxS with nearest, so a 256x256 Edge/Random map
             # stays exact and a 64x64 DS map is upsampled once. Train: fit to the image before cropping.
             return arr if not self.is_train else resize_ids(arr, size)
+        fix = ("for sampling maps stored at another size on purpose, e.g. the DS benchmark, image_sample takes "
+               "--label_resize True; for training, resize the maps to their images")
         raise DatasetError(f"{what} {path} is {arr.shape[1]}x{arr.shape[0]} but its image {record.image} is "
-                           f"{size[0]}x{size[1]} (width x height); they must match (or pass --label_resize True to "
-                           "image_sample "
-                           "for maps stored at another size on purpose, e.g. the DS benchmark)")
+                           f"{size[0]}x{size[1]} (width x height); they must match ({fix})")
 
     def _read_instance(self, record, size):
         inst = self._fit(read_ids(record.instance, "instance map"), record.instance, "instance map", record, size)

@@ -152,6 +152,11 @@ class TrainLoop:
     def run_loop(self):
         """Train to the end, or until a stop signal; returns the signal number that stopped it
         (None when it ran to the end). Either way the last step's checkpoint set is saved."""
+        if self.done() and dist_util.is_main():
+            limits = [f"--{name} is {n}" for name, n in (("max_steps", self.max_steps),
+                                                          ("lr_anneal_steps", self.lr_anneal_steps)) if n]
+            print(f"note: nothing to train: the run is at step {self.step} and {' and '.join(limits)}; raise it to "
+                  "continue the run", file=sys.stderr, flush=True)
         bar = tqdm(total=self.last_step(), initial=self.step, desc="training", unit="step",
                    disable=not dist_util.is_main(), dynamic_ncols=True)
         images_seen, since, paused = 0, time.perf_counter(), 0.0
