@@ -319,15 +319,19 @@ def resolve_resume(log_dir, resume_checkpoint, ema_rates, warn=warn_stderr):
     if not evidence:
         return ""
     if resume_checkpoint == "auto":
-        latest = latest_complete_set(log_dir, ema_rates, warn=warn)
+        skipped = []
+        latest = latest_complete_set(log_dir, ema_rates, warn=skipped.append)
         if latest is not None:
+            for line in skipped:
+                warn(line)
             return str(latest[1])
         hint = ("it stopped before its first checkpoint: remove its " + " and ".join(
             n for n in RUN_FILES if (log_dir / n).exists()) + " to start it again, or pass another --log_dir"
                 if not found else "pass another --log_dir")
+        why = f" ({'; '.join(line.removeprefix('skipping the ') for line in skipped)})" if skipped else ""
         raise CheckpointError(
             f"--resume_checkpoint auto: --log_dir {log_dir} holds a run ({', '.join(evidence[-3:])}) but no "
-            f"complete checkpoint set (model, ema_{{{','.join(ema_rates)}}}, opt) to resume from; {hint}")
+            f"complete checkpoint set (model, ema_{{{','.join(ema_rates)}}}, opt) to resume from{why}; {hint}")
     models = [name for _, name in found if name.startswith("model")]
     last = (models or [name for _, name in found] or [None])[-1]
     what = f"last checkpoint: {last}" if last else f"{', '.join(evidence)}, no checkpoint"

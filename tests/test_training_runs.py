@@ -167,6 +167,13 @@ def test_resolve_resume_rules(tmp_path):
     assert latest_complete_set(log_dir, ["0.9999", "0.5"], warn=warnings.append) is None  # no EMA 0.5 anywhere
     with pytest.raises(ValueError, match=r"last checkpoint: model000005.pt\); pass --resume_checkpoint auto"):
         resolve_resume(log_dir, "", ["0.9999"])
+    (log_dir / "opt000005.pt").write_bytes(b"cut")  # now no set is whole: the error says why of each
+    warnings.clear()
+    with pytest.raises(ValueError) as e:
+        resolve_resume(log_dir, "auto", ["0.9999"], warn=warnings.append)
+    assert f"(checkpoint set of step 10: {log_dir / 'model000010.pt'} is missing; checkpoint set of step 5: " \
+           f"{log_dir / 'opt000005.pt'} cannot be read (truncated or not a torch file))" in str(e.value)
+    assert warnings == []  # said once, in the error
 
 
 # ----- EMA warm-up ---------------------------------------------------------------------------------
