@@ -169,6 +169,11 @@ def resolve_model_flags(values, given, model_path, preset=""):
             saved = coerce(run.flags[k], values.get(k, defaults[k]))
             if k == "class_schedule":
                 saved = class_schedule_path(saved, model_path)
+                classwise = run.flags.get("cond_opt") == "discrete_zero_classwise" and run.flags.get("cond_diffuse")
+                if classwise and saved and not Path(saved).is_file() and k not in given:
+                    raise UserError(f"the run config {run.path} names the class schedule {saved}, which no longer "
+                                    f"exists, and there is no {CLASS_SCHEDULE_COPY} beside {model_path}; pass "
+                                    "--class_schedule PATH.npy")
             auto = k in AUTO_FLAGS and values[k] < 0  # -1: "from the dataset", not a value
             if k in given and not auto:
                 if k not in SAMPLING_TIME_FLAGS and not same_value(values[k], saved):

@@ -350,6 +350,23 @@ def test_class_schedule_of_a_moved_run(tmp_path):
     assert run_config.class_schedule_path(str(tmp_path / "elsewhere.npy"), model) == str(tmp_path / "elsewhere.npy")
 
 
+def test_a_run_whose_class_schedule_is_gone_says_so_and_takes_a_given_one(tmp_path):
+    """Not "--class_schedule X: file not found" for a flag nobody gave: the run config is named."""
+    from scdm.script_util import model_and_diffusion_defaults
+    defaults = model_and_diffusion_defaults()
+    flags = dict(defaults, cond_opt="discrete_zero_classwise", cond_diffuse=True,
+                 class_schedule=str(tmp_path / "gone.npy"))
+    (tmp_path / "args.json").write_text(json.dumps(flags))
+    model = tmp_path / "model000001.pt"
+    with pytest.raises(run_config.UserError, match=r"^the run config .*args.json names the class schedule .*gone.npy, "
+                                                   r"which no longer exists, .* pass --class_schedule PATH.npy$"):
+        run_config.resolve_model_flags(defaults, set(), model)
+    values, _ = run_config.resolve_model_flags(dict(defaults, class_schedule="mine.npy"), {"class_schedule"}, model)
+    assert values["class_schedule"] == "mine.npy"
+    (tmp_path / "args.json").write_text(json.dumps(dict(flags, cond_opt="discrete_zero_uniform")))
+    assert run_config.resolve_model_flags(defaults, set(), model)[0]["cond_opt"] == "discrete_zero_uniform"
+
+
 def test_manifest_differences_name_the_settings():
     old = {"format": 1, "checkpoint": {"sha256": "ab" * 32, "path": "/a"}, "sampling": {"s": 1.5, "batch_size": 4},
            "model": {"num_channels": 32}, "code": {"git_commit": "1"}}
