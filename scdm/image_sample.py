@@ -90,11 +90,11 @@ def main(argv=None):
     if not parsed.seed_align:
         raise UserError("--seed_align False is not available: every image's noise comes from its own seeded stream, "
                         "so clean and noisy runs of the same maps always share their draws")
+    fast_paths = from_disable_spec(parsed.disable_fast_paths)
+    settings = sampler_settings(parsed)
     if not parsed.data_dir:
         raise UserError("--data_dir is required: the folder of label maps to sample (a dataset, or a noisy tree "
                         "made by image_process)")
-    fast_paths = from_disable_spec(parsed.disable_fast_paths)
-    settings = sampler_settings(parsed)
     model_keys = set(model_and_diffusion_defaults())
     spec = resolve_checkpoint(parsed.model_path, preset=parsed.preset, use_ema=parsed.use_ema,
                               ema_rate=parsed.ema_rate, flags={k: getattr(parsed, k) for k in model_keys},
