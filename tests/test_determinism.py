@@ -96,6 +96,11 @@ def test_a_corrupt_or_unwritable_cache_only_costs_a_timing(tmp_path):
     blocked.write_text("")
     tuner, runs = scripted_autotuner(TuningCache(blocked / "sub" / "cache.json"), "b")
     assert tuner.choose("op", ("k",), candidates(runs)) == "b"  # under a regular file: no cache, no error
+    folder = tmp_path / "a_folder.json"
+    folder.mkdir()  # the file itself cannot be replaced (as on a read-only file system): no error either
+    for fastest in ("a", "b"):  # nothing is kept: each new tuner times again
+        tuner, runs = scripted_autotuner(TuningCache(folder), fastest)
+        assert tuner.choose("op", ("k",), candidates(runs)) == fastest and runs and folder.is_dir()
 
 
 def test_the_cache_location_follows_the_environment(tmp_path, monkeypatch):

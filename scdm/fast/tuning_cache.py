@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..runtime.fileio import atomic_write
+from ..runtime.fileio import WriteError, atomic_write
 
 ENV = "SCDM_TUNING_CACHE"
 FORMAT = 1
@@ -100,7 +100,7 @@ class TuningCache:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write(self.path, json.dumps({"format": FORMAT, "machines": machines}, indent=1, sort_keys=True))
-            except OSError as exc:
+            except (OSError, WriteError) as exc:  # a read-only cache only costs the timings again
                 self._say_once(f"tuning cache {self.path} not written ({exc})")
 
     @contextlib.contextmanager
