@@ -215,10 +215,12 @@ def cpu_guided_step(flags, batch, steps, warmup, repeats, half=()):
 
 
 def auto_choices(model):
-    """What the "auto" fast paths chose, per key, with the timings (ms) they were chosen on."""
+    """What the "auto" fast paths chose, per key, with the timings (ms) they were chosen on (none for a
+    choice taken from the machine's tuning cache: it was timed by an earlier process)."""
     tuner = model.autotuner
     return {" ".join(map(str, key)): {"choice": tuner.choices[key],
-                                      "ms": {k: round(v * 1e3, 2) for k, v in tuner.timings[key].items()}}
+                                      "ms": {k: round(v * 1e3, 2) for k, v in tuner.timings[key].items()}
+                                      if key in tuner.timings else "from the tuning cache"}
             for key in tuner.choices}
 
 

@@ -67,3 +67,13 @@ def test_bench_sample_names_a_wrong_setting_and_a_wrong_released_checkout(tmp_pa
     with pytest.raises(UserError, match=f"REF_DIR={tmp_path}: expected a released SCDM checkout with "
                                         "guided_diffusion/script_util.py"):
         bench.main(["--smoke", "--threads", "1", "--settings", "released"])
+
+
+def test_choices_from_the_tuning_cache_are_reported_without_timings():
+    """A second run on the same machine takes its choices from the cache: nothing was timed this time."""
+    from types import SimpleNamespace
+    tuner = SimpleNamespace(choices={("conv", "4x4"): "gather", ("attn", "8"): "sdpa"},
+                            timings={("conv", "4x4"): {"gather": 0.001, "conv": 0.002}})
+    choices = _bench().auto_choices(SimpleNamespace(autotuner=tuner))
+    assert choices == {"conv 4x4": {"choice": "gather", "ms": {"gather": 1.0, "conv": 2.0}},
+                       "attn 8": {"choice": "sdpa", "ms": "from the tuning cache"}}
