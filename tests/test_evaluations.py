@@ -458,6 +458,37 @@ def test_toy_segmenter_recovers_labels_exactly(toy, tmp_path):
     assert miou_mod.miou_of_folders(tmp_path / "pred", toy / "test" / "labels", dataset="toy")["miou"] == 1.0
 
 
+@pytest.mark.parametrize("where, says", [
+    (["--save_pred_dir", "{samples}"], "--save_pred_dir {samples} overlaps the --samples folder"),
+    (["--save_pred_dir", "{gt}"], "--save_pred_dir {gt} overlaps the --gt folder"),
+    (["--save_pred_dir", "{gt}/more"], "overlaps the --gt folder"),
+    (["--out", "{samples}/00000.png"], "--out {samples}/00000.png lies in the --samples folder"),
+    (["--out", "{other}"], "--out {other} exists and is not a .json file"),
+])
+def test_miou_never_writes_over_what_it_scores(toy, tmp_path, where, says):
+    import shutil
+    samples, gt = tmp_path / "samples", tmp_path / "gt"
+    shutil.copytree(toy / "test" / "images", samples)
+    shutil.copytree(toy / "test" / "labels", gt)
+    (tmp_path / "notes.png").write_bytes(b"mine")
+    names = dict(samples=samples, gt=gt, other=tmp_path / "notes.png")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    from evaluations.miou.__main__ import main
+    with pytest.raises(EvalError, match=re.escape(says.format(**names))):
+        main(["--segmenter", "toy", "--samples", str(samples), "--gt", str(gt), *(w.format(**names) for w in where)])
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_miou_save_pred_dir_needs_the_toy_segmenter(tmp_path):
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    save_ids(gt, "x", np.zeros((4, 4)))
+    save_ids(pred, "x", np.zeros((4, 4)))
+    from evaluations.miou.__main__ import main
+    with pytest.raises(EvalError, match="with --pred they exist already"):
+        main(["--pred", str(pred), "--gt", str(gt), "--num_classes", "3", "--save_pred_dir", str(tmp_path / "p2")])
+    assert not (tmp_path / "p2").exists()
+
+
 # --------------------------------------------------------------------------------- report
 def results_folder(toy, root, num_sets=2):
     """A sampler-like results folder on the toy test split, samples = noisy ground truth."""

@@ -81,11 +81,35 @@ def _from_results(args):
     return gt
 
 
+def check_outputs_spare_inputs(args, gt):
+    """--save_pred_dir and --out never write into the folders being scored (a prediction saved over a
+    sample, a JSON over a label map): refused before any work."""
+    from pathlib import Path
+    inputs = {flag: Path(str(where)).resolve() for flag, where in
+              (("--samples", args.samples), ("--pred", args.pred), ("--gt", getattr(gt, "where", gt))) if where}
+    if args.save_pred_dir:
+        if args.pred is not None:
+            raise EvalError("--save_pred_dir saves the toy segmenter's predictions; with --pred they exist already")
+        out = Path(args.save_pred_dir).resolve()
+        for flag, where in inputs.items():
+            if out == where or where in out.parents or out in where.parents:
+                raise EvalError(f"--save_pred_dir {args.save_pred_dir} overlaps the {flag} folder {where}, whose files "
+                                "it would replace; choose another folder")
+    if args.out:
+        out = Path(args.out).resolve()
+        for flag, where in inputs.items():
+            if where in out.parents:
+                raise EvalError(f"--out {args.out} lies in the {flag} folder {where}; choose a path outside it")
+        if out.is_file() and out.suffix.lower() != ".json":
+            raise EvalError(f"--out {args.out} exists and is not a .json file; expected the path of the metrics JSON")
+
+
 def main(argv=None):
     args = parse_args(argv)
     gt = _from_results(args) if args.results else args.gt
     if gt is None:
         raise EvalError("give --gt GT_DIR (the ground-truth label maps), or --results RESULTS_DIR")
+    check_outputs_spare_inputs(args, gt)
     if args.out:
         check_writable_file(args.out, "--out")
     if args.save_pred_dir:
