@@ -108,6 +108,10 @@ def evaluate(results, gt=None, dataset: Optional[str] = None, num_classes: Optio
     pred = results / "pred"
     entry = {"value": None, "dataset": dataset, "gt": miou_gt}
     try:
+        if miou_gt == "clean" and report["manifest"] is None and (results / MANIFEST).is_file():
+            # Only the manifest says whether labels/ came from a noisy tree: never guess "clean".
+            raise EvalError(f"{results / MANIFEST} is {report['manifest_status']}, so whether {results / 'labels'} "
+                            "holds the clean annotations is unknown; pass --miou_gt noisy or --miou_gt DIR")
         gt_labels = miou_mod.ground_truth(results, miou_gt, report["manifest"])
     except UserError as e:
         gt_labels = None

@@ -545,6 +545,20 @@ def test_report_failed_metric_exits_2_after_writing(tmp_path, no_hub):
     assert status.startswith("failed:") and "predicted ids 9" in status
 
 
+def test_report_with_an_unreadable_manifest_does_not_call_the_labels_clean(toy, tmp_path, no_hub):
+    """Only the manifest says whether labels/ are a noisy tree's maps: unreadable, mIoU against
+    "clean" fails (exit 2) instead of scoring the noisy maps as the clean annotations."""
+    res = results_folder(toy, tmp_path / "res", num_sets=1)
+    (res / "manifest.json").write_text("{bad")
+    with pytest.raises(SystemExit) as e:
+        report_mod.main(["--results", str(res), "--dataset_mode", "toy"])
+    assert e.value.code == 2
+    status = json.loads((res / "report.json").read_text())["miou"]["status"]
+    assert status.startswith(f"failed: {res / 'manifest.json'} is unreadable") and "--miou_gt noisy" in status
+    rep = report_mod.main(["--results", str(res), "--dataset_mode", "toy", "--miou_gt", "noisy"])
+    assert rep["miou"]["status"] == "ok"
+
+
 def test_match_names_lists_both_sides(tmp_path):
     a = write_images(tmp_path / "a", 0, names=["1", "2"], size=4)
     b = write_images(tmp_path / "b", 0, names=["2", "3"], size=4, ext="jpg")
