@@ -208,8 +208,25 @@ def parse_args(argv=None):
     return args
 
 
+def check_inputs(args):
+    """The paths the flags name, before any work: a mistyped one would otherwise replace a good report
+    with a failed one."""
+    from evaluations.miou import GT_CHOICES
+    if not args.out_prefix or Path(args.out_prefix).name in ("", ".", ".."):
+        raise EvalError(f"--out-prefix {args.out_prefix!r}: expected a file name prefix such as report")
+    if args.gt is not None and not Path(args.gt).is_dir():
+        raise EvalError(f"--gt {args.gt}: not a folder of real images")
+    if args.miou_gt not in GT_CHOICES and not Path(args.miou_gt).is_dir():
+        raise EvalError(f"--miou_gt {args.miou_gt}: expected {' or '.join(GT_CHOICES)}, or a folder of label maps")
+    for flag, path in (("--fid-weights", args.fid_weights), ("--lpips-weights", args.lpips_weights)):
+        if path not in (None, "random") and not Path(path).is_file():
+            raise EvalError(f"{flag} {path}: {'a folder' if Path(path).is_dir() else 'file not found'}; expected "
+                            "the weights file")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    check_inputs(args)
     prefix = Path(args.out_prefix)
     if not prefix.is_absolute():
         prefix = Path(args.results) / prefix
@@ -228,7 +245,8 @@ def main(argv=None):
     print(f"wrote {prefix}.json and {prefix}.md", file=sys.stderr)
     failed = [k for k in ("fid", "lpips", "miou") if report[k]["status"].startswith("failed")]
     if failed:
-        print(f"error: {', '.join(failed)} failed (see the report)", file=sys.stderr)
+        for k in failed:
+            print(f"error: {k} {report[k]['status']}", file=sys.stderr)
         sys.exit(2)
     return report
 

@@ -529,7 +529,7 @@ def test_report_skips_without_weights_or_predictions(toy, tmp_path, no_hub, caps
     assert (res / "r2.json").is_file() and (res / "r2.md").is_file()
 
 
-def test_report_failed_metric_exits_2_after_writing(tmp_path, no_hub):
+def test_report_failed_metric_exits_2_after_writing(tmp_path, no_hub, capsys):
     res = tmp_path / "res"
     write_images(res / "images", 3, size=8)
     write_images(res / "samples", 3, size=8)
@@ -543,6 +543,22 @@ def test_report_failed_metric_exits_2_after_writing(tmp_path, no_hub):
     assert e.value.code == 2
     status = json.loads((res / "report.json").read_text())["miou"]["status"]
     assert status.startswith("failed:") and "predicted ids 9" in status
+    assert f"error: miou {status}" in capsys.readouterr().err  # the reason, not only "see the report"
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--gt", "/no/such"], "--gt /no/such: not a folder of real images"),
+    (["--miou_gt", "clea"], "--miou_gt clea: expected clean or noisy, or a folder of label maps"),
+    (["--fid-weights", "/no/inception.pth"], "--fid-weights /no/inception.pth: file not found"),
+    (["--lpips-weights", "."], "--lpips-weights .: a folder"),
+    (["--out-prefix", ""], "--out-prefix '': expected a file name prefix"),
+])
+def test_a_mistyped_report_flag_keeps_the_earlier_report(toy, tmp_path, no_hub, flags, says):
+    res = results_folder(toy, tmp_path / "res", num_sets=1)
+    (res / "report.json").write_text('{"earlier": true}')
+    with pytest.raises(EvalError, match=re.escape(says)):
+        report_mod.main(["--results", str(res), "--dataset_mode", "toy", *flags])
+    assert (res / "report.json").read_text() == '{"earlier": true}'
 
 
 def test_report_with_an_unreadable_manifest_does_not_call_the_labels_clean(toy, tmp_path, no_hub):
