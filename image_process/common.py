@@ -274,6 +274,35 @@ def _process_in_worker(item: Item) -> tuple:
     return item.key, process(_JOB, item)
 
 
+def _in_workers(job: Job, items: Sequence[Item], num_workers: int):
+    """`process` of every item in `num_workers` processes. A worker that dies (the out-of-memory
+    killer, a signal) ends the run with one line instead of a wait for results that never come, and
+    on any error or Ctrl-C the workers are stopped before the caller removes the staging folder."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    chunk = max(1, min(16, len(items) // (4 * num_workers)))
+    pool = ProcessPoolExecutor(num_workers, mp_context=mp.get_context(), initializer=_init_worker, initargs=(job,))
+    finished = False
+    try:
+        yield from pool.map(_process_in_worker, items, chunksize=chunk)
+        finished = True
+    except BrokenProcessPool:
+        raise InputError(f"a worker process died while making the tree (killed, e.g. out of memory at --image_size "
+                         f"{job.image_size}: try fewer --num_workers or a smaller size); nothing was written to the "
+                         "output folder") from None
+    finally:
+        if not finished:
+            stop = getattr(pool, "terminate_workers", None)  # Python 3.14; before it, the pool's own processes
+            if stop is not None:
+                stop()
+            else:
+                for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                    proc.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def looks_like_earlier_run(out_dir: Path, written: Dict[str, str]) -> List[Path]:
     """Files in the folders just written that look like this run's (same name ending, e.g.
     ``_gtFine_labelIds.png``) but are not: an earlier run's, which the loader would pair up.
@@ -364,14 +393,13 @@ def build_tree(noise: str, data_dir, out_dir, params: Optional[dict] = None, *,
                     changed, pixels = changed + n_changed, pixels + n_pixels
                     bar.update()
             else:
-                import multiprocessing as mp
-
-                chunk = max(1, min(16, len(items) // (4 * num_workers)))
-                with mp.get_context().Pool(num_workers, _init_worker, (job,)) as pool:
-                    for _, (_, n_changed, n_pixels) in pool.imap_unordered(_process_in_worker, items,
-                                                                            chunksize=chunk):
+                results = _in_workers(job, items, num_workers)
+                try:
+                    for _, (_, n_changed, n_pixels) in results:
                         changed, pixels = changed + n_changed, pixels + n_pixels
                         bar.update()
+                finally:
+                    results.close()  # stops the workers now, before the staging folder is removed
         finally:
             bar.close()
 

@@ -218,6 +218,28 @@ def test_sigterm_to_the_main_process_ends_the_pool_and_leaves_nothing(ade, tmp_p
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # run_cli put the handler back
 
 
+def test_a_worker_that_dies_ends_the_run_with_one_line(ade, tmp_path, capsys, monkeypatch):
+    """A worker killed mid-task (the out-of-memory killer at a huge --image_size) used to leave the main
+    process waiting forever for its results: now one error line, exit 2, and no half-built tree."""
+    import signal
+
+    from image_process import common
+
+    plain = common.process
+
+    def dying_process(job, item):  # the workers are forked: they run this patched function
+        if item.key.endswith("2"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return plain(job, item)
+
+    monkeypatch.setattr(common, "process", dying_process)
+    out = tmp_path / "out"
+    code = run("edge", ade, out, workers=2)
+    err = capsys.readouterr().err
+    assert code == 2 and "error: a worker process died while making the tree" in err, err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ADEChallengeData2016"]
+
+
 def test_module_entry_point_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "image_process.edge", "--data_dir", str(tmp_path / "none"),
                            "--out_dir", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)
