@@ -33,6 +33,7 @@ from scdm.data.dataset_layouts import (
     list_records,
     raw_unlabeled_id, read_ids,
 )
+from scdm.runtime import stop_signals
 from scdm.runtime.errors import UserError, run_cli
 from scdm.runtime.fileio import copy_file, folder_problem, link_or_copy, move_file, save_image, write_json
 
@@ -414,7 +415,8 @@ def build_tree(noise: str, data_dir, out_dir, params: Optional[dict] = None, *,
         write_json({k: v for k, v in manifest.items() if k != "seconds"}, staging / MANIFEST, sort_keys=True)
         files = sorted([*rels, *extra])
         write_json({"files": files}, staging / WRITTEN_LIST)
-        removed = commit_tree(staging, out_dir, files)
+        with stop_signals.deferred():  # Ctrl-C here would leave the earlier tree half replaced
+            removed = commit_tree(staging, out_dir, files)
     except BaseException:
         # a bad file, Ctrl-C, a full disk: what this run wrote goes; the pool is terminated by now
         shutil.rmtree(staging, ignore_errors=True)

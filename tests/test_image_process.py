@@ -240,6 +240,31 @@ def test_a_worker_that_dies_ends_the_run_with_one_line(ade, tmp_path, capsys, mo
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ADEChallengeData2016"]
 
 
+def test_ctrl_c_while_an_overwrite_moves_files_in_leaves_one_whole_tree(ade, tmp_path, capsys, monkeypatch):
+    """The signal waits until the new tree is in place: never the earlier run's files mixed with the
+    new ones under the new corruption.json."""
+    import signal
+
+    from image_process import common
+
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    assert run("edge", ade, out, "--seed", 1) == 0
+    assert run("edge", ade, fresh, "--seed", 2) == 0
+    plain, moved = common.move_file, []
+
+    def interrupted_move(src, dst):
+        if not moved:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C as the first file moves in
+        moved.append(dst)
+        return plain(src, dst)
+
+    monkeypatch.setattr(common, "move_file", interrupted_move)
+    code = run("edge", ade, out, "--seed", 2, "--overwrite")
+    assert code == 130, capsys.readouterr().err
+    assert len(moved) > 1 and tree_bytes(out) == tree_bytes(fresh)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
+
+
 def test_module_entry_point_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "image_process.edge", "--data_dir", str(tmp_path / "none"),
                            "--out_dir", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)

@@ -116,3 +116,29 @@ class StopRequest:
         for s, h in self._old.items():
             signal.signal(s, h)
         return False
+
+
+class deferred:
+    """Holds the stop signals back while a short step that must not be cut in two runs (moving a
+    finished tree into place file by file): a signal that arrives meanwhile is recorded, and raised
+    again when the step ends, so the folder holds the old files or the new ones, never a mix. (Python
+    handlers, not the thread's signal mask: a process-directed signal would reach another thread.)
+    Main thread only; elsewhere it does nothing."""
+
+    def __enter__(self):
+        self.pending = []
+        self.handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for s in STOP_SIGNALS:
+                old = signal.getsignal(s)
+                if old is not None:  # None: a handler set outside Python, which cannot be put back
+                    self.handlers[s] = old
+                    signal.signal(s, lambda signum, frame: self.pending.append(signum))
+        return self
+
+    def __exit__(self, *exc):
+        for s, old in self.handlers.items():
+            signal.signal(s, old)
+        if self.pending:
+            signal.raise_signal(self.pending[0])
+        return False
