@@ -180,6 +180,10 @@ def unreadable_reason(path, exc):
         return e.strerror or str(e)
     if size == 0:
         return "it is empty (0 bytes): a copy or a save that did not finish"
+    if "Weights only load failed" in str(exc) and "Unsupported operand" not in str(exc):
+        # torch's advice there is to unpickle it anyway
+        return ("it holds Python objects, not only tensors (a whole saved model?); expected a state dict, as "
+                "torch.save(model.state_dict(), path) writes")
     if head.startswith(b"PK\x03\x04"):
         return f"a torch zip archive that is truncated or damaged ({size} bytes; a copy that did not finish?)"
     if head.startswith(b"\x80"):

@@ -489,6 +489,23 @@ def test_miou_save_pred_dir_needs_the_toy_segmenter(tmp_path):
     assert not (tmp_path / "p2").exists()
 
 
+@pytest.mark.parametrize("write, says", [
+    (lambda p: p.write_text("hello"), "it holds text (5 bytes), not a torch file"),
+    (lambda p: p.write_bytes(b""), "it is empty (0 bytes)"),
+    (lambda p: torch.save(torch.nn.Linear(2, 2), p), "it holds Python objects, not only tensors"),
+])
+def test_an_unreadable_weights_file_is_one_line_without_unpickling_advice(tmp_path, write, says):
+    path = tmp_path / "weights.pth"
+    write(path)
+    for read in (lambda: fid_mod._read_state_dict(str(path), fid_mod.INCEPTION_FILE),
+                 lambda: lpips_mod._backbone_state(str(path), torch.nn.Sequential(), "alex")):
+        with pytest.raises(EvalError) as e:
+            read()
+        message = str(e.value)
+        assert message.startswith(f"cannot read weights file {path} (expected ") and says in message
+        assert "\n" not in message and "weights_only" not in message
+
+
 # --------------------------------------------------------------------------------- report
 def results_folder(toy, root, num_sets=2):
     """A sampler-like results folder on the toy test split, samples = noisy ground truth."""

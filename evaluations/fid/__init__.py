@@ -23,6 +23,7 @@ from evaluations.common import (
     EvalError, default_device, folder_fingerprint, image_size, list_images, load_rgb,
     match_names, note_resized, resolve_weights,
 )
+from scdm.checkpoint import unreadable_reason
 from scdm.data.datasets import iter_user_errors_clean
 from scdm.runtime.fileio import atomic_write, file_sha256
 from scdm.runtime.stop_signals import worker_options
@@ -106,7 +107,8 @@ def _read_state_dict(path: str, expected: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise EvalError(f"cannot read weights file {path} (expected '{expected}'): {e}") from None
+        raise EvalError(f"cannot read weights file {path} (expected '{expected}'): "
+                        f"{unreadable_reason(Path(path), e)}") from None
     if not isinstance(state, dict):
         raise EvalError(f"{path} does not hold a state dict (expected '{expected}')")
     return state

@@ -19,6 +19,7 @@ import torch
 from evaluations.common import (
     EvalError, default_device, list_images, load_rgb, match_names, note_resized, resolve_weights,
 )
+from scdm.checkpoint import unreadable_reason
 from scdm.data.datasets import iter_user_errors_clean
 from scdm.runtime.stop_signals import worker_options
 
@@ -64,7 +65,8 @@ def _backbone_state(path: str, trunk: torch.nn.Module, net: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise EvalError(f"cannot read weights file {path} (expected '{backbone_file(net)}'): {e}") from None
+        raise EvalError(f"cannot read weights file {path} (expected '{backbone_file(net)}'): "
+                        f"{unreadable_reason(Path(path), e)}") from None
     mapped = {}
     for key in trunk.state_dict():
         slice_name, rest = key.split(".", 1)
