@@ -506,6 +506,20 @@ def test_an_unreadable_weights_file_is_one_line_without_unpickling_advice(tmp_pa
         assert "\n" not in message and "weights_only" not in message
 
 
+@pytest.mark.parametrize("write, what", [
+    (lambda f: f.write(b"mu sigma"), "another format"),
+    (lambda f: np.save(f, np.ones(3)), "a single .npy array"),
+    (lambda f: None, "an empty file"),
+])
+def test_a_statistics_file_that_is_not_an_npz_says_so(tmp_path, write, what):
+    path = tmp_path / "stats.npz"
+    with open(path, "wb") as f:
+        write(f)
+    with pytest.raises(EvalError, match=re.escape(f"{path} is not an .npz statistics file ({what})")) as e:
+        fid_mod.load_stats(path)
+    assert "allow_pickle" not in str(e.value)
+
+
 # --------------------------------------------------------------------------------- report
 def results_folder(toy, root, num_sets=2):
     """A sampler-like results folder on the toy test split, samples = noisy ground truth."""

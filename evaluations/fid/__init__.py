@@ -212,7 +212,14 @@ def save_stats(path, stats: Stats, fingerprint: str = "", feature_id: str = "") 
 def load_stats(path) -> Tuple[Stats, str, str]:
     """(stats, fingerprint, feature_id) from an `.npz` (ours, or pytorch-fid's mu/sigma only)."""
     try:
-        with np.load(path) as f:
+        with open(path, "rb") as f:
+            head = f.read(6)
+        if not head.startswith(b"PK"):
+            what = ("an empty file" if not head else "a single .npy array" if head == b"\x93NUMPY"
+                    else "another format")
+            raise EvalError(f"{path} is not an .npz statistics file ({what}); expected one written by --save-stats "
+                            "or pytorch-fid")
+        with np.load(path, allow_pickle=False) as f:
             if "mu" not in f or "sigma" not in f:
                 raise EvalError(f"{path} is not a statistics file (needs arrays 'mu' and 'sigma')")
             size = tuple(int(v) for v in f["size"]) if "size" in f else (0, 0)
