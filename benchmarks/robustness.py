@@ -56,6 +56,7 @@ from scdm.presets import SAMPLING  # noqa: E402
 from scdm.results_folder import code_version  # noqa: E402
 
 STATE_FILE = "study.json"
+GENERATOR = "benchmarks/robustness.py"  # in STATE_FILE: the folders this study may reuse or remove
 NOISES = ("clean", "ds", "edge", "random", "painter")
 MODELS = {  # id: (name, label-diffusion flags); the network is the same for all
     "sdm": ("SDM", dict(cond_diffuse=False)),
@@ -408,8 +409,10 @@ def prepare_out(out, cfg, fresh):
         try:
             state = json.loads(state_path.read_text())
         except (OSError, ValueError):
+            state = None
+        if not isinstance(state, dict) or state.get("generator") != GENERATOR:
             raise StudyError(f"--out_dir {out} is not empty and holds no {STATE_FILE} of this study; choose a new "
-                             "or empty folder (nothing was changed)") from None
+                             "or empty folder (nothing was changed)")
         if fresh:
             log(f"--fresh: removing {out}")
             shutil.rmtree(out)
@@ -419,7 +422,7 @@ def prepare_out(out, cfg, fresh):
             raise StudyError(f"{out} holds models trained with other settings ({diff}); pass --fresh or another "
                              "--out_dir")
     out.mkdir(parents=True, exist_ok=True)
-    write_json({"generator": "benchmarks/robustness.py", "training": {k: cfg[k] for k in TRAINING_KEYS}},
+    write_json({"generator": GENERATOR, "training": {k: cfg[k] for k in TRAINING_KEYS}},
                state_path, sort_keys=True)
 
 

@@ -92,6 +92,10 @@ def test_refuses_foreign_folder_and_changed_training(study, tmp_path):
     with pytest.raises(robustness.StudyError, match="holds no study.json"):
         run_study(foreign)
     assert (foreign / "mine.txt").read_text() == "keep" and len(list(foreign.iterdir())) == 1
+    (foreign / "study.json").write_text('{"my": "study notes"}')  # a study.json, but not this tool's
+    with pytest.raises(robustness.StudyError, match="holds no study.json"):
+        run_study(foreign, "--fresh")
+    assert (foreign / "mine.txt").read_text() == "keep"
     with pytest.raises(robustness.StudyError, match=r"other settings \(lr 0.0005 -> 0.002\)"):
         run_study(out, "--lr", "0.002")
 
