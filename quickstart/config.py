@@ -6,7 +6,7 @@ one JSON-able dict. The network is the toy preset of `scdm.presets`, not a copy 
 import argparse
 
 from scdm.runtime.cli import (HelpFormatter, add_bool_argument, add_deprecated_alias, int_at_least, nonnegative_float,
-                      nonnegative_int, positive_float, positive_int, probability, rate_list)
+                      nonnegative_int, positive_float, positive_int, probability, rate_list, respacing)
 from scdm.runtime.errors import UserError
 from scdm.presets import PRESETS
 
@@ -67,7 +67,8 @@ def build_parser():
                            "(default: %(default)s)")
     p.add_argument("--sample_from", choices=("ema", "model"), default="ema",
                    help="sample the EMA weights (ema_<rate>_*.pt) or the raw model*.pt")
-    p.add_argument("--respacing", default=argparse.SUPPRESS, help=budget("respacing", "sampler timestep respacing"))
+    p.add_argument("--respacing", type=respacing, default=argparse.SUPPRESS,
+                   help=budget("respacing", "sampler timestep respacing"))
     p.add_argument("--s", type=nonnegative_float, default=1.5, help="classifier-free guidance scale")
     p.add_argument("--extrapolation", type=nonnegative_float, default=0.8,
                    help="sampler extrapolation (released 25-step setting)")
@@ -112,6 +113,14 @@ def resolve_config(args):
         raise QuickstartError(f"--edge_radius must be >= 0, got {cfg['edge_radius']}")
     if not cfg["lr"] > 0:
         raise QuickstartError(f"--lr must be > 0, got {cfg['lr']}")
+    if cfg["batch_size"] > cfg["num_train"]:
+        raise QuickstartError(f"--batch_size {cfg['batch_size']} is larger than --num_train {cfg['num_train']}: "
+                              "training needs at least one full batch")
+    try:  # the sampler's own check, now rather than after both trainings
+        from scdm.script_util import create_gaussian_diffusion
+        create_gaussian_diffusion(steps=1000, timestep_respacing=cfg["respacing"])
+    except ValueError as e:
+        raise QuickstartError(f"--respacing {cfg['respacing']}: {e}") from None
     cfg["noises"] = ["clean", "ds", "edge", "random"] + (["painter"] if cfg["painter"] else [])
     cfg["out_dir"] = str(cfg["out_dir"])
     return cfg

@@ -144,6 +144,9 @@ def test_not_enough_disk_is_refused_before_anything_is_written(tmp_path, monkeyp
     (["--size", "18"], "error: --size must be a multiple of 4"),
     (["--random_p", "2"], "error: argument --random_p: a number in [0.0, 1.0] expected, got '2'"),
     (["--num_test", "1"], "error: argument --num_test: an integer >= 2 expected, got '1'"),
+    (["--respacing", "bogus"], "error: argument --respacing: '' (every step), 'ddimN'"),
+    (["--respacing", "ddim5000"], "error: --respacing ddim5000: timestep_respacing 'ddim5000': cannot take"),
+    (["--batch_size", "64"], "is larger than --num_train"),
 ])
 def test_bad_flags(flags, message, tmp_path, capsys):
     try:
