@@ -35,7 +35,8 @@ from scdm.data.dataset_layouts import (
 )
 from scdm.runtime import stop_signals
 from scdm.runtime.errors import UserError, run_cli
-from scdm.runtime.fileio import copy_file, folder_problem, link_or_copy, move_file, save_image, write_json
+from scdm.runtime.fileio import (copy_file, default_dir_mode, folder_problem, link_or_copy, move_file, save_image,
+                                  write_json)
 
 MANIFEST = CORRUPTION_FILE
 # Every file a builder wrote into its tree, relative to the tree's root: the only files a later
@@ -377,6 +378,7 @@ def build_tree(noise: str, data_dir, out_dir, params: Optional[dict] = None, *,
 
     meta = layout.metadata_file if layout.metadata_file and (data_dir / layout.metadata_file).is_file() else None
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    os.chmod(staging, default_dir_mode())  # it becomes out_dir: shared as any folder the user makes
     job = Job(noise, dict(params or {}), data_dir, staging, seed, fill, image_size)
     rels = {str(p.relative_to(staging)): it.key for it in items for p in output_paths(job, it)}
     extra = [MANIFEST, WRITTEN_LIST] + ([meta] if meta else [])

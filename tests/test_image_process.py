@@ -345,6 +345,8 @@ def test_output_files_honour_the_umask(toy_folder, tmp_path):
     assert {p.name for p in written} >= {"corruption.json", "dataset.json", "00000.png"}
     for path in written:  # maps and JSON are new files; images are hard links and keep their source's mode
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    for folder in [out, *(p for p in out.rglob("*") if p.is_dir())]:  # the tree's root too, not mkdtemp's 0700
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755, folder
 
 
 def test_scdm_loader_reads_downsampled_maps(tmp_path):

@@ -52,6 +52,11 @@ def default_file_mode():
     return 0o666 & ~current_umask()
 
 
+def default_dir_mode():
+    """What `mkdir` would give a new folder: 0777 minus the umask (`mkdtemp` gives 0700)."""
+    return 0o777 & ~current_umask()
+
+
 class WriteError(UserError):
     """A file could not be written (full disk, quota, read-only file system, no permission)."""
 
