@@ -24,7 +24,8 @@ import numpy as np
 from image_process.common import build_tree
 from image_process.synthetic import scene, write_tree
 from scdm.data import corruptions as C
-from scdm.runtime.cli import HelpFormatter, add_deprecated_alias
+from scdm.runtime.cli import HelpFormatter, add_deprecated_alias, nonnegative_int, positive_int
+from scdm.runtime.errors import run_cli
 from scdm.fast.performance import describe_machine
 
 PARAMS = {"downsample": {"size": 64}, "edge": {"radius": 2}, "random": {"p": 0.1},
@@ -209,13 +210,13 @@ def machine():
 
 def main(argv=None):
     p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
-    p.add_argument("--size", type=int, default=256, help="side of the timed maps")
-    p.add_argument("--maps", type=int, default=20, help="maps timed with the vectorized code")
-    p.add_argument("--slow_maps", type=int, default=3, help="maps timed with the Python loops")
-    p.add_argument("--num", type=int, default=2000, help="maps in the benchmark tree (0: skip)")
-    p.add_argument("--num_workers", type=int, default=2, help="worker processes building the tree")
-    add_deprecated_alias(p, "--workers", "--num_workers", dest="num_workers", type=int)
-    p.add_argument("--source_hw", type=int, nargs=2, default=[384, 512],
+    p.add_argument("--size", type=positive_int, default=256, help="side of the timed maps")
+    p.add_argument("--maps", type=positive_int, default=20, help="maps timed with the vectorized code")
+    p.add_argument("--slow_maps", type=positive_int, default=3, help="maps timed with the Python loops")
+    p.add_argument("--num", type=nonnegative_int, default=2000, help="maps in the benchmark tree (0: skip)")
+    p.add_argument("--num_workers", type=positive_int, default=2, help="worker processes building the tree")
+    add_deprecated_alias(p, "--workers", "--num_workers", dest="num_workers", type=positive_int)
+    p.add_argument("--source_hw", type=positive_int, nargs=2, default=[384, 512],
                    help="size of the synthetic source maps/images (ADE20K val is ~512 on the short side)")
     args = p.parse_args(argv)
     report = {"machine": machine(), "config": {**vars(args), "params": PARAMS},
@@ -227,4 +228,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

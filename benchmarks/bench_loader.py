@@ -16,10 +16,19 @@ import time
 
 import torch
 
-from scdm.runtime.cli import HelpFormatter, add_deprecated_alias
+from scdm.runtime.cli import HelpFormatter, add_deprecated_alias, positive_int
+from scdm.runtime.errors import run_cli
 from scdm.fast.performance import describe_machine
 from scdm.data.datasets import load_data
 from scdm.toy import make_toy_dataset
+
+
+def worker_counts(v):
+    """argparse `type=`: comma-separated loader worker counts >= 0, e.g. 0,2."""
+    parts = [w.strip() for w in str(v).split(",")]
+    if not parts or not all(w.isdigit() for w in parts):
+        raise argparse.ArgumentTypeError(f"comma-separated worker counts >= 0 expected, got {v!r}")
+    return [int(w) for w in parts]
 
 
 def machine():
@@ -39,26 +48,27 @@ def measure(args, data_dir, num_workers):
             "images_per_s": round(images / seconds, 2)}
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--dataset_mode", default="folder", help="layout of --data_dir")
     p.add_argument("--data_dir", default="", help="an existing dataset; default: a generated toy tree")
-    p.add_argument("--image_size", type=int, default=256, help="side of the loaded images")
-    p.add_argument("--source_size", type=int, default=512, help="toy image side on disk")
-    p.add_argument("--num_images", type=int, default=32, help="toy training images to generate")
-    p.add_argument("--batch_size", type=int, default=8, help="images per batch")
-    p.add_argument("--batches", type=int, default=8, help="timed batches per setting")
-    p.add_argument("--num_workers", default="0,2", help="comma-separated loader worker counts, each timed")
-    add_deprecated_alias(p, "--workers", "--num_workers", dest="num_workers")
-    p.add_argument("--threads", type=int, default=1, help="torch threads in the main process")
-    args = p.parse_args()
+    p.add_argument("--image_size", type=positive_int, default=256, help="side of the loaded images")
+    p.add_argument("--source_size", type=positive_int, default=512, help="toy image side on disk")
+    p.add_argument("--num_images", type=positive_int, default=32, help="toy training images to generate")
+    p.add_argument("--batch_size", type=positive_int, default=8, help="images per batch")
+    p.add_argument("--batches", type=positive_int, default=8, help="timed batches per setting")
+    p.add_argument("--num_workers", type=worker_counts, default="0,2",
+                   help="comma-separated loader worker counts, each timed")
+    add_deprecated_alias(p, "--workers", "--num_workers", dest="num_workers", type=worker_counts)
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads in the main process")
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = args.data_dir
         if not data_dir:
             data_dir = make_toy_dataset(os.path.join(tmp, "toy"), num_train=args.num_images, num_test=0,
                                         size=args.source_size, seed=0)
-        results = [measure(args, data_dir, int(w)) for w in args.num_workers.split(",")]
+        results = [measure(args, data_dir, w) for w in args.num_workers]
     config = {k: v for k, v in vars(args).items()}
     config["data_dir"] = args.data_dir or f"<generated toy tree, {args.source_size} px>"
     print(json.dumps({"benchmark": "loader_throughput", "machine": machine(), "config": config,
@@ -66,4 +76,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from scdm.fast.fast_paths import FastPaths, override
+from scdm.runtime.cli import nonnegative_float, nonnegative_int, positive_int
 from scdm.runtime.fileio import recorded_path
 from scdm.fast.performance import describe_machine, maybe_compile, precision_context
 from scdm.diffusion.sampling import SamplerSettings, reverse_step, sample_batch, sample_loop
@@ -513,21 +514,21 @@ def main(argv=None):
     parser.add_argument("--toy_model", default="", help="trained toy checkpoint (default: newest under "
                                                         "results/bench_steps/train)")
     parser.add_argument("--toy_data", default=str(TOY_RUN / "data" / "toy"), help="its toy dataset")
-    parser.add_argument("--precision_maps", type=int, default=16)
+    parser.add_argument("--precision_maps", type=positive_int, default=16)
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="process: CPU seconds of this process; on a machine shared with other jobs and "
                              "--threads 1 it counts this job's work only")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (the reference figures: 2)")
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--threads", type=positive_int, default=2, help="CPU threads (the reference figures: 2)")
+    parser.add_argument("--batch", type=positive_int, default=4)
     parser.add_argument("--half", default="bf16", help="half precisions to time besides fp32 where this CPU "
                                                       "runs them natively (comma-separated bf16, fp16; empty: none)")
     parser.add_argument("--steps", default="22,16,12,8,2", help="respaced steps (of 25) to time the guided step at")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=nonnegative_int, default=1)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--gpu_batches", default="1,2,4,8,16")
-    parser.add_argument("--gpu_train_batch", type=int, default=10)
-    parser.add_argument("--gpu_repeats", type=int, default=3)
-    parser.add_argument("--peak_tflops", type=float, default=0.0, help="bf16 peak of the GPU, for MFU")
+    parser.add_argument("--gpu_train_batch", type=positive_int, default=10)
+    parser.add_argument("--gpu_repeats", type=positive_int, default=3)
+    parser.add_argument("--peak_tflops", type=nonnegative_float, default=0.0, help="bf16 peak of the GPU, for MFU")
     parser.add_argument("--compile", action="store_true", help="GPU fast path: also torch.compile the model")
     parser.add_argument("--smoke", action="store_true", help="tiny configuration, one repeat: checks the code")
     args = parser.parse_args(argv)

@@ -168,7 +168,7 @@ def measure(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--batch", type=positive_int, default=2, help="images per sample call")
     p.add_argument("--repeats", type=positive_int, default=2, help="timed rounds after the warm-up (best is reported)")
     p.add_argument("--threads", type=positive_int, default=2, help="CPU threads (the reference figures: 2)")

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from evaluations.image_stats import distribution_distance, image_statistics, load_images  # noqa: E402
 from evaluations.miou import confusion_matrix, gt_to_classes, label_spec, scores  # noqa: E402
-from scdm.runtime.cli import HelpFormatter, positive_int  # noqa: E402
+from scdm.runtime.cli import HelpFormatter, nonnegative_int, positive_int  # noqa: E402
 from scdm.data.conditioning import Conditioning  # noqa: E402
 from scdm.data.dataset_layouts import dataset_info, read_ids  # noqa: E402
 from scdm.data.datasets import build_dataset  # noqa: E402
@@ -318,7 +318,7 @@ def main(argv=None):
     p.add_argument("--noisy", type=noisy_arg, action="append", default=[], metavar="NAME=TREE",
                    help="a noisy tree of the same test maps (repeatable)")
     p.add_argument("--num_maps", type=positive_int, default=16, help="test maps per set (the first ones)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="sampling seeds")
+    p.add_argument("--seeds", type=nonnegative_int, nargs="+", default=[0, 1], help="sampling seeds")
     p.add_argument("--steps", type=positive_int, nargs="*", default=[5, 8, 10, 15, 25, 50],
                    help="steps of dpm++2m and ddim")
     p.add_argument("--uniform_steps", type=positive_int, nargs="*", default=[10],

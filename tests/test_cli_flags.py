@@ -17,7 +17,8 @@ CLIS = [
     "scdm.app.__main__", "scdm.slurm", "scdm.classes", "image_process.describe", "image_process.downsample",
     "image_process.edge", "image_process.random",
     "image_process.painter", "image_process.figure", "evaluations.fid.__main__", "evaluations.lpips.__main__",
-    "evaluations.miou.__main__", "evaluations.report", "quickstart.__main__", "robustness",
+    "evaluations.miou.__main__", "evaluations.report", "quickstart.__main__", "robustness", "bench_corruptions",
+    "bench_loader", "bench_steps", "bench_sample", "bench_model",
 ]
 
 # Number flags where any integer is meaningful (none today); listed with the reason when added.
