@@ -237,6 +237,21 @@ def run(args):
     return result
 
 
+def read_results(path):
+    """An earlier run's JSON (--plot_from), checked to be one."""
+    try:
+        result = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise UserError(f"--plot_from {path}: {e.strerror or e}") from None
+    except ValueError:
+        raise UserError(f"--plot_from {path}: not JSON; expected the --out file of an earlier run") from None
+    if not (isinstance(result, dict) and isinstance(result.get("results"), dict) and result["results"]
+            and all(isinstance(v, dict) and v for v in result["results"].values())):
+        raise UserError(f"--plot_from {path}: no 'results' of settings by label set; expected the --out file of an "
+                        "earlier run of bench_steps.py")
+    return result
+
+
 def plot(result, path):
     try:
         import matplotlib
@@ -339,7 +354,7 @@ def main(argv=None):
     p.add_argument("--plot_from", metavar="JSON", help="only draw --plot from an earlier run's JSON")
     args = p.parse_args(argv)
     if args.plot_from:
-        plot(json.loads(Path(args.plot_from).read_text()), args.plot)
+        plot(read_results(args.plot_from), args.plot)
         return 0
     if args.smoke:
         smoke(args)

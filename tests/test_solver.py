@@ -538,3 +538,23 @@ def test_sampler_settings_check_the_new_options():
                        (dict(restart=(1.0, 3, 1)), "restart"), (dict(label_noise="once"), "label_noise")):
         with pytest.raises(ValueError, match=match):
             SamplerSettings(**bad)
+
+
+@pytest.mark.parametrize("content, says", [
+    (None, "No such file or directory"),
+    ("not json", "not JSON; expected the --out file"),
+    ('{"a": 1}', "no 'results' of settings by label set"),
+])
+def test_bench_steps_plot_from_names_a_file_that_is_not_an_earlier_run(tmp_path, content, says):
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_steps.py"
+    spec = importlib.util.spec_from_file_location("bench_steps", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    earlier = tmp_path / "earlier.json"
+    if content is not None:
+        earlier.write_text(content)
+    with pytest.raises(ValueError, match=f"^--plot_from {earlier}: {says}"):
+        bench.main(["--plot_from", str(earlier), "--plot", str(tmp_path / "p.png")])
+    assert not (tmp_path / "p.png").exists()
