@@ -497,8 +497,7 @@ def test_miou_save_pred_dir_needs_the_toy_segmenter(tmp_path):
 def test_an_unreadable_weights_file_is_one_line_without_unpickling_advice(tmp_path, write, says):
     path = tmp_path / "weights.pth"
     write(path)
-    for read in (lambda: fid_mod._read_state_dict(str(path), fid_mod.INCEPTION_FILE),
-                 lambda: lpips_mod._backbone_state(str(path), torch.nn.Sequential(), "alex")):
+    for read in (lambda: fid_mod.InceptionFeatures(str(path)), lambda: lpips_mod.lpips_model(str(path))):
         with pytest.raises(EvalError) as e:
             read()
         message = str(e.value)

@@ -18,16 +18,18 @@
 scdm_on_signal() {
     echo "scdm: $(date '+%F %T') SIG$1 to job ${SLURM_JOB_ID:-?}: sending SIG$2 to the running step" >&2
     if [ "$1" = USR1 ]; then scdm_warned=1; fi
-    if [ -n "${scdm_child:-}" ]; then kill -s "$2" "$scdm_child" 2>/dev/null || true; fi
+    if [ -n "${scdm_child:-}" ]; then kill -s "$2" "$scdm_child" 2>/dev/null || true; else scdm_pending=$2; fi
 }
 
 run_requeueable() {
     stop_signal=$1; shift
-    scdm_warned=0; scdm_child=""
+    scdm_warned=0; scdm_child=""; scdm_pending=""
     trap 'scdm_on_signal USR1 "$stop_signal"' USR1
     trap 'scdm_on_signal TERM TERM' TERM
     "$@" &
     scdm_child=$!
+    # A signal between the start of the step and the line above found no step to pass it on to.
+    if [ -n "$scdm_pending" ]; then kill -s "$scdm_pending" "$scdm_child" 2>/dev/null || true; fi
     # A trap interrupts `wait`; wait again until the command has ended, then read its status (bash
     # keeps it). Written so that `set -e` in the caller does not end the shell on a failed step.
     while kill -0 "$scdm_child" 2>/dev/null; do wait "$scdm_child" || true; done
