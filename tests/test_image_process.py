@@ -240,9 +240,10 @@ def test_a_worker_that_dies_ends_the_run_with_one_line(ade, tmp_path, capsys, mo
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ADEChallengeData2016"]
 
 
-def test_ctrl_c_while_an_overwrite_moves_files_in_leaves_one_whole_tree(ade, tmp_path, capsys, monkeypatch):
-    """The signal waits until the new tree is in place: never the earlier run's files mixed with the
-    new ones under the new corruption.json."""
+def test_a_stop_signal_while_an_overwrite_moves_files_in_leaves_one_whole_tree(ade, tmp_path, capsys, monkeypatch):
+    """SIGTERM (as a scheduler sends it; Ctrl-C is held back the same way, but a pytest worker ignores
+    SIGINT) waits until the new tree is in place: never the earlier run's files mixed with the new
+    ones under the new corruption.json."""
     import signal
 
     from image_process import common
@@ -254,13 +255,13 @@ def test_ctrl_c_while_an_overwrite_moves_files_in_leaves_one_whole_tree(ade, tmp
 
     def interrupted_move(src, dst):
         if not moved:
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C as the first file moves in
+            os.kill(os.getpid(), signal.SIGTERM)  # as the first file moves in
         moved.append(dst)
         return plain(src, dst)
 
     monkeypatch.setattr(common, "move_file", interrupted_move)
     code = run("edge", ade, out, "--seed", 2, "--overwrite")
-    assert code == 130, capsys.readouterr().err
+    assert code == 143, capsys.readouterr().err
     assert len(moved) > 1 and tree_bytes(out) == tree_bytes(fresh)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
 

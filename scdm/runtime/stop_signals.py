@@ -131,7 +131,8 @@ class deferred:
         if threading.current_thread() is threading.main_thread():
             for s in STOP_SIGNALS:
                 old = signal.getsignal(s)
-                if old is not None:  # None: a handler set outside Python, which cannot be put back
+                # None: a handler set outside Python, which cannot be put back; SIG_IGN: nothing to hold back
+                if old is not None and old != signal.SIG_IGN:
                     self.handlers[s] = old
                     signal.signal(s, lambda signum, frame: self.pending.append(signum))
         return self
