@@ -209,7 +209,7 @@ def machine():
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--size", type=positive_int, default=256, help="side of the timed maps")
     p.add_argument("--maps", type=positive_int, default=20, help="maps timed with the vectorized code")
     p.add_argument("--slow_maps", type=positive_int, default=3, help="maps timed with the Python loops")

@@ -49,7 +49,7 @@ def measure(args, data_dir, num_workers):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--dataset_mode", default="folder", help="layout of --data_dir")
     p.add_argument("--data_dir", default="", help="an existing dataset; default: a generated toy tree")
     p.add_argument("--image_size", type=positive_int, default=256, help="side of the loaded images")

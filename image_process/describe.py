@@ -66,7 +66,7 @@ def guess_noise(stats: dict) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m image_process.describe",
-                                description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
+                                description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--data_dir", required=True, help="the noisy tree (same layout as --clean_dir)")
     p.add_argument("--clean_dir", required=True, help="the clean dataset it was made from")
     p.add_argument("--dataset_mode", default="ade20k", choices=sorted(LAYOUTS), help="layout of both trees")

@@ -56,13 +56,16 @@ def draw(items: list, gap: int = 8, caption: int = 22) -> Image.Image:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(allow_abbrev=False, prog="python -m image_process.figure",
-                                description=__doc__.splitlines()[0],
+                                description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
     p.add_argument("--out", type=Path, default=Path("corruptions.png"),
                    help="the PNG to write (the README's picture is docs/corruptions.png)")
     p.add_argument("--seed", type=nonnegative_int, default=9, help="seed of the synthetic map and the noises")
-    p.add_argument("--size", type=int_at_least(MIN_SIZE, MAX_SIZE), default=256, help="side of each panel in pixels")
+    p.add_argument("--size", type=int_at_least(MIN_SIZE, MAX_SIZE), default=256,
+                   help=f"side of each panel in pixels ({MIN_SIZE}..{MAX_SIZE})")
     args = p.parse_args(argv)
+    if args.out.suffix.lower() != ".png":
+        p.error(f"argument --out: a .png path (the figure is a palette PNG) expected, got '{args.out}'")
     check_writable_file(args.out, "--out")
     image = draw(panels(args.size, args.seed))
     # few colours: a palette PNG is a fraction of the RGB one's size

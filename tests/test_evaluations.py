@@ -322,6 +322,12 @@ def test_lpips_bad_inputs(tmp_path, no_hub):
     make_sets(res, 2, ["a", "b"], size=8)
     with pytest.raises(EvalError, match="lacks samples_2, samples_3"):
         lpips_mod.find_sample_sets(res, 4)
+    write_images(res / "samples_3", 2, size=8)  # a gap: samples_2 is missing
+    with pytest.raises(EvalError, match="has samples_3 but no samples_2: the sets must be consecutive"):
+        lpips_mod.find_sample_sets(res)
+    assert len(lpips_mod.find_sample_sets(res, 2)) == 2
+    import shutil
+    shutil.rmtree(res / "samples_3")
     with pytest.raises(EvalError, match="image pairs of 8x8: .*at least 32x32"):
         lpips_mod.lpips_diversity(lpips_mod.find_sample_sets(res), weights="random")
     write_images(res / "samples_1", 0, size=8, names=["c"])

@@ -206,6 +206,7 @@ FLAG_CASES = [
     (painter.main, ["--data_dir", "d", "--out_dir", "o"], "--small_area", "1.5"),
     (figure.main, [], "--size", "8"),
     (figure.main, [], "--seed", "-1"),
+    (figure.main, [], "--out", "fig.jpg"),
     (class_schedule.main, ["--dataset_mode", "folder", "--data_dir", "d", "--out", "o"], "--num_workers", "-1"),
     (class_schedule.main, ["--dataset_mode", "folder", "--data_dir", "d", "--out", "o"], "--num_classes", "0"),
     (class_schedule.main, ["--dataset_mode", "folder", "--data_dir", "d", "--out", "o"], "--unlabeled_id", "-2"),

@@ -93,6 +93,11 @@ def find_sample_sets(results_dir, num_sets: Optional[int] = None) -> List[Path]:
         num_sets = 0
         while set_dir(num_sets).is_dir():
             num_sets += 1
+        later = sorted(p.name for p in results.glob("samples_*") if p.is_dir() and p.name[8:].isdigit()
+                       and int(p.name[8:]) > num_sets)
+        if later:
+            raise EvalError(f"{results} has {', '.join(later)} but no samples_{num_sets}: the sets must be "
+                            f"consecutive from 0 (or pass --num_sets {num_sets} to score only the first {num_sets})")
     elif num_sets < 1:
         raise EvalError(f"--num_sets {num_sets}: must be at least 1")
     dirs = [set_dir(k) for k in range(num_sets)]
