@@ -118,7 +118,7 @@ def resolve_config(args):
                               "training needs at least one full batch")
     try:  # the sampler's own check, now rather than after both trainings
         from scdm.script_util import create_gaussian_diffusion
-        create_gaussian_diffusion(steps=1000, timestep_respacing=cfg["respacing"])
+        create_gaussian_diffusion(steps=PRESETS["toy"].model["diffusion_steps"], timestep_respacing=cfg["respacing"])
     except ValueError as e:
         raise QuickstartError(f"--respacing {cfg['respacing']}: {e}") from None
     cfg["noises"] = ["clean", "ds", "edge", "random"] + (["painter"] if cfg["painter"] else [])

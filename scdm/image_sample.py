@@ -162,7 +162,7 @@ def run(args, spec, settings, root, corruption, resized_by_tree, precision, fast
     if args.compile:
         model = maybe_compile(model, True)
     total = len(dataset) if args.num_samples < 0 else min(args.num_samples, len(dataset))
-    if 0 <= len(dataset) < args.num_samples:
+    if len(dataset) < args.num_samples:
         info_line(rank, f"--num_samples {args.num_samples}: --data_dir {args.data_dir} has {len(dataset)} label "
                         f"map(s); sampling all {len(dataset)}")
     mine = list(range(rank, total, world))  # fixed order; shards never overlap, uneven counts are fine

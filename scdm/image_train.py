@@ -103,8 +103,9 @@ def main(argv=None):
     # Decided before anything is written, so that a refused run leaves the log dir as it was.
     warnings = []
     check_training_setup(args, flags, info)
-    if attention_note(flags):
-        warnings.append(attention_note(flags))
+    note = attention_note(flags)
+    if note:
+        warnings.append(note)
     resume = resolve_resume(log_dir, args.resume_checkpoint, parse_ema_rates(args.ema_rate), warn=warnings.append)
     if resume:
         if not Path(resume).is_file():

@@ -17,7 +17,7 @@ import torch
 
 from .runtime import dist_util
 from .checkpoint import CHECKPOINT_FILE, parse_step
-from .data.dataset_layouts import CORRUPTION_FILE, DatasetError
+from .data.dataset_layouts import CORRUPTION_FILE, DatasetError, listed
 from .runtime.errors import UserError
 from .runtime.fileio import TEMP_NAME, check_writable, file_sha256, write_json
 from .diffusion.label_diffusion import DISCRETE_CLASSWISE
@@ -68,11 +68,9 @@ def check_results_path(results_path, data_dir=""):
     if root.is_dir():
         foreign = foreign_entries(root)
         if foreign:
-            shown = ", ".join(str(f) for f in foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5
-                                                            else "")
-            raise UserError(f"--results_path {root} holds {shown}, which image_sample never writes (its folders "
-                            f"{', '.join(OUTPUT_DIRS)} and samples_N hold only its PNG files); nothing was changed: "
-                            "move them, or choose another --results_path")
+            raise UserError(f"--results_path {root} holds {listed(foreign)}, which image_sample never writes (its "
+                            f"folders {', '.join(OUTPUT_DIRS)} and samples_N hold only its PNG files); nothing was "
+                            "changed: move them, or choose another --results_path")
     if root.exists() and not root.is_dir():
         raise PermissionError(f"--results_path {root} is not writable: it is a file, not a folder")
     base = root
@@ -299,8 +297,7 @@ def plan_results(root, manifest, overwrite):
             raise UserError(f"--results_path {root} holds samples made with other settings ({', '.join(diffs)}); "
                             "pass --overwrite to replace them, or choose another --results_path")
         return "resume", old
-    pngs = [p for d in sampler_outputs(root) if d.is_dir() for p in d.glob("*.png")]
-    if pngs:
+    if holds_samples(root, None):
         if overwrite:
             return "overwrite", None
         raise UserError(f"--results_path {root} holds samples without a {MANIFEST} (from an earlier version or "

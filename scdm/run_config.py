@@ -17,6 +17,7 @@ from .checkpoint import (
     CHECKPOINT_FILE, CLASS_SCHEDULE_COPY, RUN_CONFIG, CheckpointError, load_into_model, model_name, parse_step,
 )
 from .runtime.cli import str2bool
+from .diffusion.label_diffusion import DISCRETE_CLASSWISE
 from .runtime.errors import UserError
 from .presets import PRESETS
 from .script_util import model_and_diffusion_defaults
@@ -169,7 +170,7 @@ def resolve_model_flags(values, given, model_path, preset=""):
             saved = coerce(run.flags[k], values.get(k, defaults[k]))
             if k == "class_schedule":
                 saved = class_schedule_path(saved, model_path)
-                classwise = run.flags.get("cond_opt") == "discrete_zero_classwise" and run.flags.get("cond_diffuse")
+                classwise = run.flags.get("cond_opt") == DISCRETE_CLASSWISE and run.flags.get("cond_diffuse")
                 if classwise and saved and not Path(saved).is_file() and k not in given:
                     raise UserError(f"the run config {run.path} names the class schedule {saved}, which no longer "
                                     f"exists, and there is no {CLASS_SCHEDULE_COPY} beside {model_path}; pass "

@@ -23,6 +23,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage
 
+from .data.dataset_layouts import listed
 from .runtime.cli import HelpFormatter, add_deprecated_alias, int_at_least, nonnegative_int, positive_int
 from .runtime.errors import UserError, run_cli
 from .runtime.fileio import TEMP_NAME, check_writable, save_image, write_json
@@ -197,9 +198,8 @@ def _prepare_out_dir(out_dir):
                             "choose an empty or new folder (nothing was changed)")
         foreign = _not_written_by_toy(out_dir)
         if foreign:
-            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-            raise UserError(f"--out_dir {out_dir} is a toy dataset, but it also holds {shown}, which {GENERATOR} "
-                            "never writes; move them or choose another folder (nothing was changed)")
+            raise UserError(f"--out_dir {out_dir} is a toy dataset, but it also holds {listed(foreign)}, which "
+                            f"{GENERATOR} never writes; move them or choose another folder (nothing was changed)")
         for split in _SPLIT_CODE:
             shutil.rmtree(os.path.join(out_dir, split), ignore_errors=True)
     for split in _SPLIT_CODE:

@@ -25,6 +25,15 @@ IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".t
 DATASET_JSON = "dataset.json"
 CORRUPTION_FILE = "corruption.json"  # what image_process writes at the root of a noisy tree
 MAX_LISTED = 5  # how many offending names an error message lists
+
+
+def listed(names):
+    """The first MAX_LISTED of `names` in their order, then how many more (for an error message)."""
+    names = [str(n) for n in names]
+    more = f" and {len(names) - MAX_LISTED} more" if len(names) > MAX_LISTED else ""
+    return ", ".join(names[:MAX_LISTED]) + more
+
+
 # Image modes of id maps by the bits one id may take when written back (RGB(A) only when gray).
 EIGHT_BIT_MAP_MODES = ("1", "L", "P", "LA", "PA", "RGB", "RGBA")
 SIXTEEN_BIT_MAP_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")

@@ -31,19 +31,16 @@ def load_class_schedule(path, num_classes, unlabeled_id=None):
         )
     try:
         with open(path, "rb") as f:
-            head = f.read(6)
-        if head != b"\x93NUMPY":
-            raise ValueError(f"--class_schedule {path}: {_not_npy(path, head)}; expected one array of per-class "
-                             "lambdas saved with numpy.save (or made by `python -m scdm.class_schedule`)")
-        lambdas = np.load(path, allow_pickle=False)
+            head = f.read(4096)
+        if head.startswith(b"\x93NUMPY"):
+            lambdas = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise ValueError(f"--class_schedule {path}: file not found") from None
-    except ValueError as e:
-        if str(e).startswith("--class_schedule"):
-            raise
-        raise ValueError(f"--class_schedule {path}: not a readable .npy array ({e})") from None
     except Exception as e:  # a folder, unreadable, truncated
         raise ValueError(f"--class_schedule {path}: not a readable .npy array ({e})") from None
+    if not head.startswith(b"\x93NUMPY"):
+        raise ValueError(f"--class_schedule {path}: {_not_npy(head)}; expected one array of per-class "
+                         "lambdas saved with numpy.save (or made by `python -m scdm.class_schedule`)")
     if not (np.issubdtype(lambdas.dtype, np.integer) or np.issubdtype(lambdas.dtype, np.floating)):
         raise ValueError(f"--class_schedule {path}: holds {lambdas.dtype} values; expected numbers (one lambda "
                          "per class)")
@@ -66,15 +63,14 @@ def load_class_schedule(path, num_classes, unlabeled_id=None):
     return lambdas
 
 
-def _not_npy(path, head):
-    """What a file that lacks the .npy magic is, for the error."""
+def _not_npy(head):
+    """What a file that lacks the .npy magic is (from its first bytes), for the error."""
     if head.startswith(b"PK"):
         return "a zip archive (.npz?), not a single .npy array"
     if not head:
         return "an empty file"
     try:
-        with open(path, "rb") as f:
-            f.read(4096).decode("utf-8")
+        head.decode("utf-8")
         return "text, not a .npy file"
     except UnicodeDecodeError:
         return "not a .npy file (no .npy header)"
