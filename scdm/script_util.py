@@ -112,15 +112,17 @@ def check_image_size(image_size, mult):
 def attention_note(flags):
     """A warning when --attention_resolutions names resolutions the UNet does not have, which then get
     no attention (allowed, so that runs trained that way still load), or None."""
-    size = flags["image_size"]
-    levels = [size // 2 ** i for i in range(len(parse_channel_mult(flags["channel_mult"], size)))]
-    wanted = [int(r) for r in str(flags["attention_resolutions"]).split(",") if r.strip()]
-    missing = [r for r in wanted if r not in levels]
+    size, spec = flags["image_size"], flags["attention_resolutions"]
+    rates = [2 ** i for i in range(len(parse_channel_mult(flags["channel_mult"], size)))]
+    levels = [size // rate for rate in rates]
+    # The UNet attends where its downsample rate is one that parse_attention_resolutions gives.
+    wanted = [r.strip() for r in str(spec).split(",") if r.strip()]
+    missing = [r for r, rate in zip(wanted, parse_attention_resolutions(spec, size)) if rate not in rates]
     if not missing:
         return None
     where = "nowhere" if len(missing) == len(wanted) else "only at the others"
-    return (f"--attention_resolutions {flags['attention_resolutions']}: the UNet has no "
-            f"{'/'.join(map(str, missing))} px level at --image_size {size} (its levels: "
+    return (f"--attention_resolutions {spec}: the UNet has no "
+            f"{'/'.join(missing)} px level at --image_size {size} (its levels: "
             f"{','.join(map(str, levels))}), so it attends {where}")
 
 
