@@ -317,6 +317,20 @@ def test_a_dry_run_that_passes_says_what_it_checked_and_warns_of_unused_attentio
     assert "so it attends nowhere" in p.stderr
 
 
+def test_the_attention_note_follows_the_unets_own_rule():
+    """The UNet's levels attend where image_size // resolution is a level's downsample rate: 7 at 16 px
+    lands on the 8 px level (attended), 3 at 32 px on none."""
+    from scdm.models.unet import AttentionBlock
+    from scdm.script_util import attention_note, create_model
+    for spec, size, attended in (("7", 16, True), ("3", 32, False), ("16", 32, True)):
+        model = create_model(image_size=size, num_classes=3, num_channels=32, num_res_blocks=1, channel_mult="1,2",
+                             attention_resolutions=spec)
+        levels = [*model.input_blocks, *model.output_blocks]  # the middle block always attends
+        has = any(isinstance(m, AttentionBlock) for block in levels for m in block.modules())
+        note = attention_note(dict(image_size=size, attention_resolutions=spec, channel_mult="1,2"))
+        assert has == attended and (note is None) == attended, (spec, size, has, note)
+
+
 @pytest.mark.parametrize("given", ["environment", "environment and schedule", "flags"])
 def test_train_sh_with_sample_grids_on_a_fresh_run(toy, tmp_path, given):
     """The documented `sh scripts/train.sh toy --sample_interval N`: the pre-check needs no class
